@@ -1,0 +1,47 @@
+"""Config of each builtin dataset (no torch). `loader` names the function that builds the splits."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, PositiveInt
+
+from compresspipe.recipe.spec import DataConfig, RecipeDir, RecipeFile
+
+
+class DigitsData(DataConfig):
+    """scikit-learn's bundled handwritten digits: 1,797 8x8 images, 10 classes, no download."""
+
+    dataset: Literal["digits"]
+    loader: ClassVar[str] = "compresspipe.data.sources:load_digits"
+
+
+class SyntheticData(DataConfig):
+    """Random, learnable tensors of any shape: a smoke test for any model, no files needed."""
+
+    dataset: Literal["synthetic"]
+    shape: list[PositiveInt] = Field(default_factory=lambda: [3, 32, 32], min_length=1, max_length=4)
+    num_classes: int = Field(10, ge=2)
+    samples: PositiveInt = 512
+    noise: float = Field(1.0, ge=0)
+    loader: ClassVar[str] = "compresspipe.data.sources:load_synthetic"
+
+
+class ImageFolderData(DataConfig):
+    """A local folder with one subfolder per class, resized to the model's input_shape."""
+
+    dataset: Literal["imagefolder"]
+    path: RecipeDir
+    mean: list[float] | None = Field(None, description="per-channel normalisation mean")
+    std: list[float] | None = Field(None, description="per-channel normalisation std")
+    loader: ClassVar[str] = "compresspipe.data.sources:load_imagefolder"
+
+
+class TensorsData(DataConfig):
+    """Inputs and labels from a .safetensors or .npz file (never pickled)."""
+
+    dataset: Literal["tensors"]
+    path: RecipeFile
+    inputs_key: str = "inputs"
+    labels_key: str = "labels"
+    loader: ClassVar[str] = "compresspipe.data.sources:load_tensors"

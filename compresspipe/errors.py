@@ -1,0 +1,81 @@
+"""The named exceptions a user can meet. Only the CLI maps them to exit codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CompressPipeError(Exception):
+    """Base of every error compresspipe raises on purpose; its message is for the user."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake in a user's file: where it is and what is wrong."""
+
+    file: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class RecipeError(CompressPipeError):
+    """The recipe is not valid; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in recipe:" if n > 1 else ""
+        body = "\n".join(str(p) for p in self.problems)
+        super().__init__(f"{head}\n{body}" if head else body)
+
+
+class InputError(CompressPipeError):
+    """An input named by the recipe or command line (file, folder, model, data) cannot be used."""
+
+
+class RegistryError(CompressPipeError):
+    """A registry lookup failed: unknown name, name collision, or a plugin that failed to import."""
+
+
+class RunFolderError(CompressPipeError):
+    """The run folder cannot be used: it holds another run, or resume does not match the recipe."""
+
+
+class ArtifactError(CompressPipeError):
+    """A saved model artifact is missing, corrupt, or of an unknown format version."""
+
+
+class StageError(CompressPipeError):
+    """A stage failed while running; the stages before it are kept on disk."""
+
+    exit_code = 3
+
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
+        super().__init__(f"stage '{stage}' failed: {message}")
+
+
+class StageConfigError(CompressPipeError):
+    """A stage found at run time that its config cannot apply to this model (e.g. a selector matches nothing)."""
+
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
+        super().__init__(f"stage '{stage}': {message}")
+
+
+class GateFailed(CompressPipeError):
+    """A quality gate in the recipe was not met; every artifact was still written."""
+
+    exit_code = 1

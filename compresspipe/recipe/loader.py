@@ -1,0 +1,250 @@
+"""Recipe file -> validated Recipe, reporting every problem with file, line, column and key path."""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from compresspipe.errors import Problem, RecipeError
+from compresspipe.recipe.overrides import Override, apply_overrides, parse_overrides
+from compresspipe.recipe.spec import RECIPE_VERSION, DataConfig, Recipe, StageConfig
+from compresspipe.recipe.yamlio import Loc, YamlDocument, format_loc, parse_yaml_text, read_text_file
+from compresspipe.registry import closest, unknown_message
+
+
+class _Reporter:
+    """Collects problems and knows where each key path came from (file position or a --set)."""
+
+    def __init__(self, doc: YamlDocument, overrides: Sequence[Override]):
+        self.doc = doc
+        self.overrides = overrides
+        self.problems: list[Problem] = []
+
+    def add(self, loc: Loc, message: str, key: bool = False) -> None:
+        for ov in reversed(self.overrides):
+            if tuple(loc[: len(ov.loc)]) == ov.loc:
+                self.problems.append(Problem(f"--set {ov.raw}", None, None, format_loc(loc), message))
+                return
+        pos = self.doc.where(loc, key=key)
+        line, col = pos if pos else (None, None)
+        self.problems.append(Problem(self.doc.filename, line, col, format_loc(loc), message))
+
+    def add_validation_error(self, exc: ValidationError, prefix: Loc, model: type[BaseModel]) -> None:
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            # pydantic inserts function names for Annotated validators; keep only real keys and indexes
+            loc = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith("function-"))
+            full = (*prefix, *loc)
+            self.add(full, _message(err, model, loc), key=err["type"] == "extra_forbidden")
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str] | None:
+    """The allowed keys of the mapping at loc within model, for 'allowed: ...' hints."""
+    current: Any = model
+    for part in loc:
+        current = _strip(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            if not args:
+                return None
+            current = args[0]
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        else:
+            return None
+    current = _strip(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _strip(tp: Any) -> Any:
+    """Optional[X] / Annotated[X, ...] / SerializeAsAny[X] -> X."""
+    for _ in range(5):
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Annotated:
+            tp = args[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) != 1:
+                return tp
+            tp = rest[0]
+        elif origin is list:
+            return tp
+        elif hasattr(tp, "__origin__") and getattr(tp, "__args__", None) and origin is None:
+            return tp
+        else:
+            return tp
+    return tp
+
+
+def _message(err: Any, model: type[BaseModel], loc: Loc) -> str:
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1]) or []
+        key = str(loc[-1]) if loc else "?"
+        msg = f"unknown key {key!r}"
+        hint = closest(key, allowed)
+        if hint:
+            msg += f"; did you mean {hint!r}?"
+        return msg + (f" allowed: {', '.join(allowed)}" if allowed else "")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",") if c.strip()]
+        msg = f"must be one of: {', '.join(choices)} (got {given!r})"
+        hint = closest(str(given), choices)
+        return msg + (f"; did you mean {hint!r}?" if hint and hint != given else "")
+    text = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = text[0].lower() + text[1:] if text else text
+    text = text.replace("input should be", "must be").replace("Input should be", "must be")
+    if kind not in ("value_error", "assertion_error") and not isinstance(given, dict | list):
+        text += f" (got {given!r})"
+    return text
+
+
+def _dispatch(
+    rep: _Reporter, raw: Any, loc: Loc, field: str, kind: str, registry: Any, base: type[BaseModel], context: dict
+) -> Any:
+    """Validate a mapping whose `field` picks its config class from a registry."""
+    if not isinstance(raw, dict):
+        rep.add(loc, f"must be a mapping with a {field!r} key (got {type(raw).__name__})")
+        return None
+    name = raw.get(field)
+    if name is None:
+        rep.add(loc, f"required key {field!r} is missing; known {kind}s: {', '.join(registry.names())}")
+        return None
+    if not isinstance(name, str) or name not in registry:
+        rep.add((*loc, field), unknown_message(kind, name, registry.names()))
+        return None
+    cls, why = registry.try_get(name)
+    if cls is None:
+        rep.add((*loc, field), str(why))
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        rep.add((*loc, field), f"{kind} {name!r} is registered with {cls!r}, which is not a {base.__name__}")
+        return None
+    try:
+        return cls.model_validate(raw, context=context)
+    except ValidationError as exc:
+        rep.add_validation_error(exc, loc, cls)
+        return None
+
+
+def validate_recipe_data(
+    data: Any,
+    doc: YamlDocument | None = None,
+    base_dir: Path | None = None,
+    overrides: Sequence[Override] = (),
+    check_paths: bool = True,
+) -> Recipe:
+    """Validate plain recipe data; raise RecipeError listing every problem."""
+    from compresspipe.data import DATASETS
+    from compresspipe.stages import STAGES
+
+    doc = doc or YamlDocument(data, "<recipe>", {}, {})
+    rep = _Reporter(doc, overrides)
+    context = {"base_dir": base_dir, "check_paths": check_paths}
+    if not isinstance(data, dict):
+        rep.add((), f"a recipe is a mapping of keys at top level (got {type(data).__name__})")
+        raise RecipeError(rep.problems)
+
+    version = data.get("compresspipe")
+    if "compresspipe" not in data:
+        rep.add((), f"required key 'compresspipe' is missing: the recipe format version (use compresspipe: {RECIPE_VERSION})")
+    elif version != RECIPE_VERSION:
+        rep.add(("compresspipe",), f"unsupported recipe format version {version!r}; this compresspipe reads {RECIPE_VERSION}")
+
+    top = {k: v for k, v in data.items() if k not in ("data", "stages", "compresspipe")}
+    top["compresspipe"] = RECIPE_VERSION
+    top["data"] = DataConfig.model_construct(dataset="?")
+    top["stages"] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(top, context=context)
+    except ValidationError as exc:
+        rep.add_validation_error(exc, (), Recipe)
+
+    data_cfg = None
+    if "data" not in data:
+        rep.add((), "required key 'data' is missing (e.g. data: {dataset: digits})")
+    else:
+        data_cfg = _dispatch(rep, data["data"], ("data",), "dataset", "dataset", DATASETS, DataConfig, context)
+
+    stages: list[StageConfig] = []
+    raw_stages = data.get("stages", [])
+    if raw_stages is None:
+        raw_stages = []
+    if not isinstance(raw_stages, list):
+        rep.add(("stages",), f"must be a list of stages (got {type(raw_stages).__name__})")
+        raw_stages = []
+    for i, raw in enumerate(raw_stages):
+        cfg = _dispatch(rep, raw, ("stages", i), "type", "stage", STAGES, StageConfig, context)
+        if cfg is not None:
+            stages.append(cfg)
+
+    _name_stages(rep, raw_stages, stages)
+    if rep.problems or recipe is None or data_cfg is None:
+        raise RecipeError(rep.problems)
+
+    recipe = Recipe.model_validate(
+        {**recipe.model_dump(exclude={"data", "stages"}), "data": data_cfg, "stages": stages}, context=context
+    )
+    for i, stage in enumerate(recipe.stages):
+        for sub, message in stage.check(recipe, i):
+            rep.add(("stages", i, *sub), message)
+    if rep.problems:
+        raise RecipeError(rep.problems)
+    return recipe
+
+
+def _name_stages(rep: _Reporter, raw_stages: list, stages: list[StageConfig]) -> None:
+    """Give each stage a unique name: its own, else its type (then type-2, type-3, ...)."""
+    if len(stages) != len(raw_stages):
+        return
+    taken: dict[str, int] = {}
+    reserved = {"baseline"}
+    for i, stage in enumerate(stages):
+        if stage.name is not None:
+            if stage.name in reserved:
+                rep.add(("stages", i, "name"), f"{stage.name!r} is reserved for the unmodified model")
+            elif stage.name in taken:
+                rep.add(("stages", i, "name"), f"duplicate stage name {stage.name!r} (also stages[{taken[stage.name]}])")
+            taken[stage.name] = i
+    for i, stage in enumerate(stages):
+        if stage.name is None:
+            name, n = stage.type, 2
+            while name in taken or name in reserved:
+                name, n = f"{stage.type}-{n}", n + 1
+            stage.name = name
+            taken[name] = i
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    text = read_text_file(path)
+    doc = parse_yaml_text(text, str(path))
+    data = copy.deepcopy(doc.data)
+    parsed = parse_overrides(list(overrides))
+    data = apply_overrides(data, parsed)
+    return validate_recipe_data(data, doc, base_dir=path.resolve().parent, overrides=parsed, check_paths=check_paths)
+
+
+def load_recipe_data(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The recipe's plain data after overrides, before validation (for `validate --print`)."""
+    path = Path(path)
+    doc = parse_yaml_text(read_text_file(path), str(path))
+    return apply_overrides(copy.deepcopy(doc.data), parse_overrides(list(overrides)))

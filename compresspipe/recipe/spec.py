@@ -1,0 +1,191 @@
+"""Pydantic models of a recipe. Config is data: no tensors, no run state, no torch import."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+RECIPE_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _path_checker(kind: Literal["file", "dir", "any"]):
+    def check(value: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        if (info.context or {}).get("check_paths", True):
+            if not path.exists():
+                raise ValueError(f"{kind if kind != 'any' else 'path'} not found: {path}")
+            if kind == "file" and not path.is_file():
+                raise ValueError(f"expected a file, found a folder: {path}")
+            if kind == "dir" and not path.is_dir():
+                raise ValueError(f"expected a folder, found a file: {path}")
+        return str(path)
+
+    return check
+
+
+# Paths in a recipe are relative to the recipe file and must exist.
+RecipeFile = Annotated[str, AfterValidator(_path_checker("file"))]
+RecipeDir = Annotated[str, AfterValidator(_path_checker("dir"))]
+
+Fraction01 = Annotated[float, Field(gt=0, lt=1)]
+
+
+class ModelSpec(StrictModel):
+    """Where the model comes from: a registered model (`builtin`) or a torchvision classifier."""
+
+    builtin: str | None = Field(None, description="name in the model registry, e.g. digits-cnn")
+    torchvision: str | None = Field(None, description="torchvision classification model, e.g. resnet18")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor keyword arguments")
+    weights: str | None = Field(None, description="torchvision weights; only none (offline)")
+    checkpoint: RecipeFile | None = Field(
+        None, description=".safetensors, or a .pt/.pth state_dict loaded with weights_only=True"
+    )
+    input_shape: list[PositiveInt] | None = Field(
+        None, min_length=1, max_length=4, description="one sample's shape; default: the dataset's"
+    )
+
+    @field_validator("builtin")
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        from compresspipe.models import MODELS
+        from compresspipe.registry import unknown_message
+
+        if value is not None and value not in MODELS:
+            raise ValueError(unknown_message("model", value, MODELS.names()))
+        return value
+
+    @field_validator("torchvision")
+    @classmethod
+    def _known_torchvision(cls, value: str | None) -> str | None:
+        from compresspipe.models.names import TORCHVISION_CLASSIFIERS
+        from compresspipe.registry import unknown_message
+
+        if value is not None and value not in TORCHVISION_CLASSIFIERS:
+            raise ValueError(unknown_message("torchvision classifier", value, TORCHVISION_CLASSIFIERS))
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _offline(cls, value: str | None) -> str | None:
+        if value is not None and str(value).lower() not in ("none", "null"):
+            raise ValueError(
+                f"weights {value!r} would need a download, and compresspipe runs offline; "
+                "use weights: none and give local weights with checkpoint: path/to/file.safetensors"
+            )
+        return None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_format(cls, value: str | None) -> str | None:
+        if value is not None and Path(value).suffix.lower() not in (".safetensors", ".pt", ".pth"):
+            raise ValueError(f"checkpoint must be .safetensors, .pt or .pth (got {Path(value).name!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("builtin", "torchvision") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one model source: builtin: <name> or torchvision: <name>"
+                + (f" (got both {given[0]} and {given[1]})" if len(given) == 2 else "")
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"torchvision:{self.torchvision}" if self.torchvision else str(self.builtin)
+
+
+class DataConfig(StrictModel):
+    """Options every dataset shares; each dataset subclasses this with its own fields."""
+
+    dataset: str
+    batch_size: PositiveInt = Field(64, description="training batch size")
+    eval_batch_size: PositiveInt = Field(256, description="batch size for validation and calibration")
+    val_fraction: Fraction01 = Field(0.2, description="share of samples held out for validation")
+    calibration_samples: PositiveInt = Field(
+        256, description="samples drawn from the training split for calibration (static quantization, taylor)"
+    )
+    max_samples: PositiveInt | None = Field(None, description="use at most this many samples (smoke runs)")
+
+    loader: ClassVar[str]  # "module:function" (config, seed) -> DataSplits
+
+
+class LatencySpec(StrictModel):
+    """CPU latency: warm-up, then the median of `iters` timed forward passes at a fixed thread count."""
+
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 64], min_length=1)
+    warmup: int = Field(5, ge=0)
+    iters: PositiveInt = 30
+    threads: PositiveInt = 1
+    enabled: bool = True
+
+
+class EvaluateSpec(StrictModel):
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+
+
+class StageConfig(StrictModel):
+    """Base of every stage's config. Subclasses set `type: Literal[...]` and `implementation`."""
+
+    type: str
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the type, made unique")
+
+    # "package.module:StageClass", imported only when the stage runs.
+    implementation: ClassVar[str]
+
+    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
+        """Rules that need the whole recipe (e.g. a teacher naming an earlier stage).
+
+        Returns (path within this stage, message) pairs; empty when all is well.
+        """
+        return []
+
+
+def _name(value: str) -> str:
+    if not re.match(NAME_PATTERN, value):
+        raise ValueError("use letters, digits, '.', '_' and '-' (it names the run folder)")
+    return value
+
+
+class Recipe(StrictModel):
+    """A whole compression pipeline: model, data, evaluation and ordered stages."""
+
+    compresspipe: Literal[1] = Field(description="recipe format version")
+    name: Annotated[str, AfterValidator(_name)]
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelSpec
+    data: SerializeAsAny[DataConfig]
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
+
+    def stage_names(self) -> list[str]:
+        return [str(s.name) for s in self.stages]
+
+    def to_data(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what the lock file stores)."""
+        return self.model_dump(mode="json", exclude_none=False)

@@ -1,0 +1,51 @@
+"""The stage contract: a config (pydantic, no torch) and an implementation that runs it.
+
+A stage receives the current model (a `ModelState`: module + source + edit log) and a `StageContext`,
+and returns a `StageResult` with the new model state and what the report should say about it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from compresspipe.recipe.spec import StageConfig
+
+if TYPE_CHECKING:
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.engine.context import StageContext
+
+C = TypeVar("C", bound=StageConfig)
+
+# What a stage did to the model, as the report states it.
+# structural: shapes changed (params/MACs really drop); mask-only: weights zeroed, shapes unchanged;
+# weights: only values changed (training); quantized: lower precision; export: files written, model unchanged.
+StageKind = Literal["weights", "structural", "mask-only", "quantized", "export"]
+
+# What a stage can declare it needs; the executor checks these before any stage runs.
+Requirement = Literal["train_data", "calibration_data", "teacher"]
+
+
+@dataclass
+class StageResult:
+    state: ModelState
+    kind: StageKind = "weights"
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable, goes to metrics.json/report
+
+
+class Stage(ABC, Generic[C]):
+    """Implementation of one stage kind. Stateless apart from its config."""
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: C):
+        self.config = config
+
+    @abstractmethod
+    def run(self, state: ModelState, ctx: StageContext) -> StageResult:
+        """Transform the model; write any extra files into ctx.stage_dir."""
+
+
+__all__ = ["C", "Requirement", "Stage", "StageConfig", "StageKind", "StageResult"]

@@ -1,0 +1,32 @@
+"""`train`: supervised training with the shared training loop."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from compresspipe.stages.base import Stage, StageConfig, StageResult
+from compresspipe.stages.common import TrainSettings
+
+if TYPE_CHECKING:
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.engine.context import StageContext
+
+
+class TrainConfig(StageConfig, TrainSettings):
+    """Supervised training: cross-entropy on the training split, best epoch kept by validation accuracy."""
+
+    type: Literal["train"]
+    implementation: ClassVar[str] = "compresspipe.stages.train:TrainStage"
+
+
+class TrainStage(Stage[TrainConfig]):
+    requires = frozenset({"train_data"})
+
+    def run(self, state: ModelState, ctx: StageContext) -> StageResult:
+        result = ctx.fit(state.module, self.config)
+        return StageResult(
+            state=state,
+            kind="weights",
+            notes=[f"best epoch {result.best_epoch} of {result.epochs_run}"],
+            details={"history": result.history, "best_epoch": result.best_epoch},
+        )
