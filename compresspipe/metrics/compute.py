@@ -1,0 +1,103 @@
+"""MACs and CPU latency of one forward pass."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresspipe.metrics._modes import eval_mode, model_device
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int | None:
+    """Multiply-accumulates of one sample's forward pass (FLOPs // 2); None when they cannot be counted.
+
+    Counted with torch's FlopCounterMode, extended to the eager quantized linear/conv ops so a quantized
+    model is not reported as free. Ops without a formula (element-wise, pooling) count as zero.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        x = torch.zeros((1, *input_shape), device=model_device(model))
+        with (
+            eval_mode(model),
+            torch.no_grad(),
+            FlopCounterMode(display=False, custom_mapping=_quantized_formulas()) as counter,
+        ):
+            model(x)
+        return int(counter.get_total_flops()) // 2
+    except Exception:  # an op the counter or the model cannot run this way: the caller prints "n/a"
+        return None
+
+
+def _raw(formula: Callable[..., int]) -> Callable[..., int]:
+    formula._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode passes tensors, not shapes
+    return formula
+
+
+def _linear_flops(x: Any, packed: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    weight = packed.unpack()[0]
+    rows = x.numel() // x.shape[-1]
+    return 2 * rows * weight.shape[0] * weight.shape[1]
+
+
+def _conv_flops(x: Any, packed: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    weight = packed.unpack()[0]  # (out, in/groups, *kernel): MACs per output element = prod(shape[1:])
+    return 2 * out_val.numel() * math.prod(weight.shape[1:])
+
+
+_QUANTIZED_LINEAR = ("linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "linear_dynamic_fp16")
+_QUANTIZED_CONV = ("conv1d", "conv2d", "conv3d", "conv1d_relu", "conv2d_relu", "conv3d_relu")
+
+
+def _quantized_formulas() -> dict[Any, Callable[..., int]]:
+    mapping: dict[Any, Callable[..., int]] = {}
+    for names, formula in ((_QUANTIZED_LINEAR, _linear_flops), (_QUANTIZED_CONV, _conv_flops)):
+        for name in names:
+            try:
+                op = getattr(torch.ops.quantized, name)
+            except (AttributeError, RuntimeError):  # a build without this op
+                continue
+            mapping[op] = _raw(formula)
+    return mapping
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int],
+    warmup: int,
+    iters: int,
+    threads: int,
+) -> dict[int, float]:
+    """Median milliseconds per forward pass on CPU at a fixed thread count, per batch size.
+
+    Numbers are comparable within one run on one machine, not across machines.
+    """
+    if model_device(model).type != "cpu":
+        model = copy.deepcopy(model).to("cpu")  # the caller's model stays where it is
+    previous_threads = torch.get_num_threads()
+    generator = torch.Generator().manual_seed(0)
+    results: dict[int, float] = {}
+    torch.set_num_threads(threads)
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for batch_size in batch_sizes:
+                x = torch.randn((batch_size, *input_shape), generator=generator)
+                for _ in range(warmup):
+                    model(x)
+                times = []
+                for _ in range(max(1, iters)):
+                    start = time.perf_counter()
+                    model(x)
+                    times.append(time.perf_counter() - start)
+                results[int(batch_size)] = statistics.median(times) * 1000.0
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results

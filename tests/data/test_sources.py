@@ -1,0 +1,230 @@
+"""Dataset loaders and the seeded split: shapes, determinism, disjointness and user-facing errors."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import ClassVar, Literal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from compresspipe.data.config import DigitsData, ImageFolderData, SyntheticData, TensorsData
+from compresspipe.data.sources import load_data
+from compresspipe.errors import InputError
+from compresspipe.recipe.spec import DataConfig
+
+
+def _index_file(tmp_path, n: int = 50, suffix: str = ".npz"):
+    """A tensors file whose input i holds the value i, so splits can be checked sample by sample."""
+    inputs = np.arange(n, dtype=np.float64).reshape(n, 1)
+    labels = np.arange(n, dtype=np.int64) % 3
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".npz":
+        np.savez(path, inputs=inputs, labels=labels)
+    else:
+        save_file({"inputs": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}, str(path))
+    return path
+
+
+def _ids(dataset) -> list[int]:
+    return [int(dataset[i][0].item()) for i in range(len(dataset))]
+
+
+def test_digits_shapes_and_classes():
+    splits = load_data(DigitsData(dataset="digits"), seed=0)
+    assert splits.num_classes == 10
+    assert splits.input_shape == (1, 8, 8)
+    assert len(splits.train) + len(splits.val) == 1797
+    assert len(splits.val) == round(1797 * 0.2)
+    assert len(splits.calibration) == 256
+    x, y = splits.train[0]
+    assert x.dtype == torch.float32 and x.shape == (1, 8, 8)
+    assert y.dtype == torch.int64 and y.dim() == 0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def test_splits_are_deterministic_disjoint_and_calibration_is_from_train(tmp_path):
+    config = TensorsData(dataset="tensors", path=str(_index_file(tmp_path)), calibration_samples=7)
+    a, b = load_data(config, seed=3), load_data(config, seed=3)
+    assert _ids(a.train) == _ids(b.train) and _ids(a.val) == _ids(b.val)
+    assert a.fingerprint() == b.fingerprint()
+    train, val = set(_ids(a.train)), set(_ids(a.val))
+    assert train.isdisjoint(val) and train | val == set(range(50))
+    assert len(val) == 10
+    assert _ids(a.calibration) == _ids(a.train)[:7]
+
+    other = load_data(config, seed=4)
+    assert _ids(other.val) != _ids(a.val)
+    assert other.fingerprint() != a.fingerprint()
+
+
+def test_max_samples_and_small_calibration(tmp_path):
+    config = TensorsData(
+        dataset="tensors",
+        path=str(_index_file(tmp_path)),
+        max_samples=20,
+        val_fraction=0.25,
+        calibration_samples=100,
+    )
+    splits = load_data(config, seed=0)
+    assert len(splits.train) == 15 and len(splits.val) == 5
+    assert len(splits.calibration) == 15  # capped at the train split's size
+    assert len(set(_ids(splits.train)) | set(_ids(splits.val))) == 20
+
+
+def test_loader_shuffle_is_seeded(tmp_path):
+    splits = load_data(TensorsData(dataset="tensors", path=str(_index_file(tmp_path))), seed=0)
+
+    def order(**kw):
+        return [int(v) for x, _ in splits.loader("train", 8, **kw) for v in x.flatten()]
+
+    assert order() == _ids(splits.train)
+    assert order(shuffle=True, seed=1) == order(shuffle=True, seed=1)
+    assert order(shuffle=True, seed=1) != order(shuffle=True, seed=2)
+    assert sorted(order(shuffle=True, seed=1)) == sorted(_ids(splits.train))
+    with pytest.raises(ValueError, match="calibration"):
+        splits.loader("test", 8)
+
+
+def test_synthetic_is_learnable_and_shaped():
+    config = SyntheticData(dataset="synthetic", shape=[2, 4, 4], num_classes=3, samples=90, noise=0.1)
+    splits = load_data(config, seed=0, input_shape=(3, 8, 8))  # config.shape wins
+    assert splits.input_shape == (2, 4, 4) and splits.num_classes == 3
+    x, y = splits.train.tensors
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert set(y.tolist()) == {0, 1, 2}
+    # Nearest class mean separates the classes: the data carries signal, not just noise.
+    means = torch.stack([x[y == c].mean(0) for c in range(3)])
+    vx, vy = splits.val.tensors
+    nearest = torch.cdist(vx.flatten(1), means.flatten(1)).argmin(1)
+    assert (nearest == vy).float().mean() > 0.95
+    assert load_data(config, seed=0).fingerprint() == splits.fingerprint()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_tensors_round_trip(tmp_path, suffix):
+    inputs = torch.randn(12, 2, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 4] * 4, dtype=torch.int32)
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".npz":
+        np.savez(path, x=inputs.numpy(), y=labels.numpy())
+    else:
+        save_file({"x": inputs, "y": labels}, str(path))
+    config = TensorsData(dataset="tensors", path=str(path), inputs_key="x", labels_key="y", val_fraction=0.25)
+    splits = load_data(config, seed=0)
+    assert splits.num_classes == 5 and splits.input_shape == (2, 3)
+    tx, ty = splits.train.tensors
+    assert tx.dtype == torch.float32 and ty.dtype == torch.int64
+    vx, vy = splits.val.tensors
+    got = {
+        tuple(row.flatten().tolist()): int(lab)
+        for row, lab in zip(torch.cat([tx, vx]), torch.cat([ty, vy]), strict=True)
+    }
+    want = {tuple(row.flatten().tolist()): int(lab) for row, lab in zip(inputs.float(), labels, strict=True)}
+    assert got == want and len(tx) == 9
+
+
+def test_tensors_errors(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, inputs=np.zeros((4, 2)), targets=np.zeros(4, dtype=np.int64))
+    with pytest.raises(InputError, match=r"no key 'labels'; keys present: inputs, targets"):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+
+    np.savez(path, inputs=np.zeros((4, 2)), labels=np.zeros(4))
+    with pytest.raises(InputError, match="integer class ids"):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+
+    np.savez(path, inputs=np.zeros((4, 2)), labels=np.zeros(3, dtype=np.int64))
+    with pytest.raises(InputError, match="one label per input"):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+
+    np.savez(path, inputs=np.zeros((4, 2)), labels=np.array([0, 1, object()], dtype=object))
+    with pytest.raises(InputError, match="without unpickling"):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+
+    other = tmp_path / "data.csv"
+    other.write_text("1,2\n")
+    with pytest.raises(InputError, match=r"\.safetensors or \.npz"):
+        load_data(TensorsData(dataset="tensors", path=str(other)), seed=0)
+
+
+def _write_images(root, classes=("cat", "dog"), per_class=3):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (10, 12), color=(40 * c + i, 100, 200)).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_grayscale_and_rgb(tmp_path):
+    _write_images(tmp_path)
+    gray = load_data(
+        ImageFolderData(dataset="imagefolder", path=str(tmp_path)), seed=0, input_shape=(1, 4, 5)
+    )
+    assert gray.num_classes == 2 and gray.input_shape == (1, 4, 5)
+    assert len(gray.train) + len(gray.val) == 6
+
+    config = ImageFolderData(dataset="imagefolder", path=str(tmp_path), mean=[0.5] * 3, std=[0.25] * 3)
+    rgb = load_data(config, seed=0, input_shape=(3, 6, 6))
+    x, _ = rgb.train[0]
+    assert x.shape == (3, 6, 6)
+    # Blue channel is 200/255 everywhere; normalised: (200/255 - 0.5) / 0.25.
+    assert torch.allclose(x[2], torch.full((6, 6), (200 / 255 - 0.5) / 0.25), atol=1e-5)
+
+
+def test_imagefolder_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="model.input_shape, e.g. \\[3, 64, 64\\]"):
+        load_data(ImageFolderData(dataset="imagefolder", path=str(empty)), seed=0)
+    with pytest.raises(InputError, match=f"{empty}.*one subfolder per class"):
+        load_data(ImageFolderData(dataset="imagefolder", path=str(empty)), seed=0, input_shape=(3, 4, 4))
+
+    good = tmp_path / "good"
+    _write_images(good)
+    config = ImageFolderData(dataset="imagefolder", path=str(good), mean=[0.5, 0.5], std=[0.2, 0.2])
+    with pytest.raises(InputError, match=r"one value per channel \(3\)"):
+        load_data(config, seed=0, input_shape=(3, 4, 4))
+
+    (good / "dog" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="broken.png: cannot read image"):
+        load_data(ImageFolderData(dataset="imagefolder", path=str(good)), seed=0, input_shape=(3, 4, 4))
+
+
+class _Squares(Dataset):
+    """A plugin-style dataset that is not a TensorDataset."""
+
+    classes = ("even", "odd")
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.full((2,), float(i * i)), torch.tensor(i % 2)
+
+
+class ToyData(DataConfig):
+    dataset: Literal["toy"]
+    loader: ClassVar[str] = "cp_test_toy_plugin:load"
+
+
+def test_plugin_loader_returning_a_dataset(monkeypatch):
+    module = types.ModuleType("cp_test_toy_plugin")
+    calls = []
+
+    def load(config, seed, input_shape):
+        calls.append((seed, input_shape))
+        return _Squares()
+
+    module.load = load
+    monkeypatch.setitem(sys.modules, "cp_test_toy_plugin", module)
+    splits = load_data(ToyData(dataset="toy", val_fraction=0.3), seed=5, input_shape=(2,))
+    assert calls == [(5, (2,))]
+    assert splits.num_classes == 2 and splits.input_shape == (2,)
+    assert len(splits.train) == 7 and len(splits.val) == 3
+    assert splits.fingerprint() == load_data(ToyData(dataset="toy", val_fraction=0.3), seed=5).fingerprint()
