@@ -79,3 +79,7 @@ class GateFailed(CompressPipeError):
     """A quality gate in the recipe was not met; every artifact was still written."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        self.report = report
+        super().__init__(message)

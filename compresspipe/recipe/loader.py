@@ -11,9 +11,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from compresspipe.errors import Problem, RecipeError
+from compresspipe.recipe.compose import load_composed, substitute_vars
 from compresspipe.recipe.overrides import Override, apply_overrides, parse_overrides
 from compresspipe.recipe.spec import RECIPE_VERSION, DataConfig, Recipe, StageConfig
-from compresspipe.recipe.yamlio import Loc, YamlDocument, format_loc, parse_yaml_text, read_text_file
+from compresspipe.recipe.yamlio import Loc, YamlDocument, format_loc
 from compresspipe.registry import closest, unknown_message
 
 
@@ -32,7 +33,7 @@ class _Reporter:
                 return
         pos = self.doc.where(loc, key=key)
         line, col = pos if pos else (None, None)
-        self.problems.append(Problem(self.doc.filename, line, col, format_loc(loc), message))
+        self.problems.append(Problem(self.doc.file_of(loc), line, col, format_loc(loc), message))
 
     def add_validation_error(self, exc: ValidationError, prefix: Loc, model: type[BaseModel]) -> None:
         for err in exc.errors(include_url=False):
@@ -76,9 +77,7 @@ def _strip(tp: Any) -> Any:
             if len(rest) != 1:
                 return tp
             tp = rest[0]
-        elif origin is list:
-            return tp
-        elif hasattr(tp, "__origin__") and getattr(tp, "__args__", None) and origin is None:
+        elif origin is list or hasattr(tp, "__origin__") and getattr(tp, "__args__", None) and origin is None:
             return tp
         else:
             return tp
@@ -205,9 +204,30 @@ def validate_recipe_data(
     for i, stage in enumerate(recipe.stages):
         for sub, message in stage.check(recipe, i):
             rep.add(("stages", i, *sub), message)
+        if stage.expect is not None:
+            for sub, message in _check_limits(recipe, stage.expect):
+                rep.add(("stages", i, "expect", *sub), message)
+    if recipe.gates is not None:
+        if recipe.gates.stage is not None and recipe.gates.stage not in recipe.stage_names():
+            rep.add(("gates", "stage"), unknown_message("stage name", recipe.gates.stage, recipe.stage_names()))
+        for sub, message in _check_limits(recipe, recipe.gates):
+            rep.add(("gates", *sub), message)
     if rep.problems:
         raise RecipeError(rep.problems)
     return recipe
+
+
+def _check_limits(recipe: Recipe, limits: Any) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    sizes = recipe.evaluate.latency.batch_sizes
+    if limits.latency_batch_size is not None and limits.latency_batch_size not in sizes:
+        problems.append((("latency_batch_size",),
+                         f"{limits.latency_batch_size} is not measured; evaluate.latency.batch_sizes is {sizes}"))
+    if limits.min_speedup is not None and not recipe.evaluate.latency.enabled:
+        problems.append((("min_speedup",), "needs latency measurement (evaluate.latency.enabled: true)"))
+    if not recipe.stages and limits.checks():
+        problems.append(((), "there is no stage to judge: the recipe has no stages"))
+    return problems
 
 
 def _name_stages(rep: _Reporter, raw_stages: list, stages: list[StageConfig]) -> None:
@@ -232,19 +252,19 @@ def _name_stages(rep: _Reporter, raw_stages: list, stages: list[StageConfig]) ->
             taken[name] = i
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> Recipe:
-    """Read, override and validate a recipe file."""
+def resolve_recipe_data(path: str | Path, overrides: Iterable[str] = ()) -> tuple[Any, YamlDocument, list[Override]]:
+    """Recipe data in the documented order: `extends` merged, then `--set` overrides, then `${vars.x}`."""
     path = Path(path)
-    text = read_text_file(path)
-    doc = parse_yaml_text(text, str(path))
+    doc = load_composed(path)
     data = copy.deepcopy(doc.data)
     parsed = parse_overrides(list(overrides))
     data = apply_overrides(data, parsed)
-    return validate_recipe_data(data, doc, base_dir=path.resolve().parent, overrides=parsed, check_paths=check_paths)
+    data = substitute_vars(data, doc)
+    return data, doc, parsed
 
 
-def load_recipe_data(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """The recipe's plain data after overrides, before validation (for `validate --print`)."""
-    path = Path(path)
-    doc = parse_yaml_text(read_text_file(path), str(path))
-    return apply_overrides(copy.deepcopy(doc.data), parse_overrides(list(overrides)))
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> Recipe:
+    """Read, compose, override and validate a recipe file."""
+    data, doc, parsed = resolve_recipe_data(path, overrides)
+    return validate_recipe_data(data, doc, base_dir=Path(path).resolve().parent, overrides=parsed,
+                                check_paths=check_paths)

@@ -145,7 +145,31 @@ class LatencySpec(StrictModel):
 
 
 class EvaluateSpec(StrictModel):
-    latency: LatencySpec = Field(default_factory=LatencySpec)
+    latency: LatencySpec = Field(default_factory=lambda: LatencySpec())
+
+
+class Limits(StrictModel):
+    """Quality limits, judged against the reference (the uncompressed model). Unset limits are not checked."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="e.g. 0.01 = one point of accuracy")
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_size_reduction: float | None = Field(None, gt=0, description="reference bytes / stage bytes")
+    min_param_reduction: float | None = Field(None, gt=0)
+    min_mac_reduction: float | None = Field(None, gt=0)
+    min_speedup: float | None = Field(None, gt=0, description="reference latency / stage latency")
+    min_sparsity: float | None = Field(None, ge=0, le=1)
+    latency_batch_size: PositiveInt | None = Field(
+        None, description="batch size min_speedup is judged at; default: the first of evaluate.latency.batch_sizes"
+    )
+
+    def checks(self) -> list[str]:
+        return [k for k, v in self if v is not None and k != "latency_batch_size"]
+
+
+class Gates(Limits):
+    """Run-level gates: the final stage (or `stage`) against the reference. A miss exits 1 after all is written."""
+
+    stage: str | None = Field(None, description="stage the gates judge; default: the last stage")
 
 
 class StageConfig(StrictModel):
@@ -153,9 +177,13 @@ class StageConfig(StrictModel):
 
     type: str
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the type, made unique")
+    expect: Limits | None = Field(None, description="quality limits for this stage's result (exit 1 if missed)")
 
     # "package.module:StageClass", imported only when the stage runs.
     implementation: ClassVar[str]
+    # A small, fast configuration of this stage: shown by `compresspipe stages` and run by the contract
+    # tests that every registered stage must pass (save/load round trip, determinism).
+    example: ClassVar[dict[str, Any]] = {}
 
     def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
         """Rules that need the whole recipe (e.g. a teacher naming an earlier stage).
@@ -182,6 +210,7 @@ class Recipe(StrictModel):
     data: SerializeAsAny[DataConfig]
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
+    gates: Gates | None = None
 
     def stage_names(self) -> list[str]:
         return [str(s.name) for s in self.stages]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -123,7 +123,7 @@ class _Builder:
                 self.problem(node, loc, f"YAML tag {node.tag!r} is not allowed (only plain lists)")
                 return None
             return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
-        return self.build_scalar(node, loc)
+        return self.build_scalar(cast(yaml.ScalarNode, node), loc)
 
     def build_scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
         tag = node.tag
@@ -133,7 +133,7 @@ class _Builder:
             return node.value
         if tag in (_STD + "int", _STD + "float", _STD + "bool", _STD + "null"):
             value = resolve_plain_scalar(node.value)
-            want = {"int": int, "float": (int, float), "bool": bool, "null": type(None)}[tag[len(_STD):]]
+            want: Any = {"int": int, "float": (int, float), "bool": bool, "null": type(None)}[tag[len(_STD):]]
             if not isinstance(value, want):
                 self.problem(node, loc, f"{node.value!r} is not a valid {tag[len(_STD):]}")
                 return node.value
@@ -156,11 +156,22 @@ def format_loc(loc: Loc) -> str:
 class YamlDocument:
     """A parsed YAML document: its data and where each value (and each key) sits."""
 
-    def __init__(self, data: Any, filename: str, positions: dict[Loc, Pos], key_positions: dict[Loc, Pos]):
+    def __init__(self, data: Any, filename: str, positions: dict[Loc, Pos], key_positions: dict[Loc, Pos],
+                 origins: dict[Loc, str] | None = None):
         self.data = data
         self.filename = filename
         self.positions = positions
         self.key_positions = key_positions
+        # file each value came from, when a document is merged from several (extends)
+        self.origins = origins or {}
+
+    def file_of(self, loc: Loc) -> str:
+        loc = tuple(loc)
+        while loc:
+            if loc in self.origins:
+                return self.origins[loc]
+            loc = loc[:-1]
+        return self.origins.get((), self.filename)
 
     def where(self, loc: Loc, key: bool = False) -> Pos | None:
         """Line and column of the value at loc, else of its key, else of the nearest parent."""

@@ -35,6 +35,15 @@ class StageResult:
     details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable, goes to metrics.json/report
 
 
+@dataclass
+class StagePlan:
+    """What a stage predicts it will do, without training (for `compresspipe plan`)."""
+
+    state: ModelState | None = None  # the model's predicted structure; None: unchanged
+    layers: dict[str, Any] = field(default_factory=dict)  # resolved selection: layer -> amount, rank, ...
+    notes: list[str] = field(default_factory=list)
+
+
 class Stage(ABC, Generic[C]):
     """Implementation of one stage kind. Stateless apart from its config."""
 
@@ -43,9 +52,13 @@ class Stage(ABC, Generic[C]):
     def __init__(self, config: C):
         self.config = config
 
+    def plan(self, state: ModelState, ctx: StageContext) -> StagePlan | None:
+        """Predict the stage's effect cheaply, without training or writing files. None: cannot predict."""
+        return None
+
     @abstractmethod
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         """Transform the model; write any extra files into ctx.stage_dir."""
 
 
-__all__ = ["C", "Requirement", "Stage", "StageConfig", "StageKind", "StageResult"]
+__all__ = ["C", "Requirement", "Stage", "StageConfig", "StageKind", "StagePlan", "StageResult"]

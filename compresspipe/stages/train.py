@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from compresspipe.stages.base import Stage, StageConfig, StageResult
+from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
 from compresspipe.stages.common import TrainSettings
 
 if TYPE_CHECKING:
@@ -17,10 +17,14 @@ class TrainConfig(StageConfig, TrainSettings):
 
     type: Literal["train"]
     implementation: ClassVar[str] = "compresspipe.stages.train:TrainStage"
+    example: ClassVar[dict[str, Any]] = {"type": "train", "epochs": 1}
 
 
 class TrainStage(Stage[TrainConfig]):
     requires = frozenset({"train_data"})
+
+    def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
+        return StagePlan(notes=[f"{self.config.epochs} epoch(s); weights change, structure does not"])
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         result = ctx.fit(state.module, self.config)

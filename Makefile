@@ -1,0 +1,33 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install everything first.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+EXTRAS ?= dev
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/compresspipe run recipes/quickstart.yaml --force
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: install
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+lint: install
+	$(BIN)/ruff check compresspipe tests benchmarks
+	$(BIN)/mypy compresspipe
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,26 @@
+"""Helpers for benchmarks: run a recipe given as a dict, and time models side by side."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def run_recipe_dict(recipe: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
+    """Run a recipe (as plain data) into a temporary folder; return report.json's content."""
+    from compresspipe.engine.executor import RunOptions, run_recipe
+    from compresspipe.engine.ui import UI
+    from compresspipe.recipe import load_recipe
+
+    tmp = Path(tempfile.mkdtemp(prefix="cp-bench-")) if folder is None else folder
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    parsed = load_recipe(path)
+    return run_recipe(parsed, path, RunOptions(out=tmp / "run", force=True), UI(quiet=True)).report
+
+
+def stage(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in report["stages"] if s["name"] == name)

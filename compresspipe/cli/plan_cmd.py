@@ -1,0 +1,50 @@
+"""`compresspipe plan`: what a recipe will do, before it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from compresspipe.cli import app, handle_errors
+
+
+@app.command()
+@handle_errors
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe file (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set stages.0.epochs=3"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Dry run: resolve selectors, predict params and MACs per stage, warn about recipes that cannot deliver."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from compresspipe.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_)
+    from compresspipe.engine.plan import plan_recipe
+
+    result = plan_recipe(parsed)
+    if json_out:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    console = Console(highlight=False, width=160)
+    table = Table(title=f"plan: {escape(parsed.name)} (no weights change, nothing written)", title_justify="left")
+    for col in ("#", "stage", "type", "params", "MACs", "layers", "notes"):
+        table.add_column(col)
+    for row in result["stages"]:
+        layers = ", ".join(f"{k}: {v}" for k, v in list(row["layers"].items())[:6])
+        if len(row["layers"]) > 6:
+            layers += f", ... ({len(row['layers'])} layers)"
+        table.add_row(str(row["index"]), escape(str(row["name"])), row["type"], _count(row["params"]), _count(row["macs"]),
+                      escape(layers), escape("; ".join(row["notes"]) if row["predicted"] else "not predicted"))
+    console.print(table)
+    for w in result["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(w['stage'])}: {escape(w['message'])}")
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"

@@ -1,0 +1,73 @@
+"""What a stage receives besides the model: data, device, seed, the baseline and earlier stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from compresspipe.data.sources import DataSplits
+from compresspipe.engine.artifacts import ModelState, load_model
+from compresspipe.engine.training import FitResult, LossFn, fit
+from compresspipe.engine.ui import UI
+from compresspipe.errors import StageConfigError
+from compresspipe.recipe.spec import Recipe
+from compresspipe.stages.common import TrainSettings
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass
+class StageRecord:
+    """A finished stage as later stages see it."""
+
+    index: int
+    name: str
+    type: str
+    folder: Path
+    metrics: dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    index: int
+    name: str
+    stage_dir: Path
+    device: torch.device
+    seed: int
+    data: DataSplits
+    ui: UI
+    # "baseline" and every finished stage, by name, in order
+    history: dict[str, StageRecord] = field(default_factory=dict)
+    reference: str = "baseline"
+    _cache: dict[str, ModelState] = field(default_factory=dict)
+
+    def load_stage(self, name: str) -> ModelState:
+        """A fresh copy of the model as it was after stage `name` ('baseline': the uncompressed reference)."""
+        if name == "baseline":
+            name = self.reference
+        record = self.history.get(name)
+        if record is None:
+            raise StageConfigError(self.name, f"no finished stage named {name!r}; known: {', '.join(self.history)}")
+        if name not in self._cache:
+            self._cache[name] = load_model(record.folder)
+        return self._cache[name].clone()
+
+    def fit(
+        self,
+        module: torch.nn.Module,
+        settings: TrainSettings,
+        loss_fn: LossFn | None = None,
+        extra_params: list[torch.nn.Parameter] | None = None,
+        label: str | None = None,
+    ) -> FitResult:
+        """Run the shared training loop on the training split."""
+        return fit(
+            module, self.data, settings, device=self.device, seed=self.seed + self.index,
+            batch_size=self.recipe.data.batch_size, loss_fn=loss_fn, extra_params=extra_params,
+            ui=self.ui, label=label or self.name,
+        )

@@ -1,0 +1,382 @@
+"""Run a validated recipe: baseline, then each stage in order, persisting a reloadable model after each.
+
+Run folder (default runs/<name>/):
+  run.json            state of the run (status, hashes, pid); what --resume reads
+  recipe.lock.yaml    the resolved recipe, package versions, seed, device, input hashes
+  00-baseline/ 01-<stage>/ ...   model.safetensors, model.json, metrics.json, manifest.json (+ stage files)
+  report.json report.md
+A stage's folder appears only when it is complete (written as .NN-name.partial, then renamed).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shutil
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from compresspipe.data.sources import DataSplits, load_data
+from compresspipe.engine.artifacts import ModelState, load_model, save_model
+from compresspipe.engine.context import StageContext, StageRecord
+from compresspipe.engine.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_file,
+    sha256_json,
+)
+from compresspipe.engine.gates import describe_failures, evaluate_gates, write_junit
+from compresspipe.engine.report import build_report, render_markdown, render_table
+from compresspipe.engine.ui import UI
+from compresspipe.errors import CompressPipeError, GateFailed, InputError, RunFolderError, StageError
+from compresspipe.metrics import count_macs, count_nonzero, count_params, evaluate, measure_latency
+from compresspipe.recipe.spec import Recipe, StageConfig
+from compresspipe.recipe.yamlio import dump_yaml
+from compresspipe.registry import import_ref
+from compresspipe.stages.base import Stage, StageResult
+
+RUN_FORMAT = "compresspipe.run"
+RUN_VERSION = 1
+METRICS_FORMAT = "compresspipe.metrics"
+MANIFEST_FORMAT = "compresspipe.manifest"
+PACKAGES = ("compresspipe", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "torchao",
+            "executorch", "safetensors", "pydantic", "numpy", "scikit-learn")
+
+
+@dataclass
+class RunOptions:
+    out: Path | None = None
+    resume: bool = False
+    force: bool = False
+    junit: Path | None = None
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    report: dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda was asked for, but no CUDA device is available here; use device: auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def stage_implementation(config: StageConfig) -> type[Stage]:
+    try:
+        impl = import_ref(config.implementation)
+    except Exception as exc:
+        raise InputError(f"stage {config.name!r} ({config.type}): cannot import its implementation "
+                         f"{config.implementation!r}: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(impl, type) and issubclass(impl, Stage)):
+        raise InputError(f"stage type {config.type!r}: {config.implementation!r} is not a Stage subclass")
+    return impl
+
+
+def _pid_alive(pid: int | None, host: str | None) -> bool:
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            out += _diff(x, y, f"{path}[{i}]")
+        return out
+    return [] if a == b else [f"{path or '(root)'}: {a!r} -> {b!r}"]
+
+
+class Executor:
+    def __init__(self, recipe: Recipe, recipe_path: Path | None, options: RunOptions, ui: UI):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.options = options
+        self.ui = ui
+        self.folder = options.out or Path("runs") / recipe.name
+        self.rows: list[dict[str, Any]] = []
+        self.state_file = self.folder / "run.json"
+
+    # -- preparation ------------------------------------------------------------------------------
+
+    def prepare(self) -> tuple[DataSplits, dict[str, Any], list[type[Stage]]]:
+        """Everything that can fail on bad input, before any weight is touched or file written."""
+        impls = [stage_implementation(cfg) for cfg in self.recipe.stages]
+        seed_everything(self.recipe.seed)
+        shape = tuple(self.recipe.model.input_shape) if self.recipe.model.input_shape else None
+        data = load_data(self.recipe.data, self.recipe.seed, shape)
+        if shape is not None and tuple(data.input_shape) != shape:
+            raise InputError(f"model.input_shape is {list(shape)} but dataset {self.recipe.data.dataset!r} "
+                             f"gives samples of shape {list(data.input_shape)}")
+        inputs: dict[str, Any] = {"data": data.fingerprint()}
+        if self.recipe.model.checkpoint:
+            inputs["checkpoint"] = sha256_file(Path(self.recipe.model.checkpoint))
+        return data, inputs, impls
+
+    def _lock(self, inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        return {
+            "format": "compresspipe.lock",
+            "version": 1,
+            "recipe_file": str(self.recipe_path) if self.recipe_path else None,
+            "recipe_sha256": sha256_json(self.recipe.to_data()),
+            "inputs": inputs,
+            "seed": self.recipe.seed,
+            "device": str(device),
+            "packages": package_versions(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "recipe": self.recipe.to_data(),
+        }
+
+    def _open_folder(self, lock: dict[str, Any]) -> int:
+        """Claim the run folder; return the index of the first stage to run (0 = baseline)."""
+        folder, opts = self.folder, self.options
+        if self.state_file.exists():
+            try:
+                state = read_json(self.state_file)
+            except ValueError:
+                state = {}
+            alive = state.get("status") == "running" and _pid_alive(state.get("pid"), state.get("host"))
+            if alive:
+                raise RunFolderError(f"{folder}: a run is in progress there (pid {state.get('pid')}); "
+                                     "wait for it or choose another folder with --out")
+            if opts.resume and not opts.force:
+                changes = _diff(state.get("recipe"), lock["recipe"])
+                if state.get("inputs") != lock["inputs"]:
+                    changes += [f"input {k} changed" for k in sorted(set(state.get("inputs", {})) | set(lock["inputs"]))
+                                if state.get("inputs", {}).get(k) != lock["inputs"].get(k)]
+                if changes:
+                    shown = "\n  ".join(changes[:10])
+                    raise RunFolderError(f"{folder}: cannot resume, the recipe or its inputs changed since the run "
+                                         f"started:\n  {shown}\nuse --force to start over")
+                return self._completed_prefix()
+            if not opts.force:
+                what = "a finished run" if state.get("status") == "complete" else "an unfinished run"
+                hint = "" if state.get("status") == "complete" else "--resume to continue it, "
+                raise RunFolderError(f"{folder}: holds {what}; use {hint}--force to overwrite it, "
+                                     "or --out to choose another folder")
+            shutil.rmtree(folder)
+        elif folder.exists() and any(folder.iterdir()):
+            raise RunFolderError(f"{folder}: exists, is not empty and is not a compresspipe run folder; "
+                                 "choose another folder with --out")
+        elif opts.resume:
+            raise RunFolderError(f"{folder}: nothing to resume (no run.json); run without --resume")
+        return 0
+
+    def _stage_dirname(self, index: int) -> str:
+        name = "baseline" if index == 0 else str(self.recipe.stages[index - 1].name)
+        return f"{index:02d}-{name}"
+
+    def _completed_prefix(self) -> int:
+        """Number of leading stages (baseline included) whose folders are complete and intact."""
+        n = 0
+        for index in range(len(self.recipe.stages) + 1):
+            folder = self.folder / self._stage_dirname(index)
+            if not self._intact(folder):
+                break
+            n += 1
+        return n
+
+    @staticmethod
+    def _intact(folder: Path) -> bool:
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return False
+        try:
+            files = read_json(manifest)["files"]
+            return all((folder / name).is_file() and sha256_file(folder / name) == info["sha256"]
+                       for name, info in files.items())
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    def _write_state(self, status: str, lock: dict[str, Any], **extra: Any) -> None:
+        atomic_write_json(self.state_file, {
+            "format": RUN_FORMAT, "version": RUN_VERSION, "status": status, "pid": os.getpid(),
+            "host": socket.gethostname(), "recipe": lock["recipe"], "inputs": lock["inputs"],
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
+        })
+
+    # -- measurement ------------------------------------------------------------------------------
+
+    def measure(self, state: ModelState, files: list[Path], data: DataSplits, device: torch.device) -> dict[str, Any]:
+        model = state.module
+        acc, loss = evaluate(model.to(device), data.loader("val", self.recipe.data.eval_batch_size), device)
+        model.to("cpu")
+        lat = self.recipe.evaluate.latency
+        latency: dict[str, float] = {}
+        if lat.enabled:
+            measured = measure_latency(model, state.input_shape, lat.batch_sizes, lat.warmup, lat.iters, lat.threads)
+            latency = {str(bs): ms for bs, ms in measured.items()}
+        params = count_params(model)
+        nonzero = count_nonzero(model)
+        return {
+            "accuracy": acc,
+            "loss": loss,
+            "params": params,
+            "nonzero_params": nonzero,
+            "sparsity": 0.0 if params == 0 else 1 - nonzero / params,
+            "bytes": sum(p.stat().st_size for p in files),
+            "macs": count_macs(model, state.input_shape),
+            "latency_ms": latency,
+        }
+
+    def _persist(self, index: int, config_type: str, result: StageResult, data: DataSplits, device: torch.device,
+                 partial: Path, seconds: float) -> dict[str, Any]:
+        files = save_model(result.state, partial)
+        metrics = {
+            "format": METRICS_FORMAT, "version": 1, "index": index,
+            "name": "baseline" if index == 0 else self.recipe.stages[index - 1].name,
+            "type": config_type, "kind": result.kind, "folder": self._stage_dirname(index),
+            **self.measure(result.state, files, data, device),
+            "seconds": round(seconds, 3), "notes": result.notes, "details": result.details,
+        }
+        atomic_write_json(partial / "metrics.json", metrics)
+        manifest = {name.relative_to(partial).as_posix(): {"sha256": sha256_file(name), "bytes": name.stat().st_size}
+                    for name in sorted(partial.rglob("*")) if name.is_file() and not name.name.startswith(".")}
+        atomic_write_json(partial / "manifest.json", {"format": MANIFEST_FORMAT, "version": 1, "files": manifest})
+        final = self.folder / self._stage_dirname(index)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        return metrics
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def reference_name(self) -> str:
+        """The uncompressed model ratios compare with: the last of the leading train stages, else baseline."""
+        ref = "baseline"
+        for cfg in self.recipe.stages:
+            if cfg.type != "train":
+                break
+            ref = str(cfg.name)
+        return ref
+
+    def run(self) -> RunResult:
+        from compresspipe.models.factory import build_from_spec
+
+        device = resolve_device(self.recipe.device)
+        data, inputs, impls = self.prepare()
+        lock = self._lock(inputs, device)
+        start = self._open_folder(lock)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / "recipe.lock.yaml", dump_yaml(lock))
+        self._write_state("running", lock)
+        if start:
+            self.ui.log(f"resuming {self.folder}: {start} finished stage(s) kept")
+        history: dict[str, StageRecord] = {}
+        reference = self.reference_name()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        state: ModelState | None = None
+        current = "baseline"
+        try:
+            for index in range(len(self.recipe.stages) + 1):
+                name = "baseline" if index == 0 else str(self.recipe.stages[index - 1].name)
+                current = name
+                stype = "baseline" if index == 0 else self.recipe.stages[index - 1].type
+                final = self.folder / self._stage_dirname(index)
+                if index < start:
+                    metrics = read_json(final / "metrics.json")
+                    state = None  # loaded lazily when the next stage needs it
+                else:
+                    partial = self.folder / f".{self._stage_dirname(index)}.partial"
+                    if partial.exists():
+                        shutil.rmtree(partial)
+                    partial.mkdir(parents=True)
+                    t0 = time.perf_counter()
+                    if state is None and index > 0:  # resumed: continue from the last finished stage
+                        state = load_model(self.folder / self._stage_dirname(index - 1))
+                    seed_everything(self.recipe.seed + index)
+                    if index == 0:
+                        self.ui.log("[bold]baseline[/]: building and evaluating the model")
+                        module = build_from_spec(self.recipe.model)
+                        source = self.recipe.model.model_dump(include={"builtin", "torchvision", "kwargs"})
+                        state = ModelState(module.eval(), source, tuple(data.input_shape), data.num_classes)
+                        result = StageResult(state=state, kind="weights")
+                    else:
+                        cfg = self.recipe.stages[index - 1]
+                        self.ui.log(f"[bold]stage {index}[/] {name} ({cfg.type})")
+                        ctx = StageContext(self.recipe, index, name, partial, device, self.recipe.seed + index,
+                                           data, self.ui, dict(history), reference)
+                        result = self._run_stage(impls[index - 1](cfg), cast(ModelState, state), ctx)
+                    state = result.state
+                    state.module.eval()
+                    metrics = self._persist(index, stype, result, data, device, partial, time.perf_counter() - t0)
+                history[name] = StageRecord(index, name, stype, final, metrics)
+                self.rows.append(metrics)
+                self._write_state("running", lock, completed=index + 1)
+        except KeyboardInterrupt:
+            self._write_state("interrupted", lock, completed=len(self.rows), failed_stage=current)
+            raise
+        except BaseException as exc:
+            log = self.folder / "error.log"
+            atomic_write_text(log, "".join(traceback.format_exception(exc)))
+            self._write_state("failed", lock, completed=len(self.rows), failed_stage=current)
+            if isinstance(exc, CompressPipeError):
+                raise
+            raise StageError(current, f"{type(exc).__name__}: {exc} (traceback in {log})") from exc
+        report = build_report(self.recipe.name, self.rows, reference, "complete",
+                              {"device": str(device), "run_folder": str(self.folder)})
+        gates = evaluate_gates(self.recipe, report)
+        report["gates"] = gates
+        report["gates_passed"] = all(g["passed"] for g in gates)
+        atomic_write_json(self.folder / "report.json", report)
+        atomic_write_text(self.folder / "report.md", render_markdown(report))
+        if self.options.junit is not None:
+            write_junit(self.options.junit, self.recipe.name, gates)
+        self._write_state("complete", lock, completed=len(self.rows))
+        self.ui.console.print(render_table(report))
+        self.ui.console.print(f"run folder: {self.folder}")
+        if not report["gates_passed"]:
+            raise GateFailed(describe_failures(gates) + f"\nevery artifact was written to {self.folder}", report)
+        return RunResult(self.folder, report)
+
+    def _run_stage(self, stage: Stage, state: ModelState, ctx: StageContext) -> StageResult:
+        result = stage.run(state, ctx)
+        if not isinstance(result, StageResult):
+            raise TypeError(f"stage returned {type(result).__name__}, expected StageResult")
+        return result
+
+
+def run_recipe(recipe: Recipe, recipe_path: Path | None, options: RunOptions, ui: UI) -> RunResult:
+    return Executor(recipe, recipe_path, options, ui).run()

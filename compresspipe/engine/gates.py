@@ -1,0 +1,92 @@
+"""Quality gates: per-stage `expect:` blocks and the run-level `gates:` block, and their JUnit XML."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from compresspipe.engine.fsutil import atomic_write_bytes
+from compresspipe.recipe.spec import Limits, Recipe
+
+# check -> (how to read the value from a report row, comparison, what it means)
+_CHECKS = {
+    "max_accuracy_drop": "accuracy drop vs reference",
+    "min_accuracy": "accuracy",
+    "min_size_reduction": "size reduction (reference bytes / bytes)",
+    "min_param_reduction": "parameter reduction",
+    "min_mac_reduction": "MAC reduction",
+    "min_speedup": "CPU speedup",
+    "min_sparsity": "sparsity",
+}
+
+
+def _value(check: str, row: dict[str, Any], batch: str) -> float | None:
+    vs = row["vs_reference"]
+    if check == "max_accuracy_drop":
+        return None if vs["accuracy_delta"] is None else -vs["accuracy_delta"]
+    if check == "min_accuracy":
+        return row["accuracy"]
+    if check == "min_sparsity":
+        return row["sparsity"]
+    if check == "min_speedup":
+        return vs["speedup"].get(batch)
+    return vs[check.removeprefix("min_")]
+
+
+def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str) -> list[dict[str, Any]]:
+    batch = str(limits.latency_batch_size or default_batch)
+    results = []
+    for check in limits.checks():
+        limit = getattr(limits, check)
+        value = _value(check, row, batch)
+        if value is None:
+            passed = False
+        elif check.startswith("max_"):
+            passed = value <= limit + 1e-12
+        else:
+            passed = value >= limit - 1e-12
+        name = f"{check}@b{batch}" if check == "min_speedup" else check
+        results.append({"scope": scope, "stage": row["name"], "gate": name, "description": _CHECKS[check],
+                        "value": value, "limit": limit, "passed": passed})
+    return results
+
+
+def evaluate_gates(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = {s["name"]: s for s in report["stages"]}
+    default_batch = recipe.evaluate.latency.batch_sizes[0]
+    results: list[dict[str, Any]] = []
+    for cfg in recipe.stages:
+        if cfg.expect is not None and str(cfg.name) in rows:
+            results += judge(cfg.expect, rows[str(cfg.name)], default_batch, f"stages.{cfg.name}.expect")
+    if recipe.gates is not None and recipe.stages:
+        target = recipe.gates.stage or str(recipe.stages[-1].name)
+        if target in rows:
+            results += judge(recipe.gates, rows[target], default_batch, "gates")
+    return results
+
+
+def describe_failures(results: list[dict[str, Any]]) -> str:
+    failed = [r for r in results if not r["passed"]]
+    lines = [f"{r['scope']}: {r['gate']} = {_fmt(r['value'])}, limit {_fmt(r['limit'])} ({r['description']})"
+             for r in failed]
+    return f"{len(failed)} quality gate(s) failed:\n  " + "\n  ".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_junit(path: Path, recipe_name: str, results: list[dict[str, Any]]) -> None:
+    suite = ET.Element("testsuite", name=f"compresspipe.{recipe_name}", tests=str(len(results)),
+                       failures=str(sum(not r["passed"] for r in results)), errors="0")
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"compresspipe.{recipe_name}.{r['scope']}",
+                             name=r["gate"])
+        ET.SubElement(case, "system-out").text = (
+            f"{r['description']}: value {_fmt(r['value'])}, limit {_fmt(r['limit'])}, stage {r['stage']}")
+        if not r["passed"]:
+            ET.SubElement(case, "failure", message=f"{r['gate']} = {_fmt(r['value'])}, limit {_fmt(r['limit'])}")
+    root = ET.Element("testsuites")
+    root.append(suite)
+    atomic_write_bytes(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))

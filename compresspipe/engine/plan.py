@@ -1,0 +1,83 @@
+"""`compresspipe plan`: a dry run. Resolves selectors, predicts params and MACs without training,
+and warns about recipes that cannot deliver what they look like. Changes no weights, writes no run folder."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compresspipe.data.sources import load_data
+from compresspipe.engine.artifacts import ModelState
+from compresspipe.engine.context import StageContext
+from compresspipe.engine.executor import resolve_device, seed_everything, stage_implementation
+from compresspipe.engine.ui import UI
+from compresspipe.metrics import count_macs, count_params
+from compresspipe.recipe.spec import Recipe
+
+
+def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
+    """Recipes that run but cannot deliver what they look like."""
+    out: list[dict[str, str]] = []
+    stages = recipe.stages
+
+    def warn(stage: Any, message: str) -> None:
+        out.append({"stage": str(stage.name) if stage is not None else "", "message": message})
+
+    types = [s.type for s in stages]
+    for i, s in enumerate(stages):
+        later = types[i + 1:]
+        if s.type == "prune" and getattr(s, "method", None) == "magnitude":
+            warn(s, "unstructured (magnitude) pruning only zeroes weights: no smaller model and no speedup "
+                    "expected" + (", and the export keeps dense weights unless it stores sparsity" if "export" in later
+                                  else "") + "; use method: structured to shrink layers")
+        if s.type == "quantize" and any(t in ("prune", "factorize") for t in later):
+            warn(s, "quantize before prune/factorize: the later stage works on a quantized model; "
+                    "compress first, quantize last")
+        if s.type == "distill":
+            teacher = getattr(s, "teacher", None)
+            trained_before = any(t in ("train", "distill") for t in types[:i])
+            if teacher == "baseline" and not trained_before and recipe.model.checkpoint is None:
+                warn(s, "distills from the baseline, but nothing trained it (no train stage before, no checkpoint): "
+                        "the teacher is a random network")
+        calib = getattr(s, "calibration", None)
+        batches = getattr(calib, "batches", None)
+        if s.type == "quantize" and getattr(s, "method", None) == "static":
+            n = -(-min(recipe.data.calibration_samples, 10**9) // recipe.data.eval_batch_size)
+            if batches == 1 or n <= 1:
+                warn(s, "static quantization calibrates on a single batch: scales will be noisy; "
+                        "raise calibration.batches or data.calibration_samples")
+    return out
+
+
+def plan_recipe(recipe: Recipe) -> dict[str, Any]:
+    from compresspipe.models.factory import build_from_spec
+
+    device = resolve_device(recipe.device)
+    impls = [stage_implementation(cfg) for cfg in recipe.stages]
+    seed_everything(recipe.seed)
+    shape = tuple(recipe.model.input_shape) if recipe.model.input_shape else None
+    data = load_data(recipe.data, recipe.seed, shape)
+    module = build_from_spec(recipe.model).eval()
+    source = recipe.model.model_dump(include={"builtin", "torchvision", "kwargs"})
+    state = ModelState(module, source, tuple(data.input_shape), data.num_classes)
+    rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
+                                   "params": count_params(module), "macs": count_macs(module, state.input_shape),
+                                   "layers": {}, "notes": []}]
+    ui = UI(quiet=True)
+    with tempfile.TemporaryDirectory(prefix="compresspipe-plan-") as tmp:
+        for i, (cfg, impl) in enumerate(zip(recipe.stages, impls, strict=True), start=1):
+            ctx = StageContext(recipe, i, str(cfg.name), Path(tmp), device, recipe.seed + i, data, ui, {}, "baseline")
+            prediction = impl(cfg).plan(state.clone(), ctx)
+            row: dict[str, Any] = {"index": i, "name": cfg.name, "type": cfg.type, "predicted": prediction is not None,
+                                   "layers": {}, "notes": []}
+            if prediction is not None:
+                if prediction.state is not None:
+                    state = prediction.state
+                row["layers"] = prediction.layers
+                row["notes"] = prediction.notes
+            row["params"] = count_params(state.module) if prediction is not None else None
+            row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
+            rows.append(row)
+    return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
+            "warnings": recipe_warnings(recipe)}

@@ -1,0 +1,60 @@
+"""Layer selectors shared by prune, quantize and factorize: name globs and `type:ClassName`."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from compresspipe.errors import StageConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def matches(name: str, module: nn.Module, pattern: str) -> bool:
+    if pattern.startswith("type:"):
+        wanted = pattern[5:]
+        return any(cls.__name__ == wanted for cls in type(module).__mro__)
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def select_layers(
+    model: nn.Module,
+    include: Iterable[str],
+    exclude: Iterable[str],
+    candidates: tuple[type, ...],
+    stage: str,
+) -> dict[str, nn.Module]:
+    """Modules of the candidate types matched by include and not by exclude, in model order.
+
+    A selector that matches no module at all is an error naming it; so is a selection that ends empty.
+    """
+    include, exclude = list(include), list(exclude)
+    named: list[tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules() if n]
+    for pattern in include + exclude:
+        if not any(matches(n, m, pattern) for n, m in named):
+            layer_names = [n for n, m in named if isinstance(m, candidates)]
+            shown = ", ".join(layer_names[:12]) + (" ..." if len(layer_names) > 12 else "")
+            raise StageConfigError(stage, f"selector {pattern!r} matches no layer; layers here: {shown}")
+    chosen = {
+        n: m for n, m in named
+        if isinstance(m, candidates)
+        and any(matches(n, m, p) for p in include)
+        and not any(matches(n, m, p) for p in exclude)
+    }
+    if not chosen:
+        kinds = ", ".join(c.__name__ for c in candidates)
+        raise StageConfigError(stage, f"include {include} / exclude {exclude} leave no {kinds} layer to work on")
+    return chosen
+
+
+def classifier_head(model: nn.Module) -> str | None:
+    """Name of the last Linear layer (the classifier head protected by default), if any."""
+    from torch import nn
+
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    return last

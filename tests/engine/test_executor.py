@@ -1,0 +1,186 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compresspipe.engine.artifacts import load_model
+from compresspipe.engine.executor import RunOptions, run_recipe
+from compresspipe.engine.ui import UI
+from compresspipe.errors import RunFolderError, StageError
+from compresspipe.recipe import load_recipe
+from tests.fixtures import tiny_recipe, write_recipe
+
+STABLE = ("name", "type", "kind", "accuracy", "loss", "params", "nonzero_params", "sparsity", "bytes", "macs")
+
+
+def _run(tmp_path, recipe=None, out="run", **opts):
+    path = write_recipe(tmp_path, recipe or tiny_recipe())
+    return run_recipe(load_recipe(path), path, RunOptions(out=tmp_path / out, **opts), UI(quiet=True))
+
+
+def _stable(report):
+    return [{k: s[k] for k in STABLE} for s in report["stages"]]
+
+
+def _weights_hashes(folder: Path):
+    return {p.parent.name: json.loads((p.parent / "manifest.json").read_text())["files"]["model.safetensors"]["sha256"]
+            for p in sorted(folder.glob("*/model.safetensors"))}
+
+
+def test_run_folder_layout_and_report(tmp_path):
+    result = _run(tmp_path)
+    folder = result.folder
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["00-baseline", "01-train", "recipe.lock.yaml", "report.json", "report.md", "run.json"]
+    for stage in ("00-baseline", "01-train"):
+        files = sorted(p.name for p in (folder / stage).iterdir())
+        assert files == ["manifest.json", "metrics.json", "model.json", "model.safetensors"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["format"] == "compresspipe.report" and report["version"] == 1
+    assert report["reference"] == "train"
+    base, train = report["stages"]
+    assert train["accuracy"] > base["accuracy"] + 0.3  # it really trained
+    assert set(train["latency_ms"]) == {"1", "8"} and all(v > 0 for v in train["latency_ms"].values())
+    assert train["params"] == base["params"] and train["macs"] == base["macs"] > 0
+    assert train["vs_reference"]["size_reduction"] == pytest.approx(1.0)
+    assert "| 1 | train |" in (folder / "report.md").read_text()
+    lock = (folder / "recipe.lock.yaml").read_text()
+    assert "torch:" in lock and "recipe_sha256" in lock
+
+
+def test_reload_is_bit_identical(tmp_path):
+    folder = _run(tmp_path).folder
+    state = load_model(folder / "01-train")
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    again = load_model(folder / "01-train")
+    with torch.no_grad():
+        assert torch.equal(state.module(x), again.module(x))
+    metrics = json.loads((folder / "01-train" / "metrics.json").read_text())
+    from compresspipe.data.sources import load_data
+
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    data = load_data(recipe.data, recipe.seed, (1, 8, 8))
+    from compresspipe.metrics import evaluate
+
+    acc, _ = evaluate(state.module, data.loader("val", 256), torch.device("cpu"))
+    assert acc == metrics["accuracy"]
+
+
+def test_two_runs_give_identical_metrics_and_weights(tmp_path):
+    a = _run(tmp_path, out="a")
+    b = _run(tmp_path, out="b")
+    assert _stable(a.report) == _stable(b.report)
+    assert _weights_hashes(a.folder) == _weights_hashes(b.folder)
+
+
+def test_refuses_existing_run_unless_forced(tmp_path):
+    _run(tmp_path)
+    with pytest.raises(RunFolderError, match="holds a finished run"):
+        _run(tmp_path)
+    _run(tmp_path, force=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(RunFolderError, match="not a compresspipe run folder"):
+        _run(tmp_path, out="other", force=True)
+    assert (tmp_path / "other" / "keep.txt").exists()
+
+
+def test_resume_refuses_changed_recipe(tmp_path):
+    _run(tmp_path)
+    changed = tiny_recipe(seed=1)
+    with pytest.raises(RunFolderError, match=r"seed: 0 -> 1"):
+        _run(tmp_path, recipe=changed, resume=True)
+
+
+def test_failing_stage_keeps_finished_stages(tmp_path, monkeypatch):
+    from compresspipe.stages import train
+
+    def boom(self, state, ctx):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(train.TrainStage, "run", boom)
+    recipe = tiny_recipe()
+    with pytest.raises(StageError, match="stage 'train' failed: RuntimeError: kaboom"):
+        _run(tmp_path, recipe=recipe)
+    folder = tmp_path / "run"
+    assert (folder / "00-baseline" / "manifest.json").exists()
+    assert not (folder / "01-train").exists()
+    assert json.loads((folder / "run.json").read_text())["status"] == "failed"
+    assert "kaboom" in (folder / "error.log").read_text()
+    monkeypatch.undo()
+    result = _run(tmp_path, recipe=recipe, resume=True)
+    assert [s["name"] for s in result.report["stages"]] == ["baseline", "train"]
+
+
+def test_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 2}, {"type": "train", "epochs": 1, "lr": 1e-3}])
+    full = _run(tmp_path, recipe=recipe, out="full")
+    from compresspipe.engine import training
+
+    real_fit = training.fit
+    calls = {"n": 0}
+
+    def interrupt_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr("compresspipe.engine.context.fit", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, recipe=recipe, out="cut")
+    state = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert state["status"] == "interrupted" and state["failed_stage"] == "train-2"
+    assert (tmp_path / "cut" / "01-train").exists() and not (tmp_path / "cut" / "02-train-2").exists()
+    monkeypatch.undo()
+    resumed = _run(tmp_path, recipe=recipe, out="cut", resume=True)
+    assert _stable(resumed.report) == _stable(full.report)
+    assert _weights_hashes(resumed.folder) == _weights_hashes(full.folder)
+
+
+def test_killed_process_resumes(tmp_path):
+    """A real SIGKILL in the middle of a stage: finished stages stay, --resume completes the run."""
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 1}, {"type": "train", "epochs": 40}])
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "compresspipe", "run", str(path), "--out", str(out), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "01-train" / "manifest.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "01-train" / "manifest.json").exists()
+    assert not (out / "02-train-2").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "unfinished run" in again.stderr and "--resume" in again.stderr
+    changed = subprocess.run([*cmd, "--resume", "--set", "stages.1.epochs=1"], capture_output=True, text=True)
+    assert changed.returncode == 2 and "stages[1].epochs: 40 -> 1" in changed.stderr
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["baseline", "train", "train-2"]
+    assert report["status"] == "complete"
+
+
+def test_interrupt_signal_exits_130_and_keeps_stages(tmp_path):
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 1}, {"type": "train", "epochs": 500}])
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "run", str(path), "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "01-train" / "manifest.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert (out / "01-train" / "manifest.json").exists()

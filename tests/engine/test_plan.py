@@ -1,0 +1,46 @@
+import json
+
+from typer.testing import CliRunner
+
+from compresspipe.cli import app
+from compresspipe.engine.plan import recipe_warnings
+from compresspipe.recipe.spec import StageConfig
+from tests.fixtures import tiny_recipe, write_recipe
+
+runner = CliRunner()
+
+
+def test_plan_predicts_without_running_or_writing(tmp_path):
+    path = write_recipe(tmp_path, tiny_recipe())
+    result = runner.invoke(app, ["plan", str(path), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    base, train = plan["stages"]
+    assert base["params"] == train["params"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert train["predicted"] is True
+    assert not (tmp_path / "runs").exists()
+    table = runner.invoke(app, ["plan", str(path)])
+    assert table.exit_code == 0 and "nothing written" in table.output
+
+
+def test_plan_on_invalid_recipe_is_exit_2(tmp_path):
+    path = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": -1}]))
+    assert runner.invoke(app, ["plan", str(path)]).exit_code == 2
+
+
+def test_warnings_for_recipes_that_cannot_deliver():
+    from compresspipe.recipe.loader import validate_recipe_data
+
+    class Fake(StageConfig):
+        method: str | None = None
+        teacher: str | None = None
+
+    recipe = validate_recipe_data(tiny_recipe(stages=[]))
+    stages = [Fake(type="prune", name="p", method="magnitude"), Fake(type="distill", name="d", teacher="baseline"),
+              Fake(type="quantize", name="q", method="dynamic"), Fake(type="factorize", name="f"),
+              Fake(type="export", name="e")]
+    recipe = recipe.model_copy(update={"stages": stages})
+    messages = {w["stage"]: w["message"] for w in recipe_warnings(recipe)}
+    assert "no speedup" in messages["p"] and "export keeps dense weights" in messages["p"]
+    assert "random network" in messages["d"]
+    assert "compress first, quantize last" in messages["q"]
