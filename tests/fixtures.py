@@ -31,3 +31,17 @@ def write_recipe(folder: Path, data: dict[str, Any] | str, name: str = "recipe.y
     path = folder / name
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def install_plugin(folder: Path, module: str, code: str, entry_points: str) -> dict[str, str]:
+    """A plugin package on disk (module + dist-info with entry points); returns the env to see it."""
+    import os
+
+    (folder / f"{module}.py").write_text(code)
+    dist = folder / f"{module}-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    env = {k: v for k, v in os.environ.items() if k != "COMPRESSPIPE_NO_PLUGINS"}
+    env["PYTHONPATH"] = str(folder)
+    return env

@@ -22,11 +22,21 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final table."),
     junit: Path | None = typer.Option(None, "--junit", help="Write the quality gates as a JUnit XML file."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout; the table and logs go to stderr."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train data-parallel in N processes (torch.distributed)."),
 ) -> None:
     """Run a recipe: baseline, every stage in order, a reloadable model after each, and a report."""
     from compresspipe.recipe import load_recipe
 
-    parsed = load_recipe(recipe, set_)  # validate everything before importing torch
+    parsed = load_recipe(recipe, set_)  # validate everything before importing torch or launching
+    if nproc > 1:
+        from compresspipe.engine.distributed import launched_by_torchrun
+
+        if not launched_by_torchrun():
+            argv = [str(recipe), *(["--out", str(out)] if out else []), *(["--resume"] if resume else []),
+                    *(["--force"] if force else []), *[a for s in set_ for a in ("--set", s)],
+                    *(["-q"] if quiet else []), *(["--junit", str(junit)] if junit else []),
+                    *(["--json"] if json_out else [])]
+            raise typer.Exit(launch(nproc, argv))
     from compresspipe.engine.executor import RunOptions, run_recipe
     from compresspipe.engine.ui import UI
     from compresspipe.errors import GateFailed
@@ -41,3 +51,25 @@ def run(
         raise
     if json_out:
         print(json.dumps(result.report, indent=2))
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run `compresspipe run ARGV` in `nproc` processes under PyTorch's elastic launcher.
+
+    Returns the exit code to use: the workers' own (2 input, 3 stage failure, 130 interrupted) when
+    one failed, else 0.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as elastic_run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "compresspipe", "run", *argv]
+    )
+    try:
+        elastic_run(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+        own = [c for c in codes if c in (1, 2, 3, 130)]
+        return own[0] if own else 3
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,8 +16,7 @@ from compresspipe.errors import StageConfigError
 from compresspipe.recipe.spec import Recipe
 from compresspipe.stages.common import TrainSettings
 
-if TYPE_CHECKING:
-    pass
+CHECKPOINTS = ".checkpoints"
 
 
 @dataclass
@@ -45,6 +44,14 @@ class StageContext:
     history: dict[str, StageRecord] = field(default_factory=dict)
     reference: str = "baseline"
     _cache: dict[str, ModelState] = field(default_factory=dict)
+    # where training inside this stage keeps per-epoch state (shared by all ranks; rank 0 writes it);
+    # removed when the stage completes
+    checkpoint_root: Path | None = None
+    _fit_calls: int = 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_root or self.stage_dir / CHECKPOINTS
 
     def load_stage(self, name: str) -> ModelState:
         """A fresh copy of the model as it was after stage `name` ('baseline': the uncompressed reference)."""
@@ -65,9 +72,10 @@ class StageContext:
         extra_params: list[torch.nn.Parameter] | None = None,
         label: str | None = None,
     ) -> FitResult:
-        """Run the shared training loop on the training split."""
+        """Run the shared training loop on the training split (resumable at epoch granularity)."""
+        self._fit_calls += 1
         return fit(
             module, self.data, settings, device=self.device, seed=self.seed + self.index,
             batch_size=self.recipe.data.batch_size, loss_fn=loss_fn, extra_params=extra_params,
-            ui=self.ui, label=label or self.name,
+            ui=self.ui, label=label or self.name, checkpoint_dir=self.checkpoints / f"fit-{self._fit_calls:02d}",
         )

@@ -10,11 +10,13 @@ A stage's folder appears only when it is complete (written as .NN-name.partial, 
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import random
 import shutil
 import socket
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,7 +29,8 @@ import torch
 
 from compresspipe.data.sources import DataSplits, load_data
 from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.context import StageContext, StageRecord
+from compresspipe.engine.context import CHECKPOINTS, StageContext, StageRecord
+from compresspipe.engine.distributed import Dist, init_from_env, shutdown
 from compresspipe.engine.fsutil import (
     atomic_write_json,
     atomic_write_text,
@@ -137,6 +140,7 @@ class Executor:
         self.folder = options.out or Path("runs") / recipe.name
         self.rows: list[dict[str, Any]] = []
         self.state_file = self.folder / "run.json"
+        self.dist = Dist()
 
     # -- preparation ------------------------------------------------------------------------------
 
@@ -293,15 +297,27 @@ class Executor:
         return ref
 
     def run(self) -> RunResult:
+        device = resolve_device(self.recipe.device)
+        self.dist = init_from_env(device)
+        if not self.dist.is_main:  # only rank 0 prints and writes
+            self.ui = UI(quiet=True, stream=io.StringIO())
+        try:
+            return self._run(device)
+        finally:
+            shutdown()
+
+    def _run(self, device: torch.device) -> RunResult:
         from compresspipe.models.factory import build_from_spec
 
-        device = resolve_device(self.recipe.device)
+        main, d = self.dist.is_main, self.dist
         data, inputs, impls = self.prepare()
         lock = self._lock(inputs, device)
-        start = self._open_folder(lock)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / "recipe.lock.yaml", dump_yaml(lock))
-        self._write_state("running", lock)
+        if main:
+            start = self._open_folder(lock)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "recipe.lock.yaml", dump_yaml(lock))
+            self._write_state("running", lock, world_size=d.world)
+        start = d.broadcast(start if main else None)
         if start:
             self.ui.log(f"resuming {self.folder}: {start} finished stage(s) kept")
         history: dict[str, StageRecord] = {}
@@ -309,20 +325,27 @@ class Executor:
         torch.use_deterministic_algorithms(True, warn_only=True)
         state: ModelState | None = None
         current = "baseline"
+        scratch = tempfile.TemporaryDirectory(prefix="compresspipe-rank-") if not main else None
         try:
             for index in range(len(self.recipe.stages) + 1):
                 name = "baseline" if index == 0 else str(self.recipe.stages[index - 1].name)
                 current = name
                 stype = "baseline" if index == 0 else self.recipe.stages[index - 1].type
                 final = self.folder / self._stage_dirname(index)
+                metrics: dict[str, Any] = {}
                 if index < start:
-                    metrics = read_json(final / "metrics.json")
+                    if main:
+                        metrics = read_json(final / "metrics.json")
                     state = None  # loaded lazily when the next stage needs it
                 else:
                     partial = self.folder / f".{self._stage_dirname(index)}.partial"
-                    if partial.exists():
-                        shutil.rmtree(partial)
-                    partial.mkdir(parents=True)
+                    if main:
+                        self._clear_partial(partial, keep_checkpoints=self.options.resume)
+                        partial.mkdir(parents=True, exist_ok=True)
+                    d.barrier()
+                    # other ranks write their scratch files privately; epoch checkpoints are shared (rank 0 writes)
+                    stage_dir = partial if scratch is None else Path(scratch.name) / partial.name
+                    stage_dir.mkdir(parents=True, exist_ok=True)
                     t0 = time.perf_counter()
                     if state is None and index > 0:  # resumed: continue from the last finished stage
                         state = load_model(self.folder / self._stage_dirname(index - 1))
@@ -336,27 +359,42 @@ class Executor:
                     else:
                         cfg = self.recipe.stages[index - 1]
                         self.ui.log(f"[bold]stage {index}[/] {name} ({cfg.type})")
-                        ctx = StageContext(self.recipe, index, name, partial, device, self.recipe.seed + index,
-                                           data, self.ui, dict(history), reference)
+                        ctx = StageContext(self.recipe, index, name, stage_dir, device, self.recipe.seed + index,
+                                           data, self.ui, dict(history), reference,
+                                           checkpoint_root=partial / CHECKPOINTS)
                         result = self._run_stage(impls[index - 1](cfg), cast(ModelState, state), ctx)
                     state = result.state
                     state.module.eval()
-                    metrics = self._persist(index, stype, result, data, device, partial, time.perf_counter() - t0)
+                    if main:
+                        metrics = self._persist(index, stype, result, data, device, partial,
+                                                time.perf_counter() - t0)
+                    d.barrier()
                 history[name] = StageRecord(index, name, stype, final, metrics)
-                self.rows.append(metrics)
-                self._write_state("running", lock, completed=index + 1)
+                if main:
+                    self.rows.append(metrics)
+                    self._write_state("running", lock, completed=index + 1, world_size=d.world)
         except KeyboardInterrupt:
-            self._write_state("interrupted", lock, completed=len(self.rows), failed_stage=current)
+            if main:
+                self._write_state("interrupted", lock, completed=len(self.rows), failed_stage=current)
             raise
         except BaseException as exc:
-            log = self.folder / "error.log"
+            log = self.folder / ("error.log" if main else f"error.rank{d.rank}.log")
             atomic_write_text(log, "".join(traceback.format_exception(exc)))
-            self._write_state("failed", lock, completed=len(self.rows), failed_stage=current)
+            if main:
+                self._write_state("failed", lock, completed=len(self.rows), failed_stage=current)
             if isinstance(exc, CompressPipeError):
                 raise
             raise StageError(current, f"{type(exc).__name__}: {exc} (traceback in {log})") from exc
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
+        if not main:
+            return RunResult(self.folder, {})
+        return self._finish(lock, device, reference)
+
+    def _finish(self, lock: dict[str, Any], device: torch.device, reference: str) -> RunResult:
         report = build_report(self.recipe.name, self.rows, reference, "complete",
-                              {"device": str(device), "run_folder": str(self.folder)})
+                              {"device": str(device), "run_folder": str(self.folder), "world_size": self.dist.world})
         gates = evaluate_gates(self.recipe, report)
         report["gates"] = gates
         report["gates_passed"] = all(g["passed"] for g in gates)
@@ -375,7 +413,19 @@ class Executor:
         result = stage.run(state, ctx)
         if not isinstance(result, StageResult):
             raise TypeError(f"stage returned {type(result).__name__}, expected StageResult")
+        if self.dist.is_main:
+            shutil.rmtree(ctx.checkpoints, ignore_errors=True)
         return result
+
+    @staticmethod
+    def _clear_partial(partial: Path, keep_checkpoints: bool) -> None:
+        """Remove what an interrupted attempt left, except its epoch checkpoints when resuming."""
+        if not partial.exists():
+            return
+        for child in partial.iterdir():
+            if keep_checkpoints and child.name == CHECKPOINTS:
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def run_recipe(recipe: Recipe, recipe_path: Path | None, options: RunOptions, ui: UI) -> RunResult:

@@ -1,21 +1,32 @@
 """The shared training loop: train, fine-tuning after compression, distillation and QAT all use `fit`.
 
-Deterministic on CPU for a given seed; keeps the epoch with the best validation accuracy.
+Deterministic on CPU for a given seed; keeps the epoch with the best validation accuracy. With a
+`checkpoint_dir` it saves its state after every epoch (safetensors + JSON, no pickle) and, when run
+again with the same settings, continues from the last finished epoch: an interrupted stage resumes
+at epoch granularity. Under torchrun it trains data-parallel (DDP, sharded sampler).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from compresspipe.data.sources import DataSplits
+from compresspipe.engine.distributed import Dist, current
+from compresspipe.engine.fsutil import atomic_write_json, read_json, sha256_json
 from compresspipe.engine.ui import UI
 from compresspipe.metrics import evaluate
 from compresspipe.stages.common import TrainSettings
@@ -30,6 +41,8 @@ class FitResult:
     epochs_run: int
     best_accuracy: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    samples_per_second: float | None = None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
@@ -48,6 +61,67 @@ def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings) -> Any:
     return None
 
 
+# -- epoch checkpoints: tensors to safetensors, the rest to JSON ----------------------------------
+
+
+def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested structure by a reference; collect the tensors."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}#{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_split_tensors(k, prefix, tensors), _split_tensors(v, prefix, tensors)]
+                             for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [_split_tensors(v, prefix, tensors) for v in obj]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {_join_tensors(k, tensors): _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _split_tensors(state, "t", tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    atomic_write_json(tmp / "state.json", meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+        return _join_tensors(read_json(folder / "state.json"), tensors)  # type: ignore[no-any-return]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _fingerprint(model: nn.Module, settings: TrainSettings, label: str, seed: int) -> str:
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return sha256_json({"settings": settings.model_dump(mode="json"), "label": label, "seed": seed, "shapes": shapes})
+
+
+def _train_loader(data: DataSplits, bs: int, seed: int, epoch: int, d: Dist) -> DataLoader:
+    if not d.enabled:
+        return data.loader("train", batch_size=bs, shuffle=True, seed=seed * 1000 + epoch)
+    sampler: DistributedSampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                                     seed=seed * 1000, drop_last=False)
+    sampler.set_epoch(epoch)
+    return DataLoader(data.train, batch_size=bs, sampler=sampler, num_workers=0)
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -60,14 +134,17 @@ def fit(
     extra_params: list[torch.nn.Parameter] | None = None,
     ui: UI | None = None,
     label: str = "train",
+    checkpoint_dir: Path | None = None,
 ) -> FitResult:
     """Train `model` in place; on return it holds the best epoch's weights (if keep_best)."""
     ui = ui or UI(quiet=True)
+    d = current()
     if settings.epochs == 0:
         return FitResult(best_epoch=0, epochs_run=0, best_accuracy=None)
     torch.manual_seed(seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    extra = list(extra_params or [])
+    params = [p for p in model.parameters() if p.requires_grad] + extra
     if not params:
         raise ValueError("the model has no trainable parameters")
     opt = make_optimizer(params, settings)
@@ -78,19 +155,41 @@ def fit(
         return F.cross_entropy(m(x), y, label_smoothing=smoothing)
 
     loss_fn = loss_fn or default_loss
+    train_model: nn.Module = model
+    if d.enabled:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
     bs = settings.batch_size or batch_size
     val_loader = data.loader("val", batch_size=max(bs, 256))
     best_acc, best_epoch, best_state = -1.0, 0, None
     history: list[dict[str, Any]] = []
-    for epoch in range(1, settings.epochs + 1):
-        loader = data.loader("train", batch_size=bs, shuffle=True, seed=seed * 1000 + epoch)
-        model.train()
+    start = 1
+    fingerprint = _fingerprint(model, settings, label, seed)
+    saved = _load_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if saved is not None and saved.get("fingerprint") == fingerprint:
+        model.load_state_dict(saved["model"])
+        for p, value in zip(extra, saved["extra"], strict=True):
+            with torch.no_grad():
+                p.copy_(value)
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None and saved.get("scheduler") is not None:
+            sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        best_acc, best_epoch, best_state = saved["best_acc"], saved["best_epoch"], saved["best_state"]
+        history = saved["history"]
+        start = saved["epoch"] + 1
+        ui.log(f"  {label}: resuming after epoch {saved['epoch']}")
+    seen, seconds = 0, 0.0
+    for epoch in range(start, settings.epochs + 1):
+        loader = _train_loader(data, bs, seed, epoch, d)
+        train_model.train()
         total, count = 0.0, 0
+        t0 = time.perf_counter()
         with ui.progress(f"{label} epoch {epoch}/{settings.epochs}", len(loader)) as bar:
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model, x, y)
+                loss = loss_fn(train_model, x, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower the lr")
                 loss.backward()
@@ -100,8 +199,11 @@ def fit(
                 total += loss.item() * len(y)
                 count += len(y)
                 bar.advance(1, info=f"loss {total / max(count, 1):.4f}")
+        seconds += time.perf_counter() - t0
+        seen += count
         if sched is not None:
             sched.step()
+        total, count = d.all_sum(total), int(d.all_sum(count))
         acc, val_loss = evaluate(model, val_loader, device)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_accuracy": acc})
         ui.log(f"  {label} epoch {epoch:>3}/{settings.epochs}  loss {total / max(count, 1):.4f}  "
@@ -110,7 +212,16 @@ def fit(
             best_acc, best_epoch = acc, epoch
             if settings.keep_best:
                 best_state = copy.deepcopy(model.state_dict())
+        if checkpoint_dir is not None and d.is_main:
+            _save_checkpoint(checkpoint_dir, {
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "extra": [p.detach() for p in extra], "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None, "rng": torch.get_rng_state(),
+                "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "history": history,
+            })
     if settings.keep_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return FitResult(best_epoch=best_epoch, epochs_run=settings.epochs, best_accuracy=best_acc, history=history)
+    throughput = d.all_sum(seen) / seconds if seconds > 0 else None  # samples/s over all ranks
+    return FitResult(best_epoch=best_epoch, epochs_run=settings.epochs, best_accuracy=best_acc, history=history,
+                     resumed_from_epoch=start - 1, samples_per_second=throughput)

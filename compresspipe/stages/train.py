@@ -31,6 +31,8 @@ class TrainStage(Stage[TrainConfig]):
         return StageResult(
             state=state,
             kind="weights",
-            notes=[f"best epoch {result.best_epoch} of {result.epochs_run}"],
-            details={"history": result.history, "best_epoch": result.best_epoch},
+            notes=[f"best epoch {result.best_epoch} of {result.epochs_run}"]
+            + ([f"resumed after epoch {result.resumed_from_epoch}"] if result.resumed_from_epoch else []),
+            details={"history": result.history, "best_epoch": result.best_epoch,
+                     "samples_per_second": result.samples_per_second},
         )

@@ -184,3 +184,32 @@ def test_interrupt_signal_exits_130_and_keeps_stages(tmp_path):
     assert "Traceback" not in err and "--resume" in err
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert (out / "01-train" / "manifest.json").exists()
+
+
+def test_resume_inside_a_stage_continues_from_the_last_finished_epoch(tmp_path, monkeypatch):
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 4, "lr": 3e-3, "optimizer": "sgd"}])
+    full = _run(tmp_path, recipe=recipe, out="full")
+    from compresspipe.engine import training
+
+    real_evaluate = training.evaluate
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, recipe=recipe, out="cut")
+    checkpoint = tmp_path / "cut" / ".01-train.partial" / ".checkpoints" / "fit-01"
+    assert (checkpoint / "state.safetensors").exists()
+    monkeypatch.undo()
+    resumed = _run(tmp_path, recipe=recipe, out="cut", resume=True)
+    train = resumed.report["stages"][1]
+    assert "resumed after epoch 2" in train["notes"]
+    assert [h["epoch"] for h in train["details"]["history"]] == [1, 2, 3, 4]
+    assert _stable(resumed.report) == _stable(full.report)
+    assert _weights_hashes(resumed.folder) == _weights_hashes(full.folder)
+    assert not (tmp_path / "cut" / "01-train" / ".checkpoints").exists()
