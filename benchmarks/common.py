@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ def run_recipe_dict(recipe: dict[str, Any], folder: Path | None = None) -> dict[
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     parsed = load_recipe(path)
-    return run_recipe(parsed, path, RunOptions(out=tmp / "run", force=True), UI(quiet=True)).report
+    silent = UI(quiet=True, stream=io.StringIO())
+    return run_recipe(parsed, path, RunOptions(out=tmp / "run", force=True), silent).report
 
 
 def stage(report: dict[str, Any], name: str) -> dict[str, Any]:
