@@ -268,11 +268,13 @@ class Executor:
     def _persist(self, index: int, config_type: str, result: StageResult, data: DataSplits, device: torch.device,
                  partial: Path, seconds: float) -> dict[str, Any]:
         files = save_model(result.state, partial)
+        with self.ui.progress(f"evaluating {self._stage_dirname(index)}", None):
+            measured = self.measure(result.state, files, data, device)
         metrics = {
             "format": METRICS_FORMAT, "version": 1, "index": index,
             "name": "baseline" if index == 0 else self.recipe.stages[index - 1].name,
             "type": config_type, "kind": result.kind, "folder": self._stage_dirname(index),
-            **self.measure(result.state, files, data, device),
+            **measured,
             "seconds": round(seconds, 3), "notes": result.notes, "details": result.details,
         }
         atomic_write_json(partial / "metrics.json", metrics)
