@@ -70,6 +70,8 @@ def _root(
 
 
 from compresspipe.cli import (  # noqa: E402,F401
+    compare_cmd,
+    diff_cmd,
     init_cmd,
     plan_cmd,
     run_cmd,

@@ -39,6 +39,7 @@ from compresspipe.engine.fsutil import (
     sha256_json,
 )
 from compresspipe.engine.gates import describe_failures, evaluate_gates, write_junit
+from compresspipe.engine.html import render_html
 from compresspipe.engine.report import build_report, render_markdown, render_table
 from compresspipe.engine.ui import UI
 from compresspipe.errors import CompressPipeError, GateFailed, InputError, RunFolderError, StageError
@@ -402,6 +403,7 @@ class Executor:
         report["gates_passed"] = all(g["passed"] for g in gates)
         atomic_write_json(self.folder / "report.json", report)
         atomic_write_text(self.folder / "report.md", render_markdown(report))
+        atomic_write_text(self.folder / "report.html", render_html(report))
         if self.options.junit is not None:
             write_junit(self.options.junit, self.recipe.name, gates)
         self._write_state("complete", lock, completed=len(self.rows))

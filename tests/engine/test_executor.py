@@ -36,7 +36,8 @@ def test_run_folder_layout_and_report(tmp_path):
     result = _run(tmp_path)
     folder = result.folder
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["00-baseline", "01-train", "recipe.lock.yaml", "report.json", "report.md", "run.json"]
+    assert names == ["00-baseline", "01-train", "recipe.lock.yaml", "report.html", "report.json", "report.md",
+                     "run.json"]
     for stage in ("00-baseline", "01-train"):
         files = sorted(p.name for p in (folder / stage).iterdir())
         assert files == ["manifest.json", "metrics.json", "model.json", "model.safetensors"]
