@@ -1,0 +1,454 @@
+"""`prune`: remove weights (magnitude: mask-only) or whole channels (structured/random: layers really shrink).
+
+Structured pruning follows the dependencies between layers (residual additions, concatenations, batch norm,
+grouped and depthwise convolutions) with Torch-Pruning's dependency graph, then records a `resize` edit so
+the smaller model reloads from its artifact. Magnitude pruning folds its masks into the weights: no hooks
+are left, and the report marks the stage mask-only because shapes, bytes and latency do not change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, PositiveInt
+
+from compresspipe.stages.base import Stage, StageConfig, StageKind, StagePlan, StageResult
+from compresspipe.stages.common import SELECTOR_HELP, FinetuneSettings, Selector
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.engine.context import StageContext
+    from compresspipe.recipe.spec import Recipe
+
+Amount = Annotated[float, Field(ge=0, lt=1)]
+
+MASK_ONLY_NOTE = ("mask-only: parameters and bytes unchanged, no latency gain expected; "
+                  "use method: structured for a smaller/faster model")
+
+
+class PruneFinetune(FinetuneSettings):
+    """Recovery training after each pruning step, optionally distilling from an earlier model."""
+
+    distill: str | None = Field(
+        None, description="teacher for knowledge distillation while fine-tuning: baseline or an earlier stage's name"
+    )
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation loss")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss; 1 - alpha goes to the labels")
+
+
+class PruneConfig(StageConfig):
+    """Pruning: magnitude (zeroes weights, mask-only) or structured/random (removes channels, model shrinks)."""
+
+    type: Literal["prune"]
+    method: Literal["structured", "magnitude", "random"] = Field(
+        "structured",
+        description="structured: remove the least important channels (smaller, faster model); random: the same "
+                    "with random importance (an ablation baseline); magnitude: zero the smallest weights (mask-only)",
+    )
+    amount: Amount = Field(description="fraction to remove: of channels (structured/random) or weights (magnitude)")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="layer: remove `amount` of every layer; global: rank all selected layers together"
+    )
+    importance: Literal["l1", "l2", "taylor"] = Field(
+        "l2", description="what ranks channels/weights: l1/l2 norm of the weights, or taylor (|weight x gradient| "
+                          "on calibration batches); method random ignores it"
+    )
+    include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
+    exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
+    protect_head: bool = Field(
+        True, description="keep the classifier head (the last Linear) out of the selection; structured pruning "
+                          "never removes its outputs (they are the classes)"
+    )
+    per_layer: dict[str, Amount] = Field(
+        default_factory=dict, description="amount overrides by module-name glob, e.g. {'c1': 0.3}; first match wins"
+    )
+    steps: PositiveInt = Field(1, description="prune gradually in this many steps, fine-tuning after each")
+    schedule: Literal["geometric", "linear"] = Field(
+        "geometric", description="amount reached after step i of n: geometric 1-(1-amount)^(i/n), linear amount*i/n"
+    )
+    calibration_batches: PositiveInt = Field(4, description="calibration batches for taylor importance")
+    round_to: PositiveInt | None = Field(None, description="structured: keep channel counts a multiple of this")
+    finetune: PruneFinetune | None = Field(None, description="recovery training after each step (none: no training)")
+
+    implementation: ClassVar[str] = "compresspipe.stages.prune:PruneStage"
+    example: ClassVar[dict[str, Any]] = {"type": "prune", "method": "structured", "amount": 0.5,
+                                         "finetune": {"epochs": 1}}
+
+    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
+        from compresspipe.registry import unknown_message
+
+        teacher = self.finetune.distill if self.finetune is not None else None
+        earlier = recipe.stage_names()[:index]
+        if teacher is not None and teacher != "baseline" and teacher not in earlier:
+            return [(("finetune", "distill"), unknown_message("teacher", teacher, ["baseline", *earlier])
+                     + " (the teacher must be the baseline or a stage that runs before this one)")]
+        return []
+
+
+def step_amounts(amount: float, steps: int, schedule: str) -> list[float]:
+    """Amount reached after each step, index 0 = before any (Torch-Pruning's scheduler contract)."""
+    if schedule == "linear":
+        return [amount * i / steps for i in range(steps + 1)]
+    return [1 - (1 - amount) ** (i / steps) for i in range(steps + 1)]
+
+
+# -- implementation (torch from here on, imported inside functions) -------------------------------
+
+
+@dataclass
+class _Selection:
+    """The layers a config resolves to on one model, with the amount requested for each."""
+
+    amounts: dict[str, float]
+    head: str | None
+    overridden: set[str] = field(default_factory=set)
+
+
+def _candidates() -> tuple[type, ...]:
+    from torch import nn
+
+    return (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def resolve_selection(cfg: PruneConfig, model: nn.Module, stage: str) -> _Selection:
+    """Apply include/exclude/head protection and per-layer overrides; errors name the selector at fault."""
+    from compresspipe.errors import StageConfigError
+    from compresspipe.stages.select import classifier_head, matches, select_layers
+
+    head = classifier_head(model)
+    structural = cfg.method != "magnitude"
+    if head is not None and (cfg.protect_head or structural):
+        named_head = [p for p in cfg.include if p == head]
+        if named_head and structural:
+            raise StageConfigError(stage, f"cannot prune the outputs of the classifier head {head!r}: they are the "
+                                          "classes; structured pruning shrinks its inputs when the layer before shrinks")
+        if named_head:
+            raise StageConfigError(stage, f"include names the classifier head {head!r}, which is protected; "
+                                          "set protect_head: false to prune its weights")
+    exclude = list(cfg.exclude)
+    if head is not None and (cfg.protect_head or structural):
+        exclude.append(head)
+    chosen = select_layers(model, cfg.include, exclude, _candidates(), stage)
+    amounts: dict[str, float] = {}
+    overridden: set[str] = set()
+    for pattern in cfg.per_layer:
+        if not any(matches(n, m, pattern) for n, m in chosen.items()):
+            raise StageConfigError(stage, f"per_layer selector {pattern!r} matches no selected layer; selected: "
+                                          + ", ".join(list(chosen)[:12]) + (" ..." if len(chosen) > 12 else ""))
+    for name, module in chosen.items():
+        amounts[name] = cfg.amount
+        for pattern, value in cfg.per_layer.items():
+            if matches(name, module, pattern):
+                amounts[name] = value
+                overridden.add(name)
+                break
+    return _Selection(amounts, head, overridden)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(d) for d in t.shape)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, _candidates())}  # type: ignore[attr-defined]
+
+
+def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> None:
+    """Accumulate loss gradients over a few calibration batches (taylor importance reads .grad)."""
+    import torch.nn.functional as F
+
+    from compresspipe.metrics._modes import model_device
+
+    device = model_device(model)
+    model.eval()  # batch-norm statistics stay as they are
+    model.zero_grad(set_to_none=True)
+    loader = ctx.data.loader("calibration", batch_size=ctx.recipe.data.eval_batch_size)
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+
+
+def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
+    """Hinton's distillation loss: T^2-scaled KL to the teacher's soft targets plus cross-entropy on labels."""
+    import torch
+    import torch.nn.functional as F
+
+    t, alpha, smoothing = settings.temperature, settings.alpha, settings.label_smoothing
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        with torch.no_grad():
+            soft = F.softmax(teacher(x) / t, dim=-1)
+        kd = F.kl_div(F.log_softmax(out / t, dim=-1), soft, reduction="batchmean") * t * t
+        return alpha * kd + (1 - alpha) * F.cross_entropy(out, y, label_smoothing=smoothing)
+
+    return loss
+
+
+def _feeds_output(group: Any) -> bool:
+    import torch_pruning as tp
+
+    return any(isinstance(dep.target.module, tp.ops._OutputOp) for dep, _ in group)
+
+
+class PruneStage(Stage[PruneConfig]):
+    requires = frozenset({"train_data", "calibration_data"})
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def _finetune(self, model: nn.Module, ctx: StageContext, step: int) -> dict[str, Any] | None:
+        ft = self.config.finetune
+        if ft is None or ft.epochs == 0:
+            return None
+        loss_fn = None
+        if ft.distill is not None:
+            teacher = ctx.load_stage(ft.distill).module.to(ctx.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            loss_fn = _kd_loss(teacher, ft)
+        label = f"{ctx.name} step {step}/{self.config.steps}" if self.config.steps > 1 else ctx.name
+        result = ctx.fit(model, ft, loss_fn=loss_fn, label=label)
+        return {"step": step, "best_epoch": result.best_epoch, "best_accuracy": result.best_accuracy,
+                "history": result.history}
+
+    def _write_resolved(self, ctx: StageContext, sel: _Selection, schedule: list[float],
+                        rows: list[dict[str, Any]]) -> None:
+        from compresspipe.engine.fsutil import atomic_write_json
+
+        cfg = self.config
+        atomic_write_json(ctx.stage_dir / "pruning.json", {
+            "format": "compresspipe.pruning", "version": 1, "method": cfg.method, "scope": cfg.scope,
+            "importance": "random" if cfg.method == "random" else cfg.importance, "steps": cfg.steps,
+            "schedule": schedule, "protected_head": sel.head if (cfg.protect_head or cfg.method != "magnitude") else None,
+            "layers": {n: {"amount": a, "override": n in sel.overridden} for n, a in sel.amounts.items()},
+            "result": rows,
+        })
+
+    def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
+        cfg = self.config
+        sel = resolve_selection(cfg, state.module, ctx.name)
+        if cfg.method == "magnitude":
+            return StagePlan(layers=dict(sel.amounts), notes=[MASK_ONLY_NOTE])
+        new = state.clone()
+        self._structured(new, ctx, sel, finetune=False)
+        notes = [f"shapes after {cfg.steps} pruning step(s); fine-tuning is skipped in the plan"]
+        return StagePlan(state=new, layers=dict(sel.amounts), notes=notes)
+
+    def run(self, state: ModelState, ctx: StageContext) -> StageResult:
+        cfg = self.config
+        sel = resolve_selection(cfg, state.module, ctx.name)
+        schedule = step_amounts(cfg.amount, cfg.steps, cfg.schedule)
+        if cfg.method == "magnitude":
+            rows, history = self._magnitude(state, ctx, sel)
+            kind: StageKind = "mask-only"
+            zeroed = sum(int((_weights(state.module)[n] == 0).sum()) for n in sel.amounts)
+            total = sum(_weights(state.module)[n].numel() for n in sel.amounts)
+            notes = [MASK_ONLY_NOTE, f"{100 * zeroed / max(total, 1):.1f}% of the selected layers' weights are zero"]
+        else:
+            params_before = sum(p.numel() for p in state.module.parameters())
+            rows, history = self._structured(state, ctx, sel, finetune=True)
+            params_after = sum(p.numel() for p in state.module.parameters())
+            kind = "structural"
+            notes = [f"structural: {len(sel.amounts)} layer(s) selected; parameters {params_before} -> {params_after}"
+                     f" ({params_before / max(params_after, 1):.2f}x fewer)"]
+        if cfg.steps > 1 and (cfg.finetune is None or cfg.finetune.epochs == 0):
+            notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
+        self._write_resolved(ctx, sel, schedule, rows)
+        return StageResult(state=state, kind=kind, notes=notes, details={
+            "method": cfg.method, "schedule": schedule, "finetune": history, "tables": {"per layer": rows},
+        })
+
+    # -- magnitude: unstructured, masks folded into the weights ------------------------------------
+
+    def _scores(self, model: nn.Module, ctx: StageContext, names: list[str]) -> dict[str, torch.Tensor]:
+        weights = _weights(model)
+        if self.config.importance == "taylor":
+            _calibration_grads(model, ctx, self.config.calibration_batches)
+            scores = {}
+            for n in names:
+                w = weights[n]
+                g = w.grad if w.grad is not None else w.new_zeros(w.shape)
+                scores[n] = (w * g).abs().detach().flatten()
+                scores[n][w.detach().flatten() == 0] = -1.0  # zeroed weights stay pruned
+            model.zero_grad(set_to_none=True)
+            return scores
+        return {n: weights[n].detach().abs().flatten() for n in names}
+
+    def _masks(self, scores: dict[str, torch.Tensor], targets: dict[str, float], pooled: list[str],
+               pooled_amount: float) -> dict[str, torch.Tensor]:
+        """Keep-masks: the smallest scores go, per layer, or across `pooled` layers ranked together."""
+        import torch
+
+        masks: dict[str, torch.Tensor] = {}
+
+        def drop(flat: torch.Tensor, k: int) -> torch.Tensor:
+            keep = torch.ones_like(flat, dtype=torch.bool)
+            if k > 0:
+                keep[torch.argsort(flat, stable=True)[:k]] = False
+            return keep
+
+        for n, s in scores.items():
+            if n not in pooled:
+                masks[n] = drop(s, round(targets[n] * s.numel()))
+        if pooled:
+            flat = torch.cat([scores[n] for n in pooled])
+            keep = drop(flat, round(pooled_amount * flat.numel()))
+            offset = 0
+            for n in pooled:
+                masks[n] = keep[offset:offset + scores[n].numel()]
+                offset += scores[n].numel()
+        return masks
+
+    def _magnitude(self, state: ModelState, ctx: StageContext, sel: _Selection) -> tuple[list[dict], list[dict]]:
+        import torch
+        from torch.nn.utils import prune as tprune
+
+        cfg, model = self.config, state.module
+        names = list(sel.amounts)
+        modules = dict(model.named_modules())
+        history: list[dict[str, Any]] = []
+        pooled = [n for n in names if n not in sel.overridden] if cfg.scope == "global" else []
+        for step in range(1, cfg.steps + 1):
+            targets = {n: step_amounts(a, cfg.steps, cfg.schedule)[step] for n, a in sel.amounts.items()}
+            pooled_amount = step_amounts(cfg.amount, cfg.steps, cfg.schedule)[step]
+            masks = self._masks(self._scores(model, ctx, names), targets, pooled, pooled_amount)
+            with torch.no_grad():
+                for n in names:
+                    w = modules[n].weight
+                    w.mul_(masks[n].view(w.shape).to(w.dtype))
+            if cfg.finetune is not None and cfg.finetune.epochs > 0:
+                # Masks as reparametrisation while training, so pruned weights stay zero; folded right after.
+                for n in names:
+                    w = modules[n].weight
+                    tprune.custom_from_mask(modules[n], "weight", masks[n].view(w.shape).to(w.dtype))
+                record = self._finetune(model, ctx, step)
+                for n in names:
+                    tprune.remove(modules[n], "weight")
+                if record is not None:
+                    history.append(record)
+        rows = []
+        for n in names:
+            w = modules[n].weight
+            rows.append({"layer": n, "shape": _shape(w), "requested": sel.amounts[n],
+                         "removed": round(float((w == 0).sum()) / max(w.numel(), 1), 4)})
+        return rows, history
+
+    # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
+
+    def _importance(self) -> Any:
+        import torch_pruning as tp
+
+        if self.config.method == "random":
+            return tp.importance.RandomImportance()
+        if self.config.importance == "taylor":
+            return tp.importance.GroupTaylorImportance()
+        return tp.importance.GroupMagnitudeImportance(p=1 if self.config.importance == "l1" else 2)
+
+    def _pruner(self, model: nn.Module, example: torch.Tensor, sel: _Selection, stage: str) -> Any:
+        import torch_pruning as tp
+
+        from compresspipe.errors import StageConfigError
+
+        cfg = self.config
+        names = {m: n for n, m in model.named_modules()}
+        ignored = [m for n, m in model.named_modules() if isinstance(m, _candidates()) and n not in sel.amounts]
+        ratio_dict = {model.get_submodule(n): a for n, a in sel.amounts.items() if n in sel.overridden}
+        try:
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=self._importance(), global_pruning=cfg.scope == "global",
+                pruning_ratio=cfg.amount, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
+                iterative_steps=cfg.steps, round_to=cfg.round_to,
+                iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
+            )
+        except Exception as exc:  # the tracer meets an op it cannot follow (e.g. a channel shuffle)
+            raise StageConfigError(stage, f"Torch-Pruning cannot build the dependency graph of this model "
+                                          f"({type(exc).__name__}: {exc}); structured pruning is not available for "
+                                          "it, use method: magnitude") from None
+        prunable: set[str] = set()
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                              root_module_types=pruner.root_module_types):
+            if _feeds_output(group):
+                continue  # Torch-Pruning keeps these channels: they are the model's output
+            for dep, _ in group:
+                if pruner.DG.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names:
+                    prunable.add(names[dep.target.module])
+        stuck = [n for n, a in sel.amounts.items() if a > 0 and n not in prunable]
+        if stuck:
+            raise StageConfigError(stage, "; ".join(self._why_stuck(pruner, model, n, sel) for n in stuck[:5])
+                                   + ". Exclude these layers, or select the layers they are tied to as well")
+        return pruner
+
+    @staticmethod
+    def _why_stuck(pruner: Any, model: nn.Module, name: str, sel: _Selection) -> str:
+        module = model.get_submodule(name)
+        if module not in pruner.DG.module2node:
+            return f"cannot prune {name!r} structurally: it is not used in the forward pass"
+        fn = pruner.DG.get_pruner_of_module(module)
+        channels = fn.get_out_channels(module) if fn is not None else None
+        if fn is None or channels is None:
+            return f"cannot prune {name!r} structurally: Torch-Pruning has no rule for {type(module).__name__}"
+        group = pruner.DG.get_pruning_group(module, fn.prune_out_channels, list(range(channels)))
+        if _feeds_output(group):
+            return f"cannot prune {name!r} structurally: its output channels are the model's output"
+        names = {m: n for n, m in model.named_modules()}
+        tied = sorted({names[d.target.module] for d, _ in group if d.target.module in names
+                       and pruner.DG.is_out_channel_pruning_fn(d.handler) and names[d.target.module] != name
+                       and names[d.target.module] not in sel.amounts and isinstance(d.target.module, _candidates())})
+        what = (f"layer(s) outside the selection (excluded, protected or not included): {', '.join(tied)}" if tied
+                else "layers outside the selection")
+        return f"cannot prune {name!r} structurally: its output channels are tied to {what}"
+
+    def _structured(self, state: ModelState, ctx: StageContext, sel: _Selection,
+                    finetune: bool) -> tuple[list[dict], list[dict]]:
+        import torch
+
+        from compresspipe.engine.edits import resize_edit, shape_snapshot
+        from compresspipe.errors import StageConfigError
+        from compresspipe.metrics._modes import model_device
+
+        cfg, model = self.config, state.module
+        model.eval()
+        before = shape_snapshot(model)
+        weights_before = {n: tuple(w.shape) for n, w in _weights(model).items()}
+        example = torch.zeros((1, *state.input_shape), device=model_device(model))
+        with torch.no_grad():
+            out_shape = tuple(model(example).shape)
+        pruner = self._pruner(model, example, sel, ctx.name)
+        history: list[dict[str, Any]] = []
+        for step in range(1, cfg.steps + 1):
+            if cfg.method != "random" and cfg.importance == "taylor":
+                _calibration_grads(model, ctx, cfg.calibration_batches)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.seed + step)
+                pruner.step()
+            model.zero_grad(set_to_none=True)
+            model.eval()
+            with torch.no_grad():
+                new_shape = tuple(model(example.to(model_device(model))).shape)
+            if new_shape != out_shape:
+                raise StageConfigError(ctx.name, f"pruning changed the model's output from {list(out_shape)} to "
+                                                 f"{list(new_shape)}: a selected layer feeds the output directly; "
+                                                 "exclude it")
+            if finetune:
+                record = self._finetune(model, ctx, step)
+                if record is not None:
+                    history.append(record)
+        state.record(resize_edit(before, model))
+        rows = []
+        for n, w in _weights(model).items():
+            old = weights_before.get(n)
+            if old is None or (n not in sel.amounts and tuple(w.shape) == old):
+                continue
+            rows.append({
+                "layer": n, "shape before": "x".join(map(str, old)), "shape after": _shape(w),
+                "requested": sel.amounts.get(n),
+                "channels removed": round(1 - w.shape[0] / old[0], 4),
+                "weights removed": round(1 - w.numel() / max(math.prod(old), 1), 4),
+            })
+        return rows, history
