@@ -5,6 +5,7 @@ import pytest
 
 from compresspipe.errors import RegistryError
 from compresspipe.registry import Registry, unknown_message
+from tests.fixtures import install_plugin
 
 PLUGIN = '''
 from typing import ClassVar, Literal
@@ -32,11 +33,7 @@ class ScaleStage(Stage[ScaleConfig]):
 
 
 def _install_plugin(tmp_path, entry="cp_test_plugin:ScaleConfig", name="scale"):
-    (tmp_path / "cp_test_plugin.py").write_text(PLUGIN)
-    dist = tmp_path / "cp_test_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cp-test-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[compresspipe.stages]\n{name} = {entry}\n")
+    install_plugin(tmp_path, "cp_test_plugin", PLUGIN, f"[compresspipe.stages]\n{name} = {entry}\n")
 
 
 def _cli(tmp_path, *args):
