@@ -9,3 +9,4 @@ from compresspipe.registry import Registry
 STAGES: Registry = Registry("stage", "compresspipe.stages")
 STAGES.register("train", "compresspipe.stages.train:TrainConfig")
 STAGES.register("prune", "compresspipe.stages.prune:PruneConfig")
+STAGES.register("distill", "compresspipe.stages.distill:DistillConfig")

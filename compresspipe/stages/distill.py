@@ -1,0 +1,447 @@
+"""`distill`: knowledge distillation from a frozen teacher into the current model or a new, smaller one.
+
+Loss per batch: ``alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE(s, y)``, plus optional
+feature losses (MSE between intermediate outputs, through small learned adapters where widths differ).
+
+How the teacher's outputs are cached: the stage trains on a copy of the data splits whose training
+split yields ``(x, [index, label])`` instead of ``(x, label)``. The loss looks the teacher's logits up
+by sample index (computed once, in order, before training), and also uses the index to decide whether
+a sample's label is one of the ``labels_fraction`` kept. Caching applies when the training split is a
+fixed in-memory tensor set (every builtin dataset); other datasets may augment, so the teacher then
+runs on every batch. Feature losses need the teacher's intermediate outputs, so they run it too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+from compresspipe.recipe.spec import NAME_PATTERN, ModelSpec, StrictModel
+from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
+from compresspipe.stages.common import TrainSettings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.engine.context import StageContext
+    from compresspipe.recipe.spec import Recipe
+
+
+def _name_or_spec(value: Any) -> str:
+    return "spec" if isinstance(value, dict | ModelSpec) else "name"
+
+
+class FeatureLoss(StrictModel):
+    """One intermediate-layer loss: MSE between a student module's output and a teacher module's output."""
+
+    student: str = Field(description="module name in the student, e.g. c2")
+    teacher: str = Field(description="module name in the teacher, e.g. c2")
+    weight: float = Field(1.0, gt=0, description="weight of this MSE term in the total loss")
+
+
+TeacherRef = Annotated[
+    Annotated[str, Field(pattern=NAME_PATTERN), Tag("name")] | Annotated[ModelSpec, Tag("spec")],
+    Discriminator(_name_or_spec),
+]
+StudentRef = Annotated[
+    Annotated[Literal["current"], Tag("name")] | Annotated[ModelSpec, Tag("spec")],
+    Discriminator(_name_or_spec),
+]
+
+
+class DistillConfig(StageConfig, TrainSettings):
+    """Knowledge distillation: a frozen teacher's softened outputs (and optional features) train the student."""
+
+    type: Literal["distill"]
+    teacher: TeacherRef = Field(
+        "baseline",
+        description="baseline (the uncompressed reference), the name of an earlier stage, or a model spec "
+        "with a checkpoint",
+    )
+    student: StudentRef = Field(
+        "current",
+        description="current (the model as the previous stage left it) or a model spec trained from scratch",
+    )
+    temperature: float = Field(4.0, gt=0, description="softens both distributions; the soft loss is scaled by T^2")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (teacher) loss; 1 - alpha for the labels")
+    labels_fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="share of training labels used by the hard loss (a seeded subset); the rest learn "
+        "from the teacher only",
+    )
+    features: list[FeatureLoss] = Field(
+        default_factory=list, description="intermediate-layer losses; adapters are added where widths differ"
+    )
+    cache_teacher: bool = Field(
+        True, description="compute the teacher's logits once per training sample (fixed tensor datasets only)"
+    )
+
+    implementation: ClassVar[str] = "compresspipe.stages.distill:DistillStage"
+    example: ClassVar[dict[str, Any]] = {"type": "distill", "epochs": 1, "temperature": 2.0, "alpha": 0.5}
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plain_locations(cls, data: Any, handler: Any) -> Any:
+        """Drop the union tags (name/spec) pydantic puts in error paths: `teacher.builtin`, not `teacher.spec.builtin`."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = []
+            for err in exc.errors(include_url=False):
+                loc = tuple(err["loc"])
+                if len(loc) >= 2 and loc[0] in ("teacher", "student") and loc[1] in ("name", "spec"):
+                    loc = (loc[0], *loc[2:])
+                errors.append({"type": err["type"], "loc": loc, "input": err.get("input"), "ctx": err.get("ctx", {})})
+            raise ValidationError.from_exception_data(exc.title, errors) from None  # type: ignore[arg-type]
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_has_weights(cls, value: str | ModelSpec) -> str | ModelSpec:
+        if isinstance(value, ModelSpec) and value.checkpoint is None:
+            raise ValueError(
+                "a teacher given as a model spec needs checkpoint: <file> (an untrained teacher teaches nothing); "
+                "or name baseline or an earlier stage"
+            )
+        return value
+
+    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
+        if not isinstance(self.teacher, str) or self.teacher == "baseline":
+            return []
+        names = recipe.stage_names()
+        if self.teacher in names[:index]:
+            return []
+        if self.teacher == self.name:
+            return [(("teacher",), f"{self.teacher!r} is this stage itself; a teacher must be baseline or an "
+                                   "earlier stage")]
+        if self.teacher in names:
+            later = names.index(self.teacher)
+            return [(("teacher",), f"stage {self.teacher!r} (stages[{later}]) runs after this one; a teacher "
+                                   "must be baseline or an earlier stage")]
+        from compresspipe.registry import unknown_message
+
+        return [(("teacher",), unknown_message("teacher stage", self.teacher, ["baseline", *names[:index]]))]
+
+    def teacher_label(self) -> str:
+        return self.teacher if isinstance(self.teacher, str) else self.teacher.label
+
+    def student_label(self) -> str:
+        if isinstance(self.student, str):
+            return "current"
+        kwargs = ", ".join(f"{k}={v}" for k, v in self.student.kwargs.items())
+        return self.student.label + (f"({kwargs})" if kwargs else "")
+
+
+# --- the loss (importable by other stages, e.g. fine-tuning after prune) ------------------------------
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    label_mask: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE(student, targets)``.
+
+    The T^2 factor keeps the soft loss's gradients on the scale of the hard loss (Hinton et al.).
+    The KL term averages over the whole batch; the cross-entropy averages over the samples whose
+    `label_mask` is True (all when None), and is 0 for a batch with no labelled sample.
+    """
+    import torch.nn.functional as F
+
+    s = student_logits.float()
+    loss = s.sum() * 0.0  # connected to the graph, so a batch with nothing to learn still backpropagates
+    if alpha > 0:
+        log_s = F.log_softmax(s / temperature, dim=1)
+        log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+        loss = loss + alpha * temperature**2 * F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+    if alpha < 1 and targets is not None:
+        if label_mask is not None:
+            s, targets = s[label_mask], targets[label_mask]
+        if targets.numel() > 0:
+            loss = loss + (1 - alpha) * F.cross_entropy(s, targets, label_smoothing=label_smoothing)
+    return loss
+
+
+def labelled_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """The training-split indices whose labels a `labels_fraction` run keeps: a seeded subset, sorted.
+
+    It depends on the recipe's seed only, so every distill stage of a recipe sees the same labels.
+    """
+    import torch
+
+    k = min(n, max(1, round(fraction * n)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+# --- implementation ----------------------------------------------------------------------------------
+
+
+class _Capture:
+    """Forward hooks that keep the latest output of named modules."""
+
+    def __init__(self, model: nn.Module, names: list[str], stage: str, who: str):
+        from compresspipe.registry import unknown_message
+
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in dict.fromkeys(names):
+            if name not in modules or not name:
+                from compresspipe.errors import StageConfigError
+
+                known = [n for n in modules if n]
+                raise StageConfigError(stage, f"features: {unknown_message(f'{who} module', name, known)}")
+            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.outputs[name] = output
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _make_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], stage: str,
+                  pair: FeatureLoss) -> nn.Module | None:
+    """None when the shapes match; a 1x1 conv (4-D) or linear (2-D) when only the width differs."""
+    from torch import nn
+
+    from compresspipe.errors import StageConfigError
+
+    if student_shape == teacher_shape:
+        return None
+    if len(student_shape) != len(teacher_shape) or student_shape[2:] != teacher_shape[2:] \
+            or len(student_shape) not in (2, 4):
+        raise StageConfigError(
+            stage, f"features: student {pair.student!r} gives {list(student_shape[1:])} per sample and teacher "
+                   f"{pair.teacher!r} gives {list(teacher_shape[1:])}; adapters only bridge a different width "
+                   "(channels of a conv output, features of a linear output)")
+    if len(student_shape) == 4:
+        return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1, bias=False)
+    return nn.Linear(student_shape[1], teacher_shape[1], bias=False)
+
+
+def _indexed_train(data: Any) -> tuple[Any, torch.Tensor]:
+    """The training split yielding (x, [index, label]), and every label in order."""
+    import torch
+    from torch.utils.data import Dataset, TensorDataset
+
+    train = data.train
+    if isinstance(train, TensorDataset) and len(train.tensors) == 2:
+        inputs, labels = train.tensors
+        index = torch.arange(len(labels), dtype=torch.int64)
+        return TensorDataset(inputs, torch.stack([index, labels.to(torch.int64)], dim=1)), labels.to(torch.int64)
+
+    class Indexed(Dataset):
+        def __len__(self) -> int:
+            return len(train)
+
+        def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
+            x, y = train[i]
+            return x, torch.tensor([i, int(y)], dtype=torch.int64)
+
+    labels = torch.tensor([int(train[i][1]) for i in range(len(train))], dtype=torch.int64)
+    return Indexed(), labels
+
+
+class DistillStage(Stage[DistillConfig]):
+    requires = frozenset({"train_data", "teacher"})
+
+    def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
+        cfg = self.config
+        notes = [f"{cfg.epochs} epoch(s) from teacher {cfg.teacher_label()}, T={cfg.temperature}, alpha={cfg.alpha}"]
+        if isinstance(cfg.student, str):
+            return StagePlan(notes=[*notes, "weights change, structure does not"])
+        return StagePlan(state=self._new_student(cfg.student, state, ctx),
+                         notes=[*notes, f"new student {cfg.student_label()}"])
+
+    @staticmethod
+    def _new_student(spec: ModelSpec, state: ModelState, ctx: StageContext) -> ModelState:
+        import torch
+
+        from compresspipe.engine.artifacts import ModelState
+        from compresspipe.errors import StageConfigError
+        from compresspipe.models.factory import build_from_spec
+
+        if spec.input_shape is not None and tuple(spec.input_shape) != tuple(state.input_shape):
+            raise StageConfigError(ctx.name, f"student.input_shape is {list(spec.input_shape)} but the data gives "
+                                             f"{list(state.input_shape)}")
+        torch.manual_seed(ctx.seed)  # the student's initial weights depend on the seed only
+        module = build_from_spec(spec)
+        source = spec.model_dump(include={"builtin", "torchvision", "kwargs"})
+        return ModelState(module, source, tuple(state.input_shape), state.num_classes)
+
+    def _teacher(self, ctx: StageContext) -> tuple[nn.Module, str]:
+        from compresspipe.models.factory import build_from_spec
+
+        teacher = self.config.teacher
+        if isinstance(teacher, str):
+            label = f"{ctx.reference} (baseline)" if teacher == "baseline" and ctx.reference != "baseline" \
+                else teacher
+            return ctx.load_stage(teacher).module, label
+        return build_from_spec(teacher), teacher.label
+
+    def run(self, state: ModelState, ctx: StageContext) -> StageResult:
+        import dataclasses
+
+        import torch
+        import torch.nn.functional as F
+        from torch.utils.data import TensorDataset
+
+        from compresspipe.errors import StageConfigError
+        from compresspipe.metrics import count_params, evaluate
+
+        cfg, device = self.config, ctx.device
+        student_state = state if isinstance(cfg.student, str) else self._new_student(cfg.student, state, ctx)
+        student = student_state.module
+        if not any(p.requires_grad for p in student.parameters()):
+            raise StageConfigError(ctx.name, "the student has no trainable parameters (e.g. already converted to "
+                                             "integer kernels); distill before such a stage")
+        teacher, teacher_name = self._teacher(ctx)
+        teacher.to(device).eval().requires_grad_(False)
+
+        # Hooks first, so the shape check below also captures feature shapes.
+        s_capture = _Capture(student, [f.student for f in cfg.features], ctx.name, "student")
+        t_capture = _Capture(teacher, [f.teacher for f in cfg.features], ctx.name, "teacher")
+        try:
+            adapters = self._check_shapes(student, teacher, s_capture, t_capture, student_state.input_shape, ctx)
+            val_loader = ctx.data.loader("val", batch_size=ctx.recipe.data.eval_batch_size)
+            teacher_acc, _ = evaluate(teacher, val_loader, device)
+
+            train, labels = _indexed_train(ctx.data)
+            n = len(labels)
+            labelled: torch.Tensor | None = None
+            n_labelled = n
+            if cfg.labels_fraction < 1:
+                kept = labelled_indices(n, cfg.labels_fraction, ctx.recipe.seed)
+                n_labelled = len(kept)
+                labelled = torch.zeros(n, dtype=torch.bool)
+                labelled[kept] = True
+                labelled = labelled.to(device)
+
+            cached: torch.Tensor | None = None
+            cacheable = isinstance(train, TensorDataset)
+            if cfg.cache_teacher and cacheable and not cfg.features:
+                cached = self._teacher_logits(teacher, ctx)
+            counter = {"teacher_batches": 0}
+
+            def loss_fn(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                index, y = t[:, 0], t[:, 1]
+                s_logits = model(x)
+                if cached is not None:
+                    t_logits = cached[index]
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    counter["teacher_batches"] += 1
+                mask = labelled[index] if labelled is not None else None
+                loss = distillation_loss(s_logits, t_logits, y, cfg.temperature, cfg.alpha, mask,
+                                         label_smoothing=cfg.label_smoothing)
+                for pair, adapter in zip(cfg.features, adapters, strict=True):
+                    s_feat = s_capture.outputs[pair.student]
+                    if adapter is not None:
+                        s_feat = adapter(s_feat)
+                    loss = loss + pair.weight * F.mse_loss(s_feat.float(), t_capture.outputs[pair.teacher].float())
+                return loss
+
+            extra = [p for a in adapters if a is not None for p in a.parameters()]
+            fit_ctx = dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train))
+            result = fit_ctx.fit(student, cfg, loss_fn=loss_fn, extra_params=extra)
+        finally:
+            s_capture.remove()
+            t_capture.remove()
+        teacher.to("cpu")
+
+        new_student = not isinstance(cfg.student, str)
+        student_params, teacher_params = count_params(student), count_params(teacher)
+        student_acc = result.best_accuracy if result.best_accuracy is not None else evaluate(student, val_loader, device)[0]
+        feature_rows = [
+            {"student": f.student, "teacher": f.teacher, "weight": f.weight,
+             "adapter": "none" if a is None else type(a).__name__,
+             "adapter_params": 0 if a is None else sum(p.numel() for p in a.parameters())}
+            for f, a in zip(cfg.features, adapters, strict=True)
+        ]
+        notes = [f"teacher {teacher_name} ({teacher_params} params, val acc {teacher_acc:.4f}) -> "
+                 f"{'new student ' + cfg.student_label() if new_student else 'current model'} "
+                 f"({student_params} params)"]
+        if result.epochs_run:
+            notes.append(f"best epoch {result.best_epoch} of {result.epochs_run}")
+        if result.resumed_from_epoch:
+            notes.append(f"resumed after epoch {result.resumed_from_epoch}")
+        if labelled is not None:
+            notes.append(f"hard loss on {n_labelled} of {n} training labels ({cfg.labels_fraction:g})")
+        details: dict[str, Any] = {
+            "teacher": teacher_name, "teacher_params": teacher_params, "teacher_accuracy": teacher_acc,
+            "student": cfg.student_label(), "student_params": student_params,
+            "temperature": cfg.temperature, "alpha": cfg.alpha, "labels_fraction": cfg.labels_fraction,
+            "labelled_samples": n_labelled, "train_samples": n,
+            "teacher_cached": cached is not None, "teacher_batches_run": counter["teacher_batches"],
+            "history": result.history, "best_epoch": result.best_epoch,
+            "samples_per_second": result.samples_per_second,
+            "tables": {"distillation": [
+                {"role": "teacher", "model": teacher_name, "params": teacher_params, "val_accuracy": teacher_acc},
+                {"role": "student", "model": cfg.student_label(), "params": student_params,
+                 "val_accuracy": student_acc},
+            ]},
+        }
+        if feature_rows:
+            details["tables"]["feature losses"] = feature_rows
+        # adapters live only in this function: they are never part of the saved model
+        return StageResult(state=student_state, kind="structural" if new_student else "weights",
+                           notes=notes, details=details)
+
+    def _check_shapes(self, student: nn.Module, teacher: nn.Module, s_capture: _Capture, t_capture: _Capture,
+                      input_shape: tuple[int, ...], ctx: StageContext) -> list[nn.Module | None]:
+        """Output sizes must agree (teacher, student, labels); returns one adapter (or None) per feature pair."""
+        import torch
+
+        from compresspipe.errors import StageConfigError
+        from compresspipe.metrics._modes import eval_mode
+
+        device = ctx.device
+        student.to(device)
+        x = torch.zeros((2, *input_shape), device=device)
+        with torch.no_grad(), eval_mode(student):
+            s_out, t_out = student(x), teacher(x)
+        s_size, t_size = tuple(s_out.shape[1:]), tuple(t_out.shape[1:])
+        if s_size != t_size:
+            raise StageConfigError(ctx.name, f"the student's output size {list(s_size)} differs from the teacher's "
+                                             f"{list(t_size)}; both must give one logit per class")
+        if s_size != (ctx.data.num_classes,):
+            raise StageConfigError(ctx.name, f"the models give {list(s_size)} outputs per sample but the dataset has "
+                                             f"{ctx.data.num_classes} classes")
+        adapters: list[nn.Module | None] = []
+        torch.manual_seed(ctx.seed)
+        for pair in self.config.features:
+            shapes: list[tuple[int, ...]] = []
+            for who, name, capture in (("student", pair.student, s_capture), ("teacher", pair.teacher, t_capture)):
+                feat = capture.outputs.get(name)
+                if not isinstance(feat, torch.Tensor):
+                    raise StageConfigError(ctx.name, f"features: {who} module {name!r} "
+                                                     f"{'did not run' if feat is None else 'does not return a tensor'}"
+                                                     " in a forward pass")
+                shapes.append(tuple(feat.shape))
+            adapter = _make_adapter(shapes[0], shapes[1], ctx.name, pair)
+            adapters.append(adapter.to(device) if adapter is not None else None)
+        return adapters
+
+    @staticmethod
+    def _teacher_logits(teacher: nn.Module, ctx: StageContext) -> torch.Tensor:
+        """The teacher's logits for every training sample, in split order (one pass, no augmentation)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for x, _ in ctx.data.loader("train", batch_size=ctx.recipe.data.eval_batch_size):
+                out.append(teacher(x.to(ctx.device)))
+        return torch.cat(out)

@@ -1,0 +1,186 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from compresspipe.cli import app
+from compresspipe.engine.artifacts import load_model
+from compresspipe.engine.executor import RunOptions, run_recipe
+from compresspipe.engine.ui import UI
+from compresspipe.recipe import load_recipe
+from compresspipe.stages.distill import distillation_loss, labelled_indices
+from tests.fixtures import tiny_recipe, write_recipe
+
+runner = CliRunner()
+RECIPE = Path(__file__).parent.parent.parent / "recipes" / "distill.yaml"
+CNN = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}, "input_shape": [1, 8, 8]}
+TEACHER = {"type": "train", "name": "teach", "epochs": 3, "lr": 3e-3}
+
+
+def _run(tmp_path, stages, out="run", **changes):
+    path = write_recipe(tmp_path, tiny_recipe(stages=stages, **changes), f"{out}.yaml")
+    return run_recipe(load_recipe(path), path, RunOptions(out=tmp_path / out), UI(quiet=True)).report
+
+
+def _cli_run(tmp_path, stages, name="recipe.yaml", **changes):
+    path = write_recipe(tmp_path, tiny_recipe(stages=stages, **changes), name)
+    return runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "r"), "-q"], catch_exceptions=False)
+
+
+# --- the loss --------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_is_the_documented_mix():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    T = 3.0
+    kl = (F.softmax(t / T, 1) * (F.log_softmax(t / T, 1) - F.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    ce = F.cross_entropy(s, y)
+    assert torch.allclose(distillation_loss(s, t, y, T, 0.7), 0.7 * kl + 0.3 * ce, atol=1e-6)
+    assert torch.allclose(distillation_loss(s, t, y, T, 1.0), kl, atol=1e-6)
+    assert torch.allclose(distillation_loss(s, t, y, T, 0.0), ce, atol=1e-6)
+    assert distillation_loss(t, t, y, T, 1.0).abs() < 1e-6  # a student equal to its teacher: no soft loss
+    mask = torch.tensor([True, False, True, False, False, False])
+    assert torch.allclose(distillation_loss(s, t, y, T, 0.0, mask), F.cross_entropy(s[mask], y[mask]), atol=1e-6)
+    assert distillation_loss(s, t, y, T, 0.0, torch.zeros(6, dtype=torch.bool)) == 0  # no label in the batch
+    s.requires_grad_(True)
+    distillation_loss(s, t, y, T, 0.5, mask).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+# --- acceptance: bad configs exit 2 with a clear message --------------------------------------------
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"teacher": "nope"}, "stages[1].teacher: unknown teacher stage 'nope'"),
+    ({"teacher": "teach2"}, "did you mean 'teach'"),
+    ({"teacher": "later"}, "stage 'later' (stages[2]) runs after this one"),
+    ({"teacher": "distill"}, "is this stage itself"),
+    ({"temperature": 0}, "stages[1].temperature: must be greater than 0"),
+    ({"temperature": -2}, "stages[1].temperature: must be greater than 0"),
+    ({"alpha": 1.5}, "stages[1].alpha: must be less than or equal to 1"),
+    ({"alpha": -0.1}, "stages[1].alpha: must be greater than or equal to 0"),
+    ({"labels_fraction": 0}, "stages[1].labels_fraction: must be greater than 0"),
+    ({"student": "smaller"}, "stages[1].student: must be one of: current"),
+    ({"teacher": {"builtin": "digits-cnn"}}, "needs checkpoint"),
+    ({"student": {"builtin": "digits-cnx"}}, "stages[1].student.builtin: unknown model 'digits-cnx'"),
+])
+def test_bad_config_exits_2_with_file_and_line(tmp_path, change, message):
+    stages = [TEACHER, {"type": "distill", **change}, {"type": "train", "name": "later", "epochs": 1}]
+    result = _cli_run(tmp_path, stages)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "recipe.yaml:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # rejected before anything ran
+
+
+def test_student_with_other_output_size_exits_2(tmp_path):
+    student = {"builtin": "digits-mlp", "kwargs": {"hidden": 16, "num_classes": 7}}
+    result = _cli_run(tmp_path, [{"type": "distill", "student": student, "epochs": 1}])
+    assert result.exit_code == 2, result.output
+    assert "output size [7] differs from the teacher's [10]" in result.output
+    assert (tmp_path / "r" / "00-baseline" / "model.safetensors").exists()  # finished stages kept
+
+
+def test_unknown_feature_module_exits_2_with_suggestion(tmp_path):
+    stages = [{"type": "distill", "epochs": 1, "features": [{"student": "fc1", "teacher": "fc_1"}]}]
+    result = _cli_run(tmp_path, stages)
+    assert result.exit_code == 2, result.output
+    assert "unknown teacher module 'fc_1'; did you mean 'fc1'?" in result.output
+
+
+# --- behaviour ------------------------------------------------------------------------------------------
+
+
+def test_label_scarce_distillation_uses_the_teacher_and_caches_it(tmp_path):
+    """5% of labels: the distilled student learns from the teacher's logits (looked up, never recomputed)."""
+    common = {"student": {"builtin": "digits-mlp", "kwargs": {"hidden": 16}}, "epochs": 4, "lr": 1e-2,
+              "labels_fraction": 0.05, "temperature": 2.0}
+    report = _run(tmp_path, [{**TEACHER, "epochs": 6, "lr": 1e-2},
+                             {"type": "distill", "name": "kd", "alpha": 0.9, **common},
+                             {"type": "distill", "name": "labels_only", "alpha": 0.0, **common}])
+    teacher, kd, alone = report["stages"][1:]
+    d = kd["details"]
+    assert d["labelled_samples"] == round(0.05 * d["train_samples"]) and d["train_samples"] == 480
+    assert d["teacher_cached"] and d["teacher_batches_run"] == 0
+    assert d["teacher"] == "teach (baseline)" and d["teacher_accuracy"] == teacher["accuracy"]
+    assert kd["kind"] == "structural" and kd["params"] == d["student_params"] < teacher["params"]
+    assert kd["accuracy"] > 0.6 and kd["accuracy"] > alone["accuracy"] + 0.3, (kd["accuracy"], alone["accuracy"])
+
+
+def test_recipe_runs_at_reduced_budget_and_saves_only_the_student(tmp_path):
+    sets = ["data.max_samples=400", "stages.0.epochs=2", "stages.1.epochs=2", "evaluate.latency.iters=2",
+            "evaluate.latency.batch_sizes=[1]"]
+    args = ["run", str(RECIPE), "--out", str(tmp_path / "d"), "-q"]
+    for s in sets:
+        args += ["--set", s]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "d" / "02-distill"
+    desc = json.loads((folder / "model.json").read_text())
+    assert desc["source"] == {"builtin": "digits-cnn", "torchvision": None, "kwargs": {"width": 16, "hidden": 64}}
+    assert desc["edits"] == []
+    state = load_model(folder)
+    assert set(load_file(str(folder / "model.safetensors"))) == set(state.module.state_dict())  # no adapter
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["kind"] == "structural" and metrics["details"]["student"] == "digits-cnn(width=16, hidden=64)"
+    assert metrics["details"]["tables"]["feature losses"][0]["adapter"] == "Conv2d"
+    assert not metrics["details"]["teacher_cached"] and metrics["details"]["teacher_batches_run"] > 0
+    assert metrics["params"] * 3.5 < json.loads((tmp_path / "d" / "01-teacher" / "metrics.json").read_text())["params"]
+    assert not (folder / ".checkpoints").exists()
+
+
+def test_current_student_from_a_checkpoint_teacher(tmp_path):
+    """Distil into the current model from a teacher given as a spec + checkpoint; structure is unchanged."""
+    trained = _run(tmp_path, [TEACHER], out="t", model=CNN)
+    ckpt = tmp_path / "teacher.safetensors"
+    save_file(load_file(str(tmp_path / "t" / "01-teach" / "model.safetensors")), str(ckpt))
+    teacher = {"builtin": "digits-cnn", "kwargs": CNN["kwargs"], "checkpoint": str(ckpt)}
+    report = _run(tmp_path, [{"type": "distill", "teacher": teacher, "epochs": 2, "lr": 1e-2, "alpha": 1.0}])
+    base, distilled = report["stages"]
+    d = distilled["details"]
+    assert d["teacher"] == "digits-cnn" and d["teacher_accuracy"] == trained["stages"][1]["accuracy"]
+    assert distilled["kind"] == "weights" and distilled["params"] == base["params"]
+    assert distilled["accuracy"] > base["accuracy"] + 0.3
+
+
+def test_labelled_indices_are_a_seeded_sorted_subset():
+    a = labelled_indices(1000, 0.05, seed=3)
+    assert len(a) == 50 and torch.equal(a, labelled_indices(1000, 0.05, seed=3))
+    assert torch.equal(a, a.sort().values) and len(set(a.tolist())) == 50 and int(a.max()) < 1000
+    assert not torch.equal(a, labelled_indices(1000, 0.05, seed=4))
+    assert len(labelled_indices(10, 0.01, seed=0)) == 1
+
+
+def test_interrupted_distill_resumes_after_the_last_epoch_with_its_adapters(tmp_path, monkeypatch):
+    student = {"builtin": "digits-mlp", "kwargs": {"hidden": 16}}  # fc1: 16 wide, the teacher's 32: a Linear adapter
+    stages = [{"type": "distill", "student": student, "epochs": 3, "lr": 1e-2,
+               "features": [{"student": "fc1", "teacher": "fc1", "weight": 0.5}]}]
+    full = _run(tmp_path, stages, out="full")
+    from compresspipe.engine import training
+
+    real_evaluate, calls = training.evaluate, {"n": 0}
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, stages, out="cut")
+    monkeypatch.undo()
+    path = write_recipe(tmp_path, tiny_recipe(stages=stages), "cut.yaml")
+    resumed = run_recipe(load_recipe(path), path, RunOptions(out=tmp_path / "cut", resume=True), UI(quiet=True))
+    a, b = full["stages"][1], resumed.report["stages"][1]
+    assert "resumed after epoch 2" in b["notes"]
+    assert b["details"]["history"] == a["details"]["history"] and b["accuracy"] == a["accuracy"]
+    assert b["details"]["tables"]["feature losses"][0]["adapter"] == "Linear"
+    weights = [load_file(str(f / "01-distill" / "model.safetensors")) for f in (tmp_path / "full", tmp_path / "cut")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
