@@ -193,6 +193,11 @@ def fit(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower the lr")
                 loss.backward()
+                if d.enabled and extra:  # parameters outside the DDP module (e.g. distillation adapters)
+                    for p in extra:
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= d.world
                 if settings.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
                 opt.step()

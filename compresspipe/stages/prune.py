@@ -175,18 +175,16 @@ def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> Non
 
 
 def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
-    """Hinton's distillation loss: T^2-scaled KL to the teacher's soft targets plus cross-entropy on labels."""
+    """Hinton's distillation loss (the distill stage's): T^2-scaled KL to the teacher plus CE on labels."""
     import torch
-    import torch.nn.functional as F
 
-    t, alpha, smoothing = settings.temperature, settings.alpha, settings.label_smoothing
+    from compresspipe.stages.distill import distillation_loss
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
         with torch.no_grad():
-            soft = F.softmax(teacher(x) / t, dim=-1)
-        kd = F.kl_div(F.log_softmax(out / t, dim=-1), soft, reduction="batchmean") * t * t
-        return alpha * kd + (1 - alpha) * F.cross_entropy(out, y, label_smoothing=smoothing)
+            soft = teacher(x)
+        return distillation_loss(model(x), soft, y, settings.temperature, settings.alpha,
+                                 label_smoothing=settings.label_smoothing)
 
     return loss
 
