@@ -1,0 +1,111 @@
+"""`quantize`: int8 (dynamic, static, QAT, weight-only), int4 weight-only, fp16 and bf16.
+
+This module is the config only and imports no torch. The implementation lives in `.stage`, the layers
+that hold quantized weights as plain tensors (so artifacts are safetensors, never pickle) in `.layers`,
+and the backends behind one small interface in `.backends`.
+
+backend: auto picks, per method, what gave a CPU speedup here. Measured by `python -m benchmarks quantize`
+(digits-cnn, float32 = 1x, batch 64, 1 thread, AMD EPYC with AVX512-VNNI/BF16):
+
+  method       backend      size    latency  accuracy
+  static       torch        3.87x   3.4x     +0.0 pts   <- auto (x86 int8 kernels)
+  qat          torch        3.87x   3.2x     -0.6 pts   <- auto
+  dynamic      torch        2.86x   1.0x     +0.0 pts   <- auto (only Linear; convs stay float)
+  weight_only  torch/torchao 3.9x   1.0x     +0.0 pts   <- auto: torch (same layers, no torchao import)
+  weight_only  int4 torch   7.56x   1.0x     -0.3 pts
+  fp16         torch        1.99x   0.07x    +0.0 pts   (CPU fp16 matmuls are emulated: much slower)
+  bf16         torch        1.99x   1.2x     +0.0 pts   (fast only on CPUs with AVX512-BF16/AMX)
+  static       onnxruntime  1.0x    1.0x     at export  (the export stage quantizes the ONNX graph)
+
+torchao's int8 activation kernels are fast on CPU only under torch.compile, which a saved artifact does
+not run, so torchao is offered for weight_only (its affine quantization primitives compute the weights);
+onnxruntime cannot produce a torch module and records what the export stage (onnx_int8) must do.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from compresspipe.recipe.spec import StrictModel
+from compresspipe.stages.base import StageConfig
+from compresspipe.stages.common import SELECTOR_HELP, FinetuneSettings, Selector
+
+Method = Literal["dynamic", "static", "qat", "weight_only", "fp16", "bf16"]
+Backend = Literal["auto", "torch", "torchao", "onnxruntime"]
+
+# backend -> methods it can run at all (whether it can run *here* is checked at run time by the backend)
+BACKEND_METHODS: dict[str, frozenset[str]] = {
+    "torch": frozenset({"dynamic", "static", "qat", "weight_only", "fp16", "bf16"}),
+    "torchao": frozenset({"weight_only"}),
+    "onnxruntime": frozenset({"dynamic", "static"}),
+}
+WHY_NOT: dict[str, str] = {
+    "torchao": "torchao's int8 activation kernels are fast on CPU only under torch.compile, which a saved "
+               "artifact does not run; use backend: torch (or auto)",
+    "onnxruntime": "ONNX Runtime quantizes the exported ONNX graph (export stage, format onnx_int8), not a torch "
+                   "model; it offers static and dynamic int8 only",
+}
+
+
+class Calibration(StrictModel):
+    """Batches of the calibration split that set activation ranges (static, qat)."""
+
+    batches: int = Field(16, ge=0, description="calibration batches (of data.eval_batch_size samples)")
+
+
+class QatSettings(FinetuneSettings):
+    """Training with fake quantization before converting to int8."""
+
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(1e-4, gt=0)
+
+
+class QuantizeConfig(StageConfig):
+    """Quantization: int8 weights (and activations), int4 weight-only, or fp16/bf16; smaller, often faster on CPU."""
+
+    type: Literal["quantize"]
+    method: Method = Field(
+        "static",
+        description="dynamic: int8 weights, activations quantized at run time (Linear); static: int8 weights and "
+                    "calibrated activations (Conv2d, Linear); qat: fake-quant training then static; weight_only: "
+                    "int8/int4 weights, float compute; fp16/bf16: cast Conv/Linear, norms stay float32",
+    )
+    dtype: Literal["int8", "int4"] = Field("int8", description="weight dtype; int4 only with method weight_only")
+    backend: Backend = Field("auto", description="auto picks per method what is fastest here (module docstring)")
+    calibration: Calibration = Field(default_factory=Calibration)
+    observer: Literal["minmax", "histogram", "percentile"] = Field(
+        "minmax", description="how activation ranges are set from calibration: min/max, histogram "
+                              "(L2-optimal range) or percentile (clips the 0.01% tails)",
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="observer percentile: the kept upper percentile")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else one per layer)")
+    fold_bn: bool = Field(True, description="fold BatchNorm into the preceding quantized convolution (all but dynamic)")
+    include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
+    exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
+    qat: QatSettings = Field(default_factory=QatSettings, description="method qat: the fake-quant training")
+
+    implementation: ClassVar[str] = "compresspipe.stages.quantize.stage:QuantizeStage"
+    example: ClassVar[dict[str, Any]] = {"type": "quantize", "method": "static", "calibration": {"batches": 2}}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizeConfig:
+        if self.dtype == "int4" and self.method != "weight_only":
+            raise ValueError(f"dtype int4 needs method weight_only (got method {self.method}); use dtype: int8")
+        if self.backend != "auto" and self.method not in BACKEND_METHODS[self.backend]:
+            can = ", ".join(sorted(BACKEND_METHODS[self.backend]))
+            raise ValueError(f"backend {self.backend} cannot run method {self.method} (it runs: {can}); "
+                             f"{WHY_NOT.get(self.backend, '')}".rstrip("; "))
+        if self.method in ("static", "qat") and self.calibration.batches == 0:
+            raise ValueError(f"method {self.method} needs calibration data: set calibration.batches >= 1")
+        return self
+
+
+# Loading an artifact imports this package to find the `quantize` edit kind (engine.edits.EDIT_PROVIDERS);
+# register it then, but never pull torch in for `compresspipe validate`.
+if "torch" in sys.modules:
+    from compresspipe.stages.quantize import layers as _layers  # noqa: F401
+
+__all__ = ["BACKEND_METHODS", "Calibration", "QatSettings", "QuantizeConfig"]

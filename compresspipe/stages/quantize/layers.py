@@ -1,0 +1,400 @@
+"""Quantized and reduced-precision layers whose state is plain tensors, and the `quantize` edit kind.
+
+torch's quantized modules keep packed weights (ScriptObjects) that safetensors cannot store. These layers
+keep int8 (or packed int4) weights, float scales, a float bias and calibrated activation ranges as
+buffers, and build torch's packed x86 int8 weights lazily in forward (cached, never saved). So an artifact
+is model.safetensors + model.json: the `quantize` edit swaps the float layers for these with empty buffers
+of the right shapes, then the weights load strictly.
+
+Every layer takes and returns float32 tensors, so any model works whatever surrounds the layer (residual
+additions, BatchNorm left in float, custom code). Off CPU, or while torch.export/compile traces the model,
+a reference path computes the same thing with fake-quantization ops (real aten ops, exportable).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresspipe.engine.edits import dtype_from_name, dtype_name, get_submodule, register_edit, set_submodule
+from compresspipe.errors import ArtifactError
+
+# torch warns once per process that quantized tensor dtypes are deprecated; they are an internal detail here
+warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+
+ACT_QMAX = 127  # x86 kernels: activation scales span 7 bits (reduce_range) so u8*s8 pair sums cannot overflow int16
+ACT_CLAMP = 255  # ...but quint8 tensors still clamp at 255; the reference path does the same
+WEIGHT_QRANGE = {8: (-128, 127), 4: (-8, 7)}
+MODES = ("static", "dynamic", "weight_only")
+
+
+@functools.cache
+def int8_kernels() -> str | None:
+    """None when torch's CPU int8 kernels run here, else why not."""
+    engine = torch.backends.quantized.engine
+    if engine in (None, "none") or engine not in torch.backends.quantized.supported_engines:
+        return f"no quantized CPU engine in this torch build (engine {engine!r})"
+    try:
+        w = torch._make_per_tensor_quantized_tensor(torch.ones(2, 2, dtype=torch.int8), 0.1, 0)
+        packed = torch.ops.quantized.linear_prepack(w, None)
+        torch.ops.quantized.linear_dynamic(torch.ones(1, 2), packed, True)
+    except Exception as exc:  # a build without the x86/qnnpack kernels
+        return f"torch's int8 kernels do not run here ({type(exc).__name__}: {exc})"
+    return None
+
+
+def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int quantization: (int8 values, float32 scale per output channel or one)."""
+    lo, hi = WEIGHT_QRANGE[bits]
+    w = w.detach().float()
+    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1) if per_channel else w.abs().max().reshape(1)
+    scale = (amax / hi).clamp(min=1e-12)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.round(w / scale.reshape(shape)).clamp(lo, hi).to(torch.int8)
+    return q, scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two int4 values per byte along the flattened input dimension (padded to even)."""
+    flat = q.reshape(q.shape[0], -1).to(torch.int16) & 0xF
+    if flat.shape[1] % 2:
+        flat = F.pad(flat, (0, 1))
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    flat = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, : int(torch.tensor(shape[1:]).prod())]
+    flat = torch.where(flat > 7, flat - 16, flat)
+    return flat.to(torch.int8).reshape(shape)
+
+
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric uint8 (7-bit) scale and zero point covering [lo, hi] and zero."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / ACT_QMAX, 1e-8)
+    zero_point = int(min(max(round(-lo / scale), 0), ACT_QMAX))
+    return scale, zero_point
+
+
+class _QuantLayer(nn.Module):
+    """Shared storage: int weights (int8, or int4 packed in uint8), per-channel scales, float bias."""
+
+    op = "linear"
+    # buffers (declared for type checkers: nn.Module.__getattr__ would type them as Tensor | Module)
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
+    fbias: torch.Tensor | None
+    input_scale: torch.Tensor
+    output_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+    output_zero_point: torch.Tensor
+
+    def __init__(self, weight_shape: tuple[int, ...], bias: bool, mode: str, bits: int = 8,
+                 per_channel: bool = True, relu: bool = False):
+        super().__init__()
+        if mode not in MODES:
+            raise ArtifactError(f"unknown quantized layer mode {mode!r}; known: {', '.join(MODES)}")
+        if bits not in WEIGHT_QRANGE or (bits == 4 and mode != "weight_only"):
+            raise ArtifactError(f"{bits}-bit weights are not supported in mode {mode}")
+        self.mode, self.bits, self.per_channel, self.relu = mode, bits, per_channel, relu
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        out = self.weight_shape[0]
+        if bits == 4:
+            inner = int(torch.tensor(self.weight_shape[1:]).prod())
+            self.register_buffer("qweight", torch.zeros(out, (inner + 1) // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(self.weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out if per_channel else 1))
+        self.register_buffer("fbias", torch.zeros(out) if bias else None)
+        if mode == "static":
+            for name in ("input_scale", "output_scale"):
+                self.register_buffer(name, torch.ones(()))
+            for name in ("input_zero_point", "output_zero_point"):
+                self.register_buffer(name, torch.zeros((), dtype=torch.int32))
+        self._cache: dict[str, Any] | None = None
+
+    # -- filling from a float layer ----------------------------------------------------------------
+
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.qweight.copy_(pack_int4(q) if self.bits == 4 else q.reshape(self.weight_shape))
+        self.weight_scale.copy_(scale.reshape(-1))
+        if self.fbias is not None and bias is not None:
+            self.fbias.copy_(bias.detach().float())
+        self._cache = None
+
+    def set_activation_ranges(self, inp: tuple[float, int], out: tuple[float, int]) -> None:
+        self.input_scale.fill_(inp[0])
+        self.input_zero_point.fill_(inp[1])
+        self.output_scale.fill_(out[0])
+        self.output_zero_point.fill_(out[1])
+        self._cache = None
+
+    # -- what metrics see: the logical float weight and bias (count_params reads callables) -----------
+
+    def int_weight(self) -> torch.Tensor:
+        if self.bits == 4:
+            return unpack_int4(self.qweight, self.weight_shape)
+        return self.qweight
+
+    def weight(self) -> torch.Tensor:
+        shape = (-1,) + (1,) * (len(self.weight_shape) - 1)
+        return self.int_weight().float() * self.weight_scale.reshape(shape)
+
+    def bias(self) -> torch.Tensor | None:
+        return self.fbias
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _prepack(self, wq: torch.Tensor, b: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def _int8_op(self, x: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel(self) -> Any:
+        """The torch.ops.quantized op for this mode (looked up once: attribute lookups there are slow)."""
+        q = torch.ops.quantized
+        if self.op == "conv2d":
+            return q.conv2d_relu if self.relu else q.conv2d
+        if self.mode == "dynamic":
+            return q.linear_relu_dynamic if self.relu else q.linear_dynamic
+        return q.linear_relu if self.relu else q.linear
+
+    def _packed(self) -> dict[str, Any]:
+        if self._cache is None:
+            c: dict[str, Any] = {}
+            if self.mode == "weight_only":
+                c["weight"] = self.weight()
+            else:
+                q = self.qweight
+                if self.per_channel:
+                    wq = torch._make_per_channel_quantized_tensor(
+                        q, self.weight_scale.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+                else:
+                    wq = torch._make_per_tensor_quantized_tensor(q, float(self.weight_scale), 0)
+                c["packed"] = self._prepack(wq, self.fbias)
+                c["op"] = self._kernel()
+                if self.mode == "static":
+                    c["in"] = (float(self.input_scale), int(self.input_zero_point))
+                    c["out"] = (float(self.output_scale), int(self.output_zero_point))
+            self._cache = c
+        return self._cache
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Float emulation with fake-quant ops: other devices, and torch.export/compile tracing."""
+        w = self.weight().to(x.dtype)
+        if self.mode == "static":
+            x = torch.fake_quantize_per_tensor_affine(
+                x, self.input_scale.float(), self.input_zero_point, 0, ACT_CLAMP)
+        y = self._float_op(x, w, None if self.fbias is None else self.fbias.to(x.dtype))
+        if self.relu:
+            y = F.relu(y)
+        if self.mode == "static":
+            y = torch.fake_quantize_per_tensor_affine(
+                y, self.output_scale.float(), self.output_zero_point, 0, ACT_CLAMP)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dtype != torch.float32:
+            return self._reference(x)
+        c = self._packed()
+        if self.mode == "weight_only":
+            y = self._float_op(x, c["weight"], self.fbias)
+            return F.relu(y) if self.relu else y
+        if self.mode == "dynamic" or not torch.are_deterministic_algorithms_enabled():
+            return self._int8_op(x, c)
+        # the static int8 kernels are deterministic; only their quantized output allocation (quantized_resize_cpu_)
+        # is flagged, once per call, which would flood a run that enables deterministic algorithms. The C switch
+        # is used directly: torch.use_deterministic_algorithms also rewrites inductor's config, which costs more
+        # than the int8 op itself at batch 1 (the flag is restored as it was).
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch._C._set_deterministic_algorithms(False)
+        try:
+            return self._int8_op(x, c)
+        finally:
+            torch._C._set_deterministic_algorithms(True, warn_only=warn_only)
+
+    # -- state: the packed cache is rebuilt after loading and never copied -------------------------
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    def spec(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "mode": self.mode, "bits": self.bits,
+                "per_channel": self.per_channel, "relu": self.relu, "bias": self.fbias is not None}
+
+    def extra_repr(self) -> str:
+        return f"{self.mode}, int{self.bits}, weight={list(self.weight_shape)}, relu={self.relu}"
+
+
+class QuantLinear(_QuantLayer):
+    """int8 Linear: static (calibrated ranges), dynamic (input range per batch) or weight-only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: Any):
+        super().__init__((out_features, in_features), bias, **kw)
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, mode: str, bits: int, per_channel: bool, relu: bool = False,
+                   quantizer: Any = quantize_weight) -> QuantLinear:
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, mode=mode, bits=bits,
+                  per_channel=per_channel, relu=relu)
+        q, scale = quantizer(layer.weight, bits, per_channel)
+        new.set_weight(q, scale, layer.bias)
+        return new
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def _prepack(self, wq: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return torch.ops.quantized.linear_prepack(wq, b)
+
+    def _int8_op(self, x: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+        flat = x.dim() != 2
+        x2 = x.reshape(-1, x.shape[-1]) if flat else x
+        if self.mode == "dynamic":
+            y = c["op"](x2, c["packed"], True)
+        else:
+            qx = torch.quantize_per_tensor(x2, c["in"][0], c["in"][1], torch.quint8)
+            y = c["op"](qx, c["packed"], c["out"][0], c["out"][1]).dequantize()
+        return y.reshape(*x.shape[:-1], self.out_features) if flat else y
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "in_features": self.in_features, "out_features": self.out_features}
+
+
+class QuantConv2d(_QuantLayer):
+    """int8 Conv2d (static or weight-only), zero padding; BatchNorm folded in beforehand."""
+
+    op = "conv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, **kw: Any):
+        pair = nn.modules.utils._pair
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, **kw)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, mode: str, bits: int, per_channel: bool, relu: bool = False,
+                   quantizer: Any = quantize_weight) -> QuantConv2d:
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.groups, layer.bias is not None, mode=mode, bits=bits,
+                  per_channel=per_channel, relu=relu)
+        q, scale = quantizer(layer.weight, bits, per_channel)
+        new.set_weight(q, scale, layer.bias)
+        return new
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _prepack(self, wq: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return torch.ops.quantized.conv2d_prepack(wq, b, list(self.stride), list(self.padding),
+                                                  list(self.dilation), self.groups)
+
+    def _int8_op(self, x: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+        qx = torch.quantize_per_tensor(x, c["in"][0], c["in"][1], torch.quint8)
+        return c["op"](qx, c["packed"], c["out"][0], c["out"][1]).dequantize()
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups}
+
+
+class CastLinear(nn.Linear):
+    """Linear with float16/bfloat16 weights; casts its input in and its output back to the caller's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class CastConv2d(nn.Conv2d):
+    """Conv2d with float16/bfloat16 weights; casts its input in and its output back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def cast_layer(layer: Any, dtype: torch.dtype) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = CastLinear(layer.in_features, layer.out_features, layer.bias is not None)
+    else:
+        new = CastConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode)
+    new.load_state_dict(layer.state_dict())
+    return new.to(dtype)
+
+
+def cast_spec(layer: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"class": type(layer).__name__, "dtype": dtype_name(layer.weight.dtype),
+                            "bias": layer.bias is not None}
+    if isinstance(layer, nn.Linear):
+        spec.update(in_features=layer.in_features, out_features=layer.out_features)
+    else:
+        spec.update(in_channels=layer.in_channels, out_channels=layer.out_channels,
+                    kernel_size=list(layer.kernel_size), stride=list(layer.stride),
+                    padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+                    dilation=list(layer.dilation), groups=layer.groups, padding_mode=layer.padding_mode)
+    return spec
+
+
+def layer_spec(layer: nn.Module) -> dict[str, Any]:
+    if isinstance(layer, _QuantLayer):
+        return layer.spec()
+    if isinstance(layer, (CastLinear, CastConv2d)):
+        return cast_spec(layer)
+    raise ArtifactError(f"cannot record layer of type {type(layer).__name__} in a quantize edit")
+
+
+def build_layer(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a layer from its spec with empty tensors (the weights load afterwards)."""
+    kind = spec.get("class")
+    kw = {k: v for k, v in spec.items() if k != "class"}
+    if kind == "QuantLinear":
+        return QuantLinear(**kw)
+    if kind == "QuantConv2d":
+        return QuantConv2d(**kw)
+    if kind in ("CastLinear", "CastConv2d"):
+        dtype = dtype_from_name(kw.pop("dtype"))
+        if kind == "CastLinear":
+            return CastLinear(**kw).to(dtype)
+        padding = kw.pop("padding")
+        return CastConv2d(padding=padding if isinstance(padding, str) else tuple(padding), **kw).to(dtype)
+    raise ArtifactError(f"layer class {kind!r} in a quantize edit is not known; known: QuantLinear, QuantConv2d, "
+                        "CastLinear, CastConv2d")
+
+
+def quantize_edit(method: str, layers: dict[str, nn.Module], folded: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"kind": "quantize", "version": 1, "method": method, "folded": [list(p) for p in folded],
+            "layers": {name: layer_spec(layer) for name, layer in layers.items()}}
+
+
+@register_edit("quantize")
+def _apply_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    if edit.get("version") != 1:
+        raise ArtifactError(f"quantize edit version {edit.get('version')!r}; this compresspipe reads 1")
+    for _conv, bn in edit.get("folded", []):
+        get_submodule(model, bn)
+        model = set_submodule(model, bn, nn.Identity())
+    for name, spec in edit["layers"].items():
+        get_submodule(model, name)
+        model = set_submodule(model, name, build_layer(spec))
+    return model

@@ -1,0 +1,437 @@
+"""The quantize stage: select layers, fold BatchNorm, calibrate, swap in tensor-only quantized layers.
+
+The model is traced with torch.fx only to find conv->BatchNorm pairs to fold and ReLU/ReLU6 to fuse;
+a model that does not trace is still quantized, just without folding and fusion (a note says so).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresspipe.engine.edits import set_submodule
+from compresspipe.errors import StageConfigError
+from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.quantize import QuantizeConfig
+from compresspipe.stages.quantize.backends import QuantBackend, resolve
+from compresspipe.stages.quantize.layers import (
+    QuantConv2d,
+    QuantLinear,
+    _QuantLayer,
+    act_qparams,
+    cast_layer,
+    quantize_edit,
+)
+from compresspipe.stages.select import select_layers
+
+if TYPE_CHECKING:
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.engine.context import StageContext
+
+CANDIDATES: dict[str, tuple[type, ...]] = {
+    "dynamic": (nn.Linear,),
+    "static": (nn.Conv2d, nn.Linear),
+    "qat": (nn.Conv2d, nn.Linear),
+    "weight_only": (nn.Conv2d, nn.Linear),
+    "fp16": (nn.Conv2d, nn.Linear),
+    "bf16": (nn.Conv2d, nn.Linear),
+}
+CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ACTIVATIONS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {nn.ReLU: F.relu, nn.ReLU6: F.relu6}
+ACT_FUNCTIONS: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
+    F.relu: F.relu, torch.relu: F.relu, F.relu6: F.relu6,
+}
+
+
+# -- graph analysis --------------------------------------------------------------------------------
+
+
+def analyse(model: nn.Module, fold: bool) -> tuple[dict[str, str], dict[str, Callable], str | None]:
+    """(conv -> BatchNorm to fold, layer -> activation to fuse, why tracing failed or None)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # data-dependent control flow etc.: quantize without folding/fusion
+        return {}, {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folds: dict[str, str] = {}
+    acts: dict[str, Callable] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        layer = modules[node.target]
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        tail = node
+        if fold and isinstance(layer, nn.Conv2d) and len(node.users) == 1:
+            user = next(iter(node.users))
+            bn = modules.get(user.target) if user.op == "call_module" else None
+            if (isinstance(bn, nn.BatchNorm2d) and calls[user.target] == 1 and bn.track_running_stats
+                    and bn.num_features == layer.out_channels and bn.running_mean is not None):
+                folds[node.target] = user.target
+                tail = user
+        if len(tail.users) == 1:
+            user = next(iter(tail.users))
+            act = None
+            if user.op == "call_module":
+                act = ACTIVATIONS.get(type(modules.get(user.target)))
+            elif user.op == "call_function":
+                act = ACT_FUNCTIONS.get(user.target)
+            elif user.op == "call_method" and user.target == "relu":
+                act = F.relu
+            if act is not None:
+                acts[node.target] = act
+    return folds, acts, None
+
+
+def fold_bn(conv: Any, bn: Any) -> None:
+    """Fold an eval-mode BatchNorm into the convolution before it (the conv gains a bias)."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        conv.bias = nn.Parameter(new_bias.detach().clone())
+
+
+# -- observers ---------------------------------------------------------------------------------------
+
+
+class RangeObserver:
+    """Tracks an activation range from calibration batches; `qparams()` gives (scale, zero point)."""
+
+    def __init__(self, kind: str, percentile: float):
+        self.kind, self.percentile = kind, percentile
+        self.lo, self.hi = math.inf, -math.inf
+        self.los: list[float] = []
+        self.his: list[float] = []
+        self.hist: Any = None
+        if kind == "histogram":
+            from torch.ao.quantization.observer import HistogramObserver
+
+            self.hist = HistogramObserver(dtype=torch.quint8, reduce_range=True)
+
+    def update(self, t: torch.Tensor) -> None:
+        t = t.detach().float().cpu()
+        self.lo, self.hi = min(self.lo, float(t.min())), max(self.hi, float(t.max()))
+        if self.kind == "histogram":
+            self.hist(t)
+        elif self.kind == "percentile":
+            flat = t.reshape(-1)
+            if flat.numel() > 1_000_000:
+                flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100]))
+            self.los.append(float(q[0]))
+            self.his.append(float(q[1]))
+
+    def qparams(self) -> tuple[float, int]:
+        if self.kind == "histogram":
+            scale, zp = self.hist.calculate_qparams()
+            return float(scale), int(zp)
+        if self.kind == "percentile":
+            return act_qparams(sum(self.los) / len(self.los), sum(self.his) / len(self.his))
+        return act_qparams(self.lo, self.hi)
+
+
+def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable], batches: list[torch.Tensor],
+              observer: str, percentile: float) -> dict[str, tuple[tuple[float, int], tuple[float, int]]]:
+    """Input and output (after a fused activation) quantization parameters of each layer."""
+    observers = {n: (RangeObserver(observer, percentile), RangeObserver(observer, percentile)) for n in layers}
+    hooks = []
+    for name, layer in layers.items():
+        act = acts.get(name)
+
+        def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name, act: Any = act) -> None:
+            observers[name][0].update(inputs[0])
+            observers[name][1].update(act(output) if act is not None else output)
+
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (i.qparams(), o.qparams()) for n, (i, o) in observers.items()}
+
+
+# -- QAT: fake quantization with straight-through gradients -----------------------------------------
+
+
+class _FakeQuant(nn.Module):
+    """Wraps a float Conv2d/Linear: per-channel fake-quant weights, fake-quant input/output ranges (EMA)."""
+
+    def __init__(self, layer: Any, act: Callable | None, inp: tuple[float, int], out: tuple[float, int],
+                 per_channel: bool):
+        super().__init__()
+        self.layer, self.act, self.per_channel = layer, act, per_channel
+        self.ranges = {"in": list(_range(*inp)), "out": list(_range(*out))}
+
+    def _fq_act(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        if self.training:
+            lo, hi = float(t.detach().min()), float(t.detach().max())
+            r = self.ranges[key]
+            r[0], r[1] = 0.99 * r[0] + 0.01 * min(lo, 0.0), 0.99 * r[1] + 0.01 * max(hi, 0.0)
+        scale, zp = act_qparams(*self.ranges[key])
+        return torch.fake_quantize_per_tensor_affine(t, scale, zp, 0, 127)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.weight
+        amax = w.detach().abs().reshape(w.shape[0], -1).amax(1) if self.per_channel else w.detach().abs().max().reshape(1)
+        scale = (amax / 127).clamp(min=1e-12)
+        if self.per_channel:
+            wq = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
+                                                        -128, 127)
+        else:
+            wq = torch.fake_quantize_per_tensor_affine(w, float(scale), 0, -128, 127)
+        x = self._fq_act(x, "in")
+        if isinstance(self.layer, nn.Conv2d):
+            y = self.layer._conv_forward(x, wq, self.layer.bias)
+        else:
+            y = F.linear(x, wq, self.layer.bias)
+        if self.act is not None:
+            y = self.act(y)
+        return self._fq_act(y, "out")
+
+    def current(self) -> tuple[tuple[float, int], tuple[float, int]]:
+        return act_qparams(*self.ranges["in"]), act_qparams(*self.ranges["out"])
+
+
+def _range(scale: float, zero_point: int) -> tuple[float, float]:
+    return -zero_point * scale, (127 - zero_point) * scale
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+def _unsupported(layer: nn.Module, method: str) -> str | None:
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros" and method not in ("fp16", "bf16"):
+            return f"padding_mode {layer.padding_mode} (int8 convolutions pad with zeros)"
+        if isinstance(layer.padding, str) and method not in ("fp16", "bf16"):
+            return f"padding {layer.padding!r} (give explicit padding to quantize)"
+        if type(layer) is not nn.Conv2d:
+            return f"{type(layer).__name__} is a Conv2d subclass with its own forward"
+    if isinstance(layer, nn.Linear) and type(layer) is not nn.Linear:
+        return f"{type(layer).__name__} is a Linear subclass with its own forward"
+    return None
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+class QuantizeStage(Stage[QuantizeConfig]):
+    requires = frozenset({"calibration_data"})
+
+    def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
+        cfg = self.config
+        chosen = select_layers(state.module, cfg.include, cfg.exclude, CANDIDATES[cfg.method], ctx.name)
+        return StagePlan(layers={n: cfg.method for n in chosen},
+                         notes=[f"{cfg.method} ({cfg.dtype if cfg.method not in CAST_DTYPES else cfg.method}) on "
+                                f"{len(chosen)} layer(s); structure unchanged, weights lower precision"])
+
+    def run(self, state: ModelState, ctx: StageContext) -> StageResult:
+        cfg, stage = self.config, ctx.name
+        backend = resolve(stage, cfg.method, cfg.dtype, cfg.backend)
+        model = state.module.to("cpu").eval()
+        chosen = select_layers(model, cfg.include, cfg.exclude, CANDIDATES[cfg.method], stage)
+        skipped = {n: why for n, m in chosen.items() if (why := _unsupported(m, cfg.method)) is not None}
+        layers = {n: m for n, m in chosen.items() if n not in skipped}
+        if not layers:
+            raise StageConfigError(stage, "no quantizable layer left: " + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
+        bytes_before, params = _bytes(model), _count_params(model)
+        val = ctx.data.loader("val", ctx.recipe.data.eval_batch_size)
+        previous = ctx.history[list(ctx.history)[-1]].metrics.get("accuracy") if ctx.history else None
+        acc_before = float(previous) if isinstance(previous, float) else _accuracy(model, val)
+        notes: list[str] = []
+        original_types = {n: type(m).__name__ for n, m in model.named_modules() if n}
+        if backend.export_only:
+            return self._handoff(state, ctx, layers, notes, acc_before)
+
+        wants_fold = cfg.fold_bn and cfg.method != "dynamic"
+        folds, acts, trace_error = analyse(model, wants_fold)
+        if trace_error:
+            notes.append(f"torch.fx could not trace the model ({trace_error}): BatchNorm not folded, ReLU not fused")
+        folds = {c: b for c, b in folds.items() if c in layers}
+        if cfg.method not in ("static", "qat", "dynamic"):
+            acts = {}
+        acts = {n: a for n, a in acts.items() if n in layers}
+        for conv, bn in folds.items():
+            fold_bn(layers[conv], model.get_submodule(bn))
+            model = set_submodule(model, bn, nn.Identity())
+
+        batches: list[torch.Tensor] = []
+        if cfg.method in ("static", "qat"):
+            batches = self._calibration(ctx)
+        new: dict[str, nn.Module] = {}
+        if cfg.method in CAST_DTYPES:
+            new = {n: cast_layer(m, CAST_DTYPES[cfg.method]) for n, m in layers.items()}
+            notes.append(f"{cfg.method} halves the file; BatchNorm is folded first and the other layers stay float32. "
+                         + ("fp16 on CPU is usually much slower than float32 (its matmuls are emulated; 14x slower "
+                            "in benchmarks/bench_quantize.py)" if cfg.method == "fp16" else
+                            "bf16 is faster than float32 only on CPUs with AVX512-BF16 or AMX, slower elsewhere"))
+        elif cfg.method in ("dynamic", "weight_only"):
+            bits = 4 if cfg.dtype == "int4" else 8
+            new = {n: _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
+            if cfg.method == "weight_only":
+                notes.append("weight_only: int weights in the file, dequantized once at first use; compute stays float32 "
+                             "(smaller file and memory, no CPU speedup)")
+        else:
+            ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile)
+            if cfg.method == "qat":
+                model, ranges = self._qat(model, layers, acts, ranges, ctx)
+            for n, m in layers.items():
+                q = _from_float(m, "static", 8, cfg.per_channel, n in acts, backend)
+                q.set_activation_ranges(*ranges[n])
+                new[n] = q
+        for n, m in new.items():
+            model = set_submodule(model, n, m)
+        state.module = model.eval()
+        state.record(quantize_edit(cfg.method, new, list(folds.items())))
+
+        acc_after = _accuracy(model, val)
+        bytes_after = _bytes(model)
+        table = self._table(original_types, new, folds, skipped, acts, cfg)
+        notes.append(f"bytes per parameter {bytes_before / max(params, 1):.2f} -> {bytes_after / max(params, 1):.2f}; "
+                     f"accuracy {acc_before:.2%} -> {acc_after:.2%} on the validation split")
+        if cfg.method in ("static", "qat"):
+            notes.append(f"{len(new)} layer(s) int8 with calibrated activations; {len(folds)} BatchNorm folded, "
+                         f"{len(acts)} activation(s) fused")
+        details: dict[str, Any] = {
+            "method": cfg.method, "dtype": cfg.dtype if cfg.method not in CAST_DTYPES else cfg.method,
+            "backend": backend.name, "observer": cfg.observer if cfg.method in ("static", "qat") else None,
+            "per_channel": cfg.per_channel,
+            "bytes_per_param": {"before": round(bytes_before / max(params, 1), 3),
+                                "after": round(bytes_after / max(params, 1), 3)},
+            "accuracy": {"before": acc_before, "after": acc_after, "change": acc_after - acc_before},
+            "quantized_layers": len(new), "float_layers": sum(1 for r in table if r["quantized"] == "no"),
+            "export": self._export_record(ctx, cfg.method, list(new)),
+            "tables": {"per layer": table},
+        }
+        return StageResult(state=state, kind="quantized", notes=notes, details=details)
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    def _calibration(self, ctx: StageContext) -> list[torch.Tensor]:
+        if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
+            raise StageConfigError(ctx.name, f"method {self.config.method} needs calibration data, but the "
+                                             "calibration split is empty; raise data.calibration_samples")
+        out = []
+        for i, (x, _y) in enumerate(ctx.data.loader("calibration", ctx.recipe.data.eval_batch_size)):
+            if i >= self.config.calibration.batches:
+                break
+            out.append(x.float())
+        return out
+
+    def _qat(self, model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable],
+             ranges: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+        cfg = self.config
+        wrappers = {n: _FakeQuant(m, acts.get(n), ranges[n][0], ranges[n][1], cfg.per_channel) for n, m in layers.items()}
+        for n, w in wrappers.items():
+            model = set_submodule(model, n, w)
+        for m in model.modules():  # BatchNorm not folded into a quantized conv keeps its statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        ctx.fit(model, cfg.qat, label=f"{ctx.name} (qat)")
+        model.to("cpu").eval()
+        for n, w in wrappers.items():
+            model = set_submodule(model, n, w.layer)
+        return model, {n: w.current() for n, w in wrappers.items()}
+
+    def _handoff(self, state: ModelState, ctx: StageContext, layers: dict[str, nn.Module], notes: list[str],
+                 acc: float) -> StageResult:
+        cfg = self.config
+        notes.append(f"backend onnxruntime: the torch model stays float32; the export stage (format onnx_int8) "
+                     f"quantizes the ONNX graph with ONNX Runtime ({cfg.method}, {cfg.observer} calibration)")
+        table = [{"layer": n, "type": type(m).__name__, "quantized": "at export", "as": f"onnxruntime {cfg.method}",
+                  "reason": ""} for n, m in layers.items()]
+        details = {"method": cfg.method, "dtype": cfg.dtype, "backend": "onnxruntime",
+                   "accuracy": {"before": acc, "after": acc, "change": 0.0},
+                   "export": self._export_record(ctx, cfg.method, list(layers)),
+                   "tables": {"per layer": table}}
+        return StageResult(state=state, kind="quantized", notes=notes, details=details)
+
+    def _export_record(self, ctx: StageContext, method: str, layers: list[str]) -> dict:
+        """What the export stage can do for ONNX.
+
+        The quantized layers trace (torch.export, torch.onnx) as fake-quantization ops, i.e. QuantizeLinear/
+        DequantizeLinear pairs around float Conv/Gemm in ONNX, so the module itself exports. For an int8 graph
+        that ONNX Runtime runs fast, `onnx_int8` is the recipe to replay with ONNX Runtime's quantizer on the
+        float model of `float_stage` (the stage before this one), with the same calibration settings.
+        """
+        cfg = self.config
+        previous = list(ctx.history)[-1] if ctx.history else "baseline"
+        record: dict[str, Any] = {"module_exportable": True, "exports_as": "fake-quant (QDQ) ops" if method in
+                                  ("static", "qat") else "float ops with low-precision weights",
+                                  "float_stage": previous}
+        if method in ("static", "qat", "dynamic"):
+            record["onnx_int8"] = {
+                "method": "dynamic" if method == "dynamic" else "static",
+                "per_channel": cfg.per_channel, "observer": cfg.observer,
+                "calibration_batches": max(cfg.calibration.batches, 1),
+                "batch_size": ctx.recipe.data.eval_batch_size, "layers": layers, "float_stage": previous,
+            }
+        return record
+
+    @staticmethod
+    def _table(types: dict[str, str], new: dict[str, nn.Module], folds: dict[str, str], skipped: dict[str, str],
+               acts: dict[str, Callable], cfg: QuantizeConfig) -> list[dict[str, Any]]:
+        folded_into = {b: c for c, b in folds.items()}
+        rows = []
+        for name, kind in types.items():
+            row = {"layer": name, "type": kind, "quantized": "no", "as": "float32", "reason": ""}
+            if name in new:
+                m = new[name]
+                if isinstance(m, _QuantLayer):
+                    extras = [m.mode.replace("_", "-"), "per-channel" if m.per_channel else "per-tensor"]
+                    extras += ["+relu"] if name in acts else []
+                    extras += [f"+{folds[name]}"] if name in folds else []
+                    row.update(quantized="yes", **{"as": f"int{m.bits} " + " ".join(extras)})
+                else:
+                    row.update(quantized="yes", **{"as": cfg.method + (f" +{folds[name]}" if name in folds else "")})
+            elif name in folded_into:
+                row.update(quantized="folded", reason=f"folded into {folded_into[name]}")
+            elif name in skipped:
+                row["reason"] = skipped[name]
+            elif kind in ("Conv2d", "Linear"):
+                row["reason"] = ("dynamic quantizes Linear only" if cfg.method == "dynamic" and kind == "Conv2d"
+                                 else "excluded by include/exclude")
+            elif kind.startswith("BatchNorm"):
+                row["reason"] = "normalisation stays float32"
+            elif kind in ("LSTM", "GRU", "Conv1d", "Conv3d", "ConvTranspose2d", "Embedding", "LayerNorm"):
+                row["reason"] = f"{kind} is not quantized by this stage"
+            else:
+                continue  # containers and parameter-free layers
+            rows.append(row)
+        return rows
+
+
+def _from_float(layer: nn.Module, mode: str, bits: int, per_channel: bool, relu: bool,
+                backend: QuantBackend) -> _QuantLayer:
+    cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+    return cls.from_float(layer, mode, bits, per_channel, relu, quantizer=backend.quantize_weight)  # type: ignore[arg-type]
+
+
+def _count_params(model: nn.Module) -> int:
+    from compresspipe.metrics import count_params
+
+    return count_params(model)
+
+
+def _accuracy(model: nn.Module, loader: Any) -> float:
+    from compresspipe.metrics import evaluate
+
+    return evaluate(model, loader, "cpu")[0]
