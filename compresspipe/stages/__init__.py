@@ -8,7 +8,8 @@ from compresspipe.registry import Registry
 
 STAGES: Registry = Registry("stage", "compresspipe.stages")
 STAGES.register("train", "compresspipe.stages.train:TrainConfig")
-STAGES.register("prune", "compresspipe.stages.prune:PruneConfig")
 STAGES.register("distill", "compresspipe.stages.distill:DistillConfig")
-STAGES.register("factorize", "compresspipe.stages.factorize:FactorizeConfig")
+STAGES.register("prune", "compresspipe.stages.prune:PruneConfig")
+STAGES.register("export", "compresspipe.stages.export:ExportConfig")
 STAGES.register("quantize", "compresspipe.stages.quantize:QuantizeConfig")
+STAGES.register("factorize", "compresspipe.stages.factorize:FactorizeConfig")

@@ -1,0 +1,150 @@
+"""`export`: deployable files (ONNX, ONNX int8, ExecuTorch, torch.export, safetensors), each verified
+in the runtime that will run it. This module is the config only and imports no torch.
+
+Files land in ``<stage folder>/export/`` with a ``manifest.json``; the model itself passes through unchanged.
+Each format is one module in this package with ``available()``, ``export(job, folder)`` and
+``verify(files, job)`` (see `compresspipe.stages.export.job`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from compresspipe.recipe.spec import StrictModel
+from compresspipe.stages.base import StageConfig
+
+Format = Literal["onnx", "onnx_int8", "executorch", "executorch_int8", "torch_export", "safetensors", "torchscript"]
+
+# Fixed export order: onnx_int8 reuses the float ONNX graph when both are asked for.
+FORMAT_ORDER: tuple[str, ...] = (
+    "safetensors", "torch_export", "onnx", "onnx_int8", "executorch", "executorch_int8", "torchscript",
+)
+# format -> implementation module (imported only when the stage runs)
+FORMAT_MODULES: dict[str, str] = {
+    "onnx": "compresspipe.stages.export.onnx_float",
+    "onnx_int8": "compresspipe.stages.export.onnx_int8",
+    "executorch": "compresspipe.stages.export.executorch_pte",
+    "executorch_int8": "compresspipe.stages.export.executorch_pte",
+    "torch_export": "compresspipe.stages.export.torch_export",
+    "safetensors": "compresspipe.stages.export.safetensors_copy",
+    "torchscript": "compresspipe.stages.export.torchscript",
+}
+# Quantized formats are judged by top-1 agreement (verify.min_agreement), not by atol.
+INT8_FORMATS = frozenset({"onnx_int8", "executorch_int8"})
+
+_ONNX_HINT = "pip install onnx onnxscript onnxruntime (core dependencies of compresspipe)"
+# format -> [(top-level package, what to install)]; checked with find_spec, so validation imports nothing heavy
+REQUIREMENTS: dict[str, list[tuple[str, str]]] = {
+    "onnx": [("onnx", _ONNX_HINT), ("onnxscript", _ONNX_HINT), ("onnxruntime", _ONNX_HINT)],
+    "onnx_int8": [("onnx", _ONNX_HINT), ("onnxscript", _ONNX_HINT), ("onnxruntime", _ONNX_HINT)],
+    "executorch": [("executorch", "pip install 'compresspipe[mobile]'")],
+    "executorch_int8": [("executorch", "pip install 'compresspipe[mobile]'"),
+                        ("torchao", "pip install 'compresspipe[torchao]'")],
+    "torch_export": [],
+    "safetensors": [],
+    "torchscript": [],
+}
+MIN_OPSET = 7
+MIN_OPSET_INT8 = 13  # per-channel QDQ (QuantizeLinear with axis) needs opset 13
+FALLBACK_MAX_OPSET = 23  # used only when onnx itself is missing (an onnx format then fails anyway)
+
+
+def missing_requirements(fmt: str) -> list[str]:
+    """Install hints for the packages `fmt` needs that are not importable here."""
+    hints: list[str] = []
+    for package, hint in REQUIREMENTS.get(fmt, []):
+        if importlib.util.find_spec(package) is None and hint not in hints:
+            hints.append(f"{package} is not installed ({hint})")
+    return hints
+
+
+def max_opset() -> int:
+    """Highest opset the installed onnx knows (the exporter cannot write a newer one)."""
+    if importlib.util.find_spec("onnx") is None:
+        return FALLBACK_MAX_OPSET
+    from onnx.defs import onnx_opset_version
+
+    return int(onnx_opset_version())
+
+
+class VerifySettings(StrictModel):
+    """How each exported file is checked against the PyTorch model on real validation batches."""
+
+    batches: PositiveInt = Field(8, description="validation batches (data.eval_batch_size samples each)")
+    atol: float = Field(1e-4, gt=0, description="largest allowed |exported - pytorch| logit difference (float formats)")
+    min_agreement: float = Field(
+        0.97, gt=0, le=1,
+        description="smallest allowed top-1 agreement with PyTorch for int8 formats and float16/bfloat16 models, "
+                    "which are judged by agreement because atol on logits is meaningless after rounding",
+    )
+
+
+class Int8Settings(StrictModel):
+    """Post-training int8 for onnx_int8 (ONNX Runtime) and executorch_int8 (XNNPACK quantizer, PT2E)."""
+
+    calibration_batches: PositiveInt = Field(8, description="batches drawn from the calibration split")
+    batch_size: PositiveInt = Field(32, description="calibration batch size")
+    per_channel: bool = Field(True, description="per-output-channel weight scales")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="activation range estimator (onnx_int8)"
+    )
+    onnx_method: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="auto: static QDQ when the graph has Conv, dynamic for Linear/RNN-only graphs"
+    )
+
+
+class ExportConfig(StageConfig):
+    """Write deployable files (ONNX, ONNX int8, ExecuTorch .pte, torch.export .pt2, safetensors) and verify each."""
+
+    type: Literal["export"]
+    formats: list[Format] = Field(
+        default_factory=lambda: list[Format](["onnx", "safetensors"]), min_length=1,
+        description="onnx | onnx_int8 | executorch | executorch_int8 | torch_export | safetensors | "
+                    "torchscript (deprecated in torch 2.14; use executorch)",
+    )
+    opset: int = Field(18, ge=MIN_OPSET, description="ONNX opset; below 18 the TorchScript-based exporter is used")
+    dynamic_batch: bool = Field(
+        True, description="ONNX and torch.export files accept any batch size; false: fixed batch 1"
+    )
+    verify: VerifySettings = Field(default_factory=lambda: VerifySettings())
+    int8: Int8Settings = Field(default_factory=lambda: Int8Settings())
+    sparse: bool = Field(
+        False, description="also store the safetensors weights compactly (deflate zip; pays off for "
+                           "unstructured sparsity); the manifest gives both sizes"
+    )
+
+    implementation: ClassVar[str] = "compresspipe.stages.export.stage:ExportStage"
+    example: ClassVar[dict[str, Any]] = {"type": "export", "formats": ["onnx", "safetensors"], "verify": {"batches": 1}}
+
+    @field_validator("formats")
+    @classmethod
+    def _formats_usable(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for fmt in value:
+            if fmt in seen:
+                raise ValueError(f"format {fmt!r} is listed twice")
+            seen.add(fmt)
+        for fmt in value:
+            missing = missing_requirements(fmt)
+            if missing:
+                raise ValueError(f"format {fmt!r} cannot run here: {'; '.join(missing)}")
+        return value
+
+    @model_validator(mode="after")
+    def _opset_possible(self) -> ExportConfig:
+        if not any(f.startswith("onnx") for f in self.formats):
+            return self
+        top = max_opset()
+        if self.opset > top:
+            raise ValueError(f"opset {self.opset} is newer than the installed onnx supports (at most {top}); "
+                             f"use opset <= {top} or upgrade onnx")
+        if "onnx_int8" in self.formats and self.opset < MIN_OPSET_INT8:
+            raise ValueError(f"onnx_int8 needs opset >= {MIN_OPSET_INT8} (per-channel QuantizeLinear); "
+                             f"got opset {self.opset}")
+        return self
+
+
+__all__ = ["FORMAT_MODULES", "FORMAT_ORDER", "ExportConfig", "Int8Settings", "VerifySettings"]

@@ -1,0 +1,144 @@
+"""`onnx`: one self-contained .onnx file through torch's dynamo exporter, verified in onnxruntime.
+
+The dynamo exporter writes opset >= 18 only; a lower opset, or a model the dynamo exporter cannot
+capture, goes through the older TorchScript-based exporter (noted in the report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresspipe.stages.export.job import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Exporter,
+    ExportJob,
+    compare,
+    dynamic_batch_shapes,
+    per_sample,
+    time_batches,
+)
+
+DYNAMO_MIN_OPSET = 18
+# protobuf cannot hold a single file over 2 GiB; larger models keep their weights in model.onnx.data
+SINGLE_FILE_LIMIT = 1_800_000_000
+
+
+def available() -> str | None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed (pip install onnx onnxscript onnxruntime)"
+    return None
+
+
+def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
+    """Export `module` to `path` (plus path.data for huge models); returns the files written."""
+    opset = job.config.opset
+    dynamic = job.config.dynamic_batch
+    example = job.example(2 if dynamic else 1)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > SINGLE_FILE_LIMIT
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    dynamo_error = None
+    if opset >= DYNAMO_MIN_OPSET:
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    module, (example,), str(path), dynamo=True, verbose=False, opset_version=opset,
+                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch_shapes(job),
+                    external_data=big,
+                )
+        except Exception as exc:  # the exporter raises many types; fall back and say why
+            dynamo_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if opset < DYNAMO_MIN_OPSET or dynamo_error is not None:
+        why = (f"the dynamo exporter failed ({dynamo_error[:200]})" if dynamo_error
+               else f"opset {opset} is below the dynamo exporter's minimum ({DYNAMO_MIN_OPSET})")
+        job.notes.append(f"{path.name}: {why}; used the TorchScript-based exporter (dynamo=False)")
+        axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+        with _quiet():
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+    data = path.with_name(path.name + ".data")
+    if not big:  # merge any external-data file: one self-contained file ships easier
+        strip_debug_info(path)
+        data.unlink(missing_ok=True)
+    return [path] + ([data] if data.exists() else [])
+
+
+def strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces with build-machine paths, fx node text).
+
+    It does not change what the graph computes and is often a large share of a small model's file.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:  # subgraphs (If/Loop bodies)
+                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+    onnx.save(model, str(path), save_as_external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warn about deprecated paths; the stage reports what matters."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(files: list[Path], job: ExportJob) -> dict[str, Any]:
+    """Run the .onnx in onnxruntime (intra-op threads = evaluate.latency.threads) on the verification batches."""
+    threads = job.latency.threads if job.latency is not None else 1
+    sess = session(files[0], threads)
+    name = sess.get_inputs()[0].name
+    dtype = {"tensor(float16)": "float16", "tensor(double)": "float64"}.get(sess.get_inputs()[0].type, "float32")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {name: x.detach().cpu().numpy().astype(dtype, copy=False)})[0])
+
+    runner = run if job.config.dynamic_batch else per_sample(run)
+    metrics = compare(job, runner)
+    metrics["latency_ms"] = time_batches(job, run, None if job.config.dynamic_batch else [1])
+    metrics["runtime"] = f"onnxruntime ({threads} thread{'s' if threads != 1 else ''})"
+    return metrics
+
+
+def export(job: ExportJob, folder: Path) -> list[Path]:
+    files = write_onnx(job.module, job, folder / "model.onnx")
+    job.shared["onnx"] = files[0]
+    return files
+
+
+EXPORTERS = {
+    "onnx": Exporter(
+        "onnx", "model.onnx", available, export, verify_onnx,
+        load_snippet=("import onnxruntime as ort; sess = ort.InferenceSession('model.onnx')",
+                      "logits = sess.run(None, {'input': x.astype('float32')})[0]"),
+    ),
+}

@@ -1,0 +1,331 @@
+"""export: every format writes, verifies in its runtime, and fails loudly when it should."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from compresspipe.cli import app
+from compresspipe.data.sources import load_data
+from compresspipe.engine.artifacts import ModelState, load_model, save_model
+from compresspipe.engine.context import StageContext, StageRecord
+from compresspipe.engine.edits import replace_edit, resize_edit, shape_snapshot
+from compresspipe.engine.ui import UI
+from compresspipe.errors import RecipeError, StageConfigError
+from compresspipe.models.factory import build_model
+from compresspipe.recipe import load_recipe
+from compresspipe.stages.export import ExportConfig
+from compresspipe.stages.export.stage import ExportStage
+from tests.fixtures import tiny_recipe, write_recipe
+
+RECIPE = Path(__file__).parent.parent.parent / "recipes" / "export.yaml"
+runner = CliRunner()
+SMALL_CNN = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}}
+
+
+def _export_cfg(**fields) -> ExportConfig:
+    base = {"type": "export", "name": "export", "verify": {"batches": 1},
+            "int8": {"calibration_batches": 2, "batch_size": 32}}
+    return ExportConfig.model_validate({**base, **fields})
+
+
+def _ctx(tmp_path: Path, recipe: dict, history: dict | None = None) -> StageContext:
+    parsed = load_recipe(write_recipe(tmp_path, recipe, "ctx.yaml"))
+    shape = tuple(parsed.model.input_shape) if parsed.model.input_shape else None
+    data = load_data(parsed.data, 0, shape)
+    return StageContext(parsed, 1, "export", tmp_path / "stage", torch.device("cpu"), 0, data, UI(quiet=True),
+                        history or {})
+
+
+@functools.cache
+def _trained_weights() -> dict[str, torch.Tensor]:
+    """digits-cnn (small) trained briefly, once per session: int8 agreement needs a model with clear margins."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    module = build_model(SMALL_CNN)
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.as_tensor(bunch.target)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(2):
+        for i in range(0, len(x), 256):
+            opt.zero_grad()
+            nn.functional.cross_entropy(module(x[i:i + 256]), y[i:i + 256]).backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _trained_cnn() -> ModelState:
+    module = build_model(SMALL_CNN)
+    module.load_state_dict(_trained_weights())
+    return ModelState(module.eval(), dict(SMALL_CNN), (1, 8, 8), 10)
+
+
+def _digits_recipe() -> dict:
+    recipe = tiny_recipe(model={**SMALL_CNN, "input_shape": [1, 8, 8]}, stages=[])
+    recipe["data"]["eval_batch_size"] = 64
+    return recipe
+
+
+def _rows(result) -> dict[str, dict]:
+    return {r["format"]: r for r in result.details["tables"]["exports"]}
+
+
+# -- the example recipe, at a reduced budget, through the CLI -----------------------------------------------
+
+
+def test_example_recipe_runs_at_reduced_budget(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "run", str(RECIPE), "--out", str(out), "-q",
+        "--set", "stages.0.epochs=3", "--set", "stages.0.lr=0.01", "--set", "data.max_samples=700",
+        "--set", "model.kwargs={width: 8, hidden: 32}",
+        "--set", "evaluate.latency.iters=2", "--set", "evaluate.latency.warmup=0",
+        "--set", "stages.1.verify.batches=1", "--set", "stages.1.int8.calibration_batches=2",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    folder = out / "02-export" / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"] == "compresspipe.export" and manifest["version"] == 1
+    by_format = {e["format"]: e for e in manifest["files"]}
+    assert set(by_format) == {"onnx", "onnx_int8", "torch_export", "safetensors", "executorch", "executorch_int8"}
+    for entry in manifest["files"]:
+        path = folder / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert entry["bytes"] == path.stat().st_size and len(entry["how_to_load"]) == 2
+        assert entry["num_classes"] == 10 and entry["input"]["shape"][1:] == [1, 8, 8]
+    assert by_format["onnx"]["input"]["shape"][0] == "batch" and by_format["executorch"]["input"]["shape"][0] == 1
+    assert not list(folder.glob(".*")), "temporary files left in the export folder"
+
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["format"]: r for r in report["stages"][-1]["details"]["tables"]["exports"]}
+    assert all(r["check"] == "pass" for r in rows.values())
+    assert rows["onnx"]["max_abs_diff"] < 1e-4 and rows["executorch"]["max_abs_diff"] < 1e-4
+    assert rows["onnx_int8"]["top1_agreement"] >= 0.97 and rows["executorch_int8"]["top1_agreement"] >= 0.97
+    # int8 weights: fewer bytes than float32 (on a model this tiny, graph overhead keeps it near 2x)
+    assert rows["onnx"]["bytes"] / rows["onnx_int8"]["bytes"] > 1.8
+    assert rows["executorch"]["bytes"] / rows["executorch_int8"]["bytes"] > 1.8
+    assert rows["onnx"]["latency b1 ms"] > 0 and rows["onnx"]["latency b64 ms"] > 0
+    assert rows["executorch"]["latency b64 ms"] is None  # a .pte runs batch 1 only
+    accuracy = report["stages"][-1]["accuracy"]
+    assert abs(rows["onnx"]["accuracy"] - accuracy) < 0.01 < accuracy
+    markdown = (out / "report.md").read_text()
+    assert "## export: exports" in markdown and "## export: files" in markdown and "load_method('forward')" in markdown
+
+
+# -- validation before anything runs: exit 2 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,message", [
+    ({"opset": 99}, "newer than the installed onnx supports"),
+    ({"opset": 5}, "greater than or equal to 7"),
+    ({"formats": ["onnx_int8"], "opset": 11}, "onnx_int8 needs opset >= 13"),
+    ({"formats": ["onnx", "onnx"]}, "listed twice"),
+    ({"formats": ["tflite"]}, "must be one of"),
+])
+def test_bad_config_is_a_recipe_error(tmp_path, stage, message):
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 1}, {"type": "export", **stage}])
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_missing_runtime_exits_2_naming_what_to_install(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
+    path = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "export", "formats": ["onnx", "executorch"]}]))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "executorch is not installed" in result.output and "compresspipe[mobile]" in result.output
+
+
+# -- verification outside tolerance: exit 3, files kept ------------------------------------------------------
+
+
+def test_failed_verification_exits_3_and_keeps_files(tmp_path):
+    recipe = tiny_recipe(stages=[{"type": "export", "formats": ["onnx"], "verify": {"batches": 1, "atol": 1e-12}}])
+    recipe["model"] = {**SMALL_CNN, "input_shape": [1, 8, 8]}
+    recipe["evaluate"]["latency"]["enabled"] = False
+    path = write_recipe(tmp_path, recipe)
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 3, result.output
+    assert "verify.atol" in result.output and "kept for inspection" in result.output
+    kept = tmp_path / "run" / ".01-export.partial" / "export"
+    assert (kept / "model.onnx").stat().st_size > 10_000
+    checks = json.loads((kept / "manifest.json").read_text())["checks"]
+    assert checks[0]["check"].startswith("max |diff|") and 0 < checks[0]["max_abs_diff"] < 1e-3
+
+
+# -- after structural edits: resize (structured pruning) and replace (factorization) -----------------------
+
+
+def test_exports_after_resize_and_replace_edits(tmp_path):
+    state = _trained_cnn()
+    model = state.module
+    before = shape_snapshot(model)
+    keep = torch.arange(0, 8, 2)  # structured pruning by hand: c1 keeps 4 of 8 channels
+    with torch.no_grad():
+        model.c1.weight = nn.Parameter(model.c1.weight[keep].clone())
+        model.c1.bias = nn.Parameter(model.c1.bias[keep].clone())
+        for name in ("weight", "bias"):
+            setattr(model.bn1, name, nn.Parameter(getattr(model.bn1, name)[keep].clone()))
+        model.bn1.running_mean, model.bn1.running_var = model.bn1.running_mean[keep], model.bn1.running_var[keep]
+        model.c2.weight = nn.Parameter(model.c2.weight[:, keep].clone())
+    model.c1.out_channels = model.bn1.num_features = model.c2.in_channels = 4
+    state.record(resize_edit(before, model))
+    u, s, v = torch.linalg.svd(model.fc1.weight.detach(), full_matrices=False)  # factorization by hand
+    low = nn.Sequential(nn.Linear(model.fc1.in_features, 8, bias=False), nn.Linear(8, model.fc1.out_features))
+    with torch.no_grad():
+        low[0].weight.copy_(torch.diag(s[:8]) @ v[:8])
+        low[1].weight.copy_(u[:, :8])
+        low[1].bias.copy_(model.fc1.bias)
+    model.fc1 = low
+    state.record(replace_edit("fc1", low))
+
+    ctx = _ctx(tmp_path, _digits_recipe())
+    result = ExportStage(_export_cfg(formats=["onnx", "onnx_int8", "torch_export", "safetensors"],
+                                     verify={"batches": 2, "min_agreement": 0.9})).run(state, ctx)
+    rows = _rows(result)
+    assert result.kind == "export" and result.state is state
+    assert all(r["check"] == "pass" for r in rows.values()), rows
+    assert rows["onnx"]["max_abs_diff"] < 1e-4 and rows["safetensors"]["max_abs_diff"] == 0
+    reloaded = load_model(ctx.stage_dir / "export" / "safetensors")  # replays resize + replace
+    assert reloaded.module.c1.out_channels == 4 and isinstance(reloaded.module.fc1, nn.Sequential)
+    import onnx
+
+    graph = onnx.load(str(ctx.stage_dir / "export" / "model.onnx")).graph
+    c1 = next(t for t in graph.initializer if list(t.dims)[:1] == [4] and len(t.dims) == 4)
+    assert list(c1.dims) == [4, 1, 3, 3]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+
+
+def test_linear_only_model_gets_dynamic_int8_and_sparse_zip(tmp_path):
+    recipe = tiny_recipe(stages=[])
+    ctx = _ctx(tmp_path, recipe)
+    source = {"builtin": "digits-mlp", "kwargs": {"hidden": 256}}
+    torch.manual_seed(0)
+    module = build_model(source).eval()
+    with torch.no_grad():  # unstructured sparsity: 90% of fc1 zeroed
+        w = module.fc1.weight
+        w[w.abs() < w.abs().flatten().kthvalue(int(0.9 * w.numel())).values] = 0
+    state = ModelState(module, source, (1, 8, 8), 10)
+    result = ExportStage(_export_cfg(formats=["onnx_int8", "safetensors", "torchscript"], sparse=True,
+                                     verify={"batches": 2, "min_agreement": 0.8})).run(state, ctx)
+    rows = _rows(result)
+    assert all(r["check"] == "pass" for r in rows.values()), rows
+    assert any("dynamic int8" in n for n in result.notes)
+    assert any("TorchScript is deprecated" in n for n in result.notes) and rows["torchscript"]["max_abs_diff"] < 1e-5
+    dense, packed = rows["safetensors"]["bytes"], rows["safetensors_zip"]["bytes"]
+    assert packed < 0.5 * dense
+    assert rows["safetensors_zip"]["max_abs_diff"] == 0
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(ctx.stage_dir / "export" / "model.int8.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+
+
+def test_static_batch_and_low_opset_use_the_torchscript_exporter(tmp_path):
+    ctx = _ctx(tmp_path, _digits_recipe())
+    result = ExportStage(_export_cfg(formats=["onnx", "torch_export"], opset=13, dynamic_batch=False)).run(
+        _trained_cnn(), ctx)
+    rows = _rows(result)
+    assert all(r["check"] == "pass" for r in rows.values()), rows
+    assert any("TorchScript-based exporter" in n for n in result.notes)
+    assert rows["onnx"]["latency b8 ms"] is None and rows["onnx"]["latency b1 ms"] > 0
+    import onnx
+
+    model = onnx.load(str(ctx.stage_dir / "export" / "model.onnx"))
+    assert model.opset_import[0].version == 13
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+# -- torch quantized layers that no exporter can trace --------------------------------------------------------
+
+
+def test_unexportable_quantized_layers_name_the_type_and_use_the_float_model(tmp_path):
+    float_state = _trained_cnn()
+    ctx_recipe = _digits_recipe()
+    quantized = float_state.clone()
+    quantized.module.fc2 = torch.ao.nn.quantized.dynamic.Linear(32, 10)
+    quantized.module.fc2.set_weight_bias(torch.quantize_per_tensor(float_state.module.fc2.weight.detach(), 0.01, 0,
+                                                                   torch.qint8), float_state.module.fc2.bias.detach())
+    ctx = _ctx(tmp_path, ctx_recipe)
+    with pytest.raises(StageConfigError, match=r"Linear \(fc2\).*formats: \[onnx_int8, safetensors\]"):
+        ExportStage(_export_cfg(formats=["onnx"])).run(quantized, ctx)
+    with pytest.raises(StageConfigError, match="no earlier stage recorded"):
+        ExportStage(_export_cfg(formats=["onnx_int8"])).run(quantized, ctx)
+
+    # a quantize stage that recorded the handoff: onnx_int8 quantizes the float model before it
+    float_dir = tmp_path / "01-train"
+    save_model(float_state, float_dir)
+    handoff = {"export": {"onnx_int8": {"per_channel": False, "observer": "minmax", "calibration_batches": 2}}}
+    history = {
+        "train": StageRecord(1, "train", "train", float_dir, {}),
+        "quantize": StageRecord(2, "quantize", "quantize", tmp_path / "02-quantize", {"details": handoff}),
+    }
+    ctx = _ctx(tmp_path, ctx_recipe, history)
+    result = ExportStage(_export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.9})).run(
+        quantized, ctx)
+    row = _rows(result)["onnx_int8"]
+    assert row["check"] == "pass" and row["top1_agreement"] >= 0.9
+    assert any("per-tensor" in n for n in result.notes)  # the quantize stage's settings were used
+
+
+# -- torchvision classifiers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kwargs,formats", [
+    ("resnet18", {}, ["onnx", "onnx_int8", "torch_export", "safetensors"]),
+    ("mobilenet_v2", {"width_mult": 0.25}, ["onnx"]),
+])
+def test_torchvision_classifiers_export(tmp_path, name, kwargs, formats):
+    recipe = tiny_recipe(model={"torchvision": name, "kwargs": {"num_classes": 10, **kwargs},
+                                "input_shape": [3, 32, 32]},
+                         data={"dataset": "synthetic", "shape": [3, 32, 32], "samples": 48, "eval_batch_size": 16},
+                         stages=[])
+    recipe["evaluate"]["latency"]["enabled"] = False
+    ctx = _ctx(tmp_path, recipe)
+    source = {"torchvision": name, "kwargs": {"num_classes": 10, **kwargs}}
+    torch.manual_seed(0)
+    state = ModelState(build_model(source).eval(), source, (3, 32, 32), 10)
+    result = ExportStage(_export_cfg(formats=formats, verify={"batches": 1, "min_agreement": 0.5})).run(state, ctx)
+    rows = _rows(result)
+    assert all(r["check"] == "pass" for r in rows.values()), rows
+    assert rows["onnx"]["max_abs_diff"] < 1e-4
+    if "onnx_int8" in rows:
+        assert rows["onnx"]["bytes"] / rows["onnx_int8"]["bytes"] > 3.5  # resnet18: weights dominate
+
+
+# -- after the real prune, factorize and quantize stages ---------------------------------------------------------
+
+
+def test_export_after_prune_factorize_and_quantize_stages(tmp_path):
+    recipe = tiny_recipe(model={**SMALL_CNN, "input_shape": [1, 8, 8]}, stages=[
+        {"type": "train", "epochs": 3, "lr": 0.01},
+        {"type": "prune", "method": "structured", "amount": 0.5},
+        {"type": "factorize", "rank": {"ratio": 0.5}},
+        {"type": "export", "name": "export-float", "formats": ["onnx", "torch_export", "safetensors"],
+         "verify": {"batches": 1}},
+        {"type": "quantize", "method": "static", "calibration": {"batches": 2}},
+        {"type": "export", "formats": ["onnx_int8", "safetensors"], "verify": {"batches": 1, "min_agreement": 0.9}},
+    ])
+    recipe["evaluate"]["latency"]["enabled"] = False
+    path = write_recipe(tmp_path, recipe)
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    by_name = {s["name"]: s for s in report["stages"]}
+    float_rows = {r["format"]: r for r in by_name["export-float"]["details"]["tables"]["exports"]}
+    int8_rows = {r["format"]: r for r in by_name["export"]["details"]["tables"]["exports"]}
+    assert float_rows["onnx"]["max_abs_diff"] < 1e-4 and float_rows["torch_export"]["max_abs_diff"] < 1e-4
+    assert int8_rows["onnx_int8"]["top1_agreement"] >= 0.9
+    assert int8_rows["safetensors"]["max_abs_diff"] == 0  # the quantized torch model reloads from model.json
+    assert any("static int8" in n for n in by_name["export"]["notes"])
