@@ -205,7 +205,8 @@ class _QuantLayer(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dtype != torch.float32:
+        if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or x.dtype != torch.float32):
             return self._reference(x)
         c = self._packed()
         if self.mode == "weight_only":
