@@ -20,7 +20,7 @@ from rich.table import Table
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
     names = argv or sorted(p.stem for p in here.glob("bench_*.py"))
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=220)
     results: dict[str, list[dict]] = {}
     failed = 0
     for name in names:

@@ -53,6 +53,12 @@ def _lower(program: torch.export.ExportedProgram, path: Path) -> None:
 
 
 def export_float(job: ExportJob, folder: Path) -> list[Path]:
+    from compresspipe.errors import StageConfigError
+
+    if any(e.get("kind") == "quantize" for e in job.state.edits):
+        raise StageConfigError(job.stage, "format executorch cannot lower the quantize stage's int8 layers "
+                                          "(their fake-quant ops are not core ATen); use executorch_int8, which "
+                                          "quantizes the float model before quantize with XNNPACK's own quantizer")
     path = folder / "model.pte"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,14 +75,15 @@ def _quantized(job: ExportJob) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     cfg = job.config.int8
+    source = job.float_module if job.float_module is not None else job.module  # after a quantize stage: its float input
     quantizer = XNNPACKQuantizer()
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
     try:  # calibrate whole batches when the graph allows a free batch dimension
-        captured = torch.export.export(job.module, (job.example(2),),
+        captured = torch.export.export(source, (job.example(2),),
                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
         batched = True
     except Exception:
-        captured = torch.export.export(job.module, (job.example(1),)).module()
+        captured = torch.export.export(source, (job.example(1),)).module()
         batched = False
     prepared = prepare_pt2e(captured, quantizer)
     with torch.no_grad():

@@ -145,7 +145,7 @@ class ExportStage(Stage[ExportConfig]):
         if not bad and records and records[0][1].get("module_exportable") is False:
             bad = recorded_layers(module, records[0][1]) or {f"layers of stage '{records[0][0]}'": ["(all)"]}
         if not bad:
-            if "onnx_int8" in formats and handoff and handoff.get("float_stage"):  # asked for explicitly
+            if {"onnx_int8", "executorch_int8"} & set(formats) and handoff and handoff.get("float_stage"):
                 return ctx.load_stage(str(handoff["float_stage"])).module.eval().to("cpu"), handoff
             return None, handoff
         kinds = ", ".join(f"{k} ({', '.join(v[:3])}{' ...' if len(v) > 3 else ''})" for k, v in bad.items())
