@@ -25,3 +25,17 @@ def test_quickstart_runs_at_reduced_budget(tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "q" / "01-train" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_plan_runs_on_every_recipe_without_training(path, tmp_path):
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    result = runner.invoke(app, ["plan", str(path), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert [s["name"] for s in plan["stages"]][0] == "baseline" and len(plan["stages"]) > 1
+    assert time.perf_counter() - t0 < 30  # seconds, not a training run
+    assert not (tmp_path / "runs").exists()
