@@ -15,6 +15,7 @@ TITLE = "quickstart: train digits-cnn on digits (target: >= 97% in < 60 s)"
 def run() -> list[dict]:
     recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "quickstart.yaml").read_text())
     recipe["stages"] = [s for s in recipe["stages"] if s["type"] == "train"]
+    recipe.pop("gates", None)  # the gates judge the compressed end of the pipeline
     t0 = time.perf_counter()
     report = run_recipe_dict(recipe)
     seconds = time.perf_counter() - t0
