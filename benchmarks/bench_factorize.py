@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from benchmarks import common
 from benchmarks.common import run_recipe_dict, stage
 
 TITLE = "factorize: factorized model vs the model it came from (ratios > 1 are better)"
@@ -26,15 +26,7 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "factorize.yaml"
 
 def paired_latency(reference: Any, new: Any, shape: tuple[int, ...], batch: int, rounds: int = 7,
                    iters: int = 30) -> tuple[float, float, float]:
-    """(reference ms, new ms, reference/new): medians over interleaved rounds."""
-    from compresspipe.metrics import measure_latency
-
-    ref_ms, new_ms = [], []
-    for _ in range(rounds):
-        ref_ms.append(measure_latency(reference, shape, [batch], warmup=3, iters=iters, threads=1)[batch])
-        new_ms.append(measure_latency(new, shape, [batch], warmup=3, iters=iters, threads=1)[batch])
-    a, b = statistics.median(ref_ms), statistics.median(new_ms)
-    return a, b, a / b
+    return common.paired_latency(reference, new, shape, batch, rounds, iters, warmup=3)
 
 
 def _verdict(ok: bool, what: str) -> str:

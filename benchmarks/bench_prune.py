@@ -8,11 +8,11 @@ processes hits both alike.
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks import common
 from benchmarks.common import run_recipe_dict, stage
 
 TITLE = "prune: structured vs magnitude, pruned model vs its reference (ratios > 1 are better)"
@@ -26,17 +26,9 @@ DIGITS: dict[str, Any] = {
 }
 
 
-def paired_speedup(reference: Any, pruned: Any, shape: tuple[int, ...], batch: int, rounds: int = 7,
+def paired_speedup(reference: Any, new: Any, shape: tuple[int, ...], batch: int, rounds: int = 7,
                    iters: int = 40) -> tuple[float, float, float]:
-    """(reference ms, pruned ms, reference/pruned): medians over interleaved rounds."""
-    from compresspipe.metrics import measure_latency
-
-    ref_ms, new_ms = [], []
-    for _ in range(rounds):
-        ref_ms.append(measure_latency(reference, shape, [batch], warmup=5, iters=iters, threads=1)[batch])
-        new_ms.append(measure_latency(pruned, shape, [batch], warmup=5, iters=iters, threads=1)[batch])
-    a, b = statistics.median(ref_ms), statistics.median(new_ms)
-    return a, b, a / b
+    return common.paired_latency(reference, new, shape, batch, rounds, iters, warmup=5)
 
 
 def _folder(tmp: Path, name: str) -> Path:

@@ -26,3 +26,19 @@ def run_recipe_dict(recipe: dict[str, Any], folder: Path | None = None) -> dict[
 
 def stage(report: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in report["stages"] if s["name"] == name)
+
+
+def paired_latency(reference: Any, new: Any, shape: tuple[int, ...], batch: int, rounds: int = 7,
+                   iters: int = 40, warmup: int = 5) -> tuple[float, float, float]:
+    """(reference ms, new ms, reference/new): medians over interleaved rounds, one thread, so load on
+    the machine hits both models alike."""
+    import statistics
+
+    from compresspipe.metrics import measure_latency
+
+    ref_ms, new_ms = [], []
+    for _ in range(rounds):
+        ref_ms.append(measure_latency(reference, shape, [batch], warmup=warmup, iters=iters, threads=1)[batch])
+        new_ms.append(measure_latency(new, shape, [batch], warmup=warmup, iters=iters, threads=1)[batch])
+    a, b = statistics.median(ref_ms), statistics.median(new_ms)
+    return a, b, a / b
