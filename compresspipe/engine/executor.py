@@ -106,6 +106,18 @@ def stage_implementation(config: StageConfig) -> type[Stage]:
     return impl
 
 
+def check_requirements(recipe: Recipe, impls: list[type[Stage]], data: DataSplits) -> None:
+    """Each stage declares the data it needs; say which stage lacks it before anything runs."""
+    sizes = {"train_data": ("training", len(data.train)),  # type: ignore[arg-type]
+             "calibration_data": ("calibration", len(data.calibration))}  # type: ignore[arg-type]
+    for cfg, impl in zip(recipe.stages, impls, strict=True):
+        for need in sorted(impl.requires & set(sizes)):
+            split, n = sizes[need]
+            if n == 0:
+                raise InputError(f"stage {cfg.name!r} ({cfg.type}) needs {split} data, but the {split} split of "
+                                 f"dataset {recipe.data.dataset!r} is empty; give it more samples")
+
+
 def _pid_alive(pid: int | None, host: str | None) -> bool:
     if not pid or host != socket.gethostname():
         return False
@@ -154,6 +166,7 @@ class Executor:
         if shape is not None and tuple(data.input_shape) != shape:
             raise InputError(f"model.input_shape is {list(shape)} but dataset {self.recipe.data.dataset!r} "
                              f"gives samples of shape {list(data.input_shape)}")
+        check_requirements(self.recipe, impls, data)
         inputs: dict[str, Any] = {"data": data.fingerprint()}
         if self.recipe.model.checkpoint:
             inputs["checkpoint"] = sha256_file(Path(self.recipe.model.checkpoint))

@@ -10,7 +10,12 @@ from typing import Any
 from compresspipe.data.sources import load_data
 from compresspipe.engine.artifacts import ModelState
 from compresspipe.engine.context import StageContext
-from compresspipe.engine.executor import resolve_device, seed_everything, stage_implementation
+from compresspipe.engine.executor import (
+    check_requirements,
+    resolve_device,
+    seed_everything,
+    stage_implementation,
+)
 from compresspipe.engine.ui import UI
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.recipe.spec import Recipe
@@ -43,7 +48,7 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
         calib = getattr(s, "calibration", None)
         batches = getattr(calib, "batches", None)
         if s.type == "quantize" and getattr(s, "method", None) == "static":
-            n = -(-min(recipe.data.calibration_samples, 10**9) // recipe.data.eval_batch_size)
+            n = -(-recipe.data.calibration_samples // recipe.data.eval_batch_size)  # batches available
             if batches == 1 or n <= 1:
                 warn(s, "static quantization calibrates on a single batch: scales will be noisy; "
                         "raise calibration.batches or data.calibration_samples")
@@ -58,6 +63,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     seed_everything(recipe.seed)
     shape = tuple(recipe.model.input_shape) if recipe.model.input_shape else None
     data = load_data(recipe.data, recipe.seed, shape)
+    check_requirements(recipe, impls, data)
     module = build_from_spec(recipe.model).eval()
     source = recipe.model.model_dump(include={"builtin", "torchvision", "kwargs"})
     state = ModelState(module, source, tuple(data.input_shape), data.num_classes)

@@ -214,3 +214,18 @@ def test_resume_inside_a_stage_continues_from_the_last_finished_epoch(tmp_path, 
     assert _stable(resumed.report) == _stable(full.report)
     assert _weights_hashes(resumed.folder) == _weights_hashes(full.folder)
     assert not (tmp_path / "cut" / "01-train" / ".checkpoints").exists()
+
+
+def test_stage_requirements_are_checked_before_anything_runs(tmp_path):
+    from compresspipe.data.sources import DataSplits
+    from compresspipe.engine.executor import check_requirements
+    from compresspipe.errors import InputError
+    from compresspipe.stages.prune import PruneStage
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(stages=[{"type": "prune", "amount": 0.5}])))
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64))
+    full = torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
+    data = DataSplits(train=full, val=full, calibration=empty, num_classes=10, input_shape=(1, 8, 8))
+    with pytest.raises(InputError, match=r"stage 'prune' \(prune\) needs calibration data"):
+        check_requirements(recipe, [PruneStage], data)
+    check_requirements(recipe, [PruneStage], DataSplits(full, full, full, 10, (1, 8, 8)))
