@@ -53,12 +53,10 @@ def _lower(program: torch.export.ExportedProgram, path: Path) -> None:
 
 
 def export_float(job: ExportJob, folder: Path) -> list[Path]:
-    from compresspipe.errors import StageConfigError
-
     if any(e.get("kind") == "quantize" for e in job.state.edits):
-        raise StageConfigError(job.stage, "format executorch cannot lower the quantize stage's int8 layers "
-                                          "(their fake-quant ops are not core ATen); use executorch_int8, which "
-                                          "quantizes the float model before quantize with XNNPACK's own quantizer")
+        job.notes.append("model.pte: the quantize stage's layers run their reference arithmetic (int8 weights "
+                         "dequantized in the program, activations rounded to the calibrated grid) on float "
+                         "kernels; executorch_int8 runs XNNPACK's int8 kernels")
     path = folder / "model.pte"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

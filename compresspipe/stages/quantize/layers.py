@@ -83,6 +83,18 @@ def act_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, zero_point
 
 
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 quantize-dequantize in core ATen ops (what torch.fake_quantize_per_tensor_affine computes).
+
+    Spelled out so every exporter takes it: torch.export (and so the dynamo ONNX exporter) cannot capture
+    the fused op with tensor scales, and ExecuTorch lowers core ATen only.
+    """
+    inv = 1.0 / scale.to(x.dtype)
+    zp = zero_point.to(x.dtype)
+    q = torch.clamp(torch.round(x * inv) + zp, 0, ACT_CLAMP)
+    return (q - zp) * scale.to(x.dtype)
+
+
 class _QuantLayer(nn.Module):
     """Shared storage: int weights (int8, or int4 packed in uint8), per-channel scales, float bias."""
 
@@ -194,14 +206,12 @@ class _QuantLayer(nn.Module):
         """Float emulation with fake-quant ops: other devices, and torch.export/compile tracing."""
         w = self.weight().to(x.dtype)
         if self.mode == "static":
-            x = torch.fake_quantize_per_tensor_affine(
-                x, self.input_scale.float(), self.input_zero_point, 0, ACT_CLAMP)
+            x = fake_quant(x, self.input_scale, self.input_zero_point)
         y = self._float_op(x, w, None if self.fbias is None else self.fbias.to(x.dtype))
         if self.relu:
             y = F.relu(y)
         if self.mode == "static":
-            y = torch.fake_quantize_per_tensor_affine(
-                y, self.output_scale.float(), self.output_zero_point, 0, ACT_CLAMP)
+            y = fake_quant(y, self.output_scale, self.output_zero_point)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
