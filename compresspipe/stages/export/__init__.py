@@ -94,6 +94,15 @@ class Int8Settings(StrictModel):
     onnx_method: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="auto: static QDQ when the graph has Conv, dynamic for Linear/RNN-only graphs"
     )
+    float_small_convs: bool = Field(
+        True, description="onnx_int8: keep convs that sum over fewer than 16 inputs per output (in_channels/groups "
+                          "x kernel area, e.g. a 3x3 conv on a 1-channel image) in float, where ONNX Runtime's "
+                          "float conv is faster than its int8 one; depthwise convs are quantized regardless"
+    )
+    float_output: bool = Field(
+        True, description="onnx_int8 static: the last layer runs int8 but returns float logits instead of "
+                          "rounding them to 8 bits (one node fewer, exact ranking of close scores)"
+    )
 
 
 class ExportConfig(StageConfig):
@@ -111,6 +120,10 @@ class ExportConfig(StageConfig):
     )
     verify: VerifySettings = Field(default_factory=lambda: VerifySettings())
     int8: Int8Settings = Field(default_factory=lambda: Int8Settings())
+    keep_names: bool = Field(
+        False, description="ONNX files keep the exporter's node and tensor names (handy in Netron); by default "
+                           "they get short ids, which makes a small model's file noticeably smaller"
+    )
     sparse: bool = Field(
         False, description="also store the safetensors weights compactly (deflate zip; pays off for "
                            "unstructured sparsity); the manifest gives both sizes"

@@ -70,28 +70,68 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
     data = path.with_name(path.name + ".data")
     if not big:  # merge any external-data file: one self-contained file ships easier
-        strip_debug_info(path)
+        strip_debug_info(path, job.config.keep_names)
         data.unlink(missing_ok=True)
     return [path] + ([data] if data.exists() else [])
 
 
-def strip_debug_info(path: Path) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces with build-machine paths, fx node text).
+def strip_debug_info(path: Path, keep_names: bool = True) -> None:
+    """Drop what does not change the computation: the exporter's per-node debug metadata (stack traces with
+    build-machine paths, fx node text), inferred shapes of intermediate tensors, and, unless `keep_names`,
+    the long node and tensor names (short ids instead; the graph's input and output names stay).
 
-    It does not change what the graph computes and is often a large share of a small model's file.
+    All of it is often a large share of a small model's file.
     """
     import onnx
 
     model = onnx.load(str(path), load_external_data=True)
     graphs = [model.graph]
+    nested = False
     while graphs:
         graph = graphs.pop()
         for node in graph.node:
             del node.metadata_props[:]
             node.doc_string = ""
             for attr in node.attribute:  # subgraphs (If/Loop bodies)
-                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                inner = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                nested = nested or bool(inner)
+                graphs += inner
+    if not keep_names and not nested:  # subgraphs may name outer tensors: renaming them is not worth the risk
+        compact_names(model.graph)
     onnx.save(model, str(path), save_as_external_data=False)
+
+
+def compact_names(graph: Any) -> None:
+    """Rename nodes and internal tensors to short ids; drop intermediate value_info (runtimes infer it)."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in renamed:
+            renamed[name] = _base36(len(renamed))
+        return renamed[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for sparse in graph.sparse_initializer:
+        sparse.values.name = short(sparse.values.name)
+    for i, node in enumerate(graph.node):
+        node.name = f"n{i}"
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    del graph.value_info[:]
+
+
+def _base36(i: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        i, r = divmod(i, 36)
+        out = digits[r] + out
+        if i == 0:
+            return "t" + out
 
 
 @contextlib.contextmanager
@@ -124,7 +164,9 @@ def verify_onnx(files: list[Path], job: ExportJob) -> dict[str, Any]:
 
     runner = run if job.config.dynamic_batch else per_sample(run)
     metrics = compare(job, runner)
-    metrics["latency_ms"] = time_batches(job, run, None if job.config.dynamic_batch else [1])
+    metrics["latency_ms"] = time_batches(job, lambda feed: sess.run(None, feed),
+                                         None if job.config.dynamic_batch else [1],
+                                         prepare=lambda x: {name: x.numpy().astype(dtype, copy=False)})
     metrics["runtime"] = f"onnxruntime ({threads} thread{'s' if threads != 1 else ''})"
     return metrics
 
