@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= dev,torchao,mobile
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test acceptance lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# every export format after every compression stage, builtin and torchvision models (~20 min on 2 cores)
+acceptance: install
+	COMPRESSPIPE_ACCEPTANCE=1 $(BIN)/python -m pytest -q tests/acceptance
 
 lint: install
 	$(BIN)/ruff check compresspipe tests benchmarks
