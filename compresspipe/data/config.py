@@ -14,6 +14,7 @@ class DigitsData(DataConfig):
 
     dataset: Literal["digits"]
     loader: ClassVar[str] = "compresspipe.data.sources:load_digits"
+    preprocessing: ClassVar[str] = "8x8 grayscale, pixel values 0..16 divided by 16 (float32 in [0, 1]), NCHW"
 
 
 class SyntheticData(DataConfig):
@@ -25,6 +26,7 @@ class SyntheticData(DataConfig):
     samples: PositiveInt = 512
     noise: float = Field(1.0, ge=0)
     loader: ClassVar[str] = "compresspipe.data.sources:load_synthetic"
+    preprocessing: ClassVar[str] = "none (synthetic gaussian data)"
 
 
 class ImageFolderData(DataConfig):
@@ -35,6 +37,8 @@ class ImageFolderData(DataConfig):
     mean: list[float] | None = Field(None, description="per-channel normalisation mean")
     std: list[float] | None = Field(None, description="per-channel normalisation std")
     loader: ClassVar[str] = "compresspipe.data.sources:load_imagefolder"
+    preprocessing: ClassVar[str] = ("resize to the input height x width (grayscale when 1 channel), scale to "
+                                    "[0, 1] (torchvision ToTensor), then (x - mean) / std when given, NCHW")
 
 
 class TensorsData(DataConfig):
@@ -45,3 +49,4 @@ class TensorsData(DataConfig):
     inputs_key: str = "inputs"
     labels_key: str = "labels"
     loader: ClassVar[str] = "compresspipe.data.sources:load_tensors"
+    preprocessing: ClassVar[str] = "none: the inputs as stored in the tensors file"

@@ -132,6 +132,8 @@ class DataConfig(StrictModel):
     max_samples: PositiveInt | None = Field(None, description="use at most this many samples (smoke runs)")
 
     loader: ClassVar[str]  # "module:function" (config, seed) -> DataSplits
+    # what a deployed model's caller must do to raw inputs (export manifests quote it)
+    preprocessing: ClassVar[str] = "as the dataset's loader prepares them (see its documentation)"
 
 
 class LatencySpec(StrictModel):

@@ -103,6 +103,7 @@ def test_example_recipe_runs_at_reduced_budget(tmp_path):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
         assert entry["bytes"] == path.stat().st_size and len(entry["how_to_load"]) == 2
         assert entry["num_classes"] == 10 and entry["input"]["shape"][1:] == [1, 8, 8]
+        assert "divided by 16" in entry["preprocessing"]  # what a caller must do to raw digits
     assert by_format["onnx"]["input"]["shape"][0] == "batch" and by_format["executorch"]["input"]["shape"][0] == 1
     assert not list(folder.glob(".*")), "temporary files left in the export folder"
 

@@ -128,6 +128,8 @@ class ExportStage(Stage[ExportConfig]):
                              "folder removes them)")
         notes = list(job.notes) + [f"{len(entries)} files verified in {', '.join(formats)}; "
                                    f"see {EXPORT_FOLDER}/manifest.json"]
+        if entries and entries[0].get("preprocessing"):
+            notes.append(f"inputs the files expect: {entries[0]['preprocessing']}")
         return StageResult(state=state, kind="export", notes=notes,
                            details={"tables": {"exports": rows, "files": [self._file_row(e) for e in entries]},
                                     "manifest": f"{EXPORT_FOLDER}/manifest.json",
@@ -246,6 +248,7 @@ class ExportStage(Stage[ExportConfig]):
             "input": {"name": "input", "shape": [batch, *state.input_shape], "dtype": dtype},
             "output": {"name": "logits", "shape": [batch, state.num_classes]},
             "normalisation": {"mean": mean, "std": std} if mean is not None and std is not None else None,
+            "preprocessing": getattr(data, "preprocessing", None),
             "num_classes": state.num_classes,
             "how_to_load": list(ex.load_snippet),
         }
