@@ -43,7 +43,7 @@ PIPELINES = {"plain": [], "prune": [PRUNE], "factorize": [FACTORIZE], "quantize"
 def test_every_format_exports_and_verifies(tmp_path, model, pipeline):
     spec, data = MODELS[model]
     recipe = {
-        "compresspipe": 1, "name": f"{model}-{pipeline}", "seed": 0, "device": "cpu", "model": spec,
+        "compresspipe": 1, "name": f"{model}-{pipeline.replace('+', '-')}", "seed": 0, "device": "cpu", "model": spec,
         "data": {**data, "batch_size": 32, "eval_batch_size": 32}, "evaluate": {"latency": {"enabled": False}},
         "stages": [{"type": "train", "epochs": 1, "lr": 1.0e-3}, *PIPELINES[pipeline],
                    {"type": "export", "formats": list(FORMAT_ORDER), "verify": {"batches": 2, "min_agreement": 0.8},

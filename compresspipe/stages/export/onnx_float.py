@@ -173,6 +173,10 @@ def verify_onnx(files: list[Path], job: ExportJob) -> dict[str, Any]:
 
 def export(job: ExportJob, folder: Path) -> list[Path]:
     files = write_onnx(job.module, job, folder / "model.onnx")
+    if any(e.get("kind") == "quantize" for e in job.state.edits):
+        job.notes.append("model.onnx: the quantize stage's arithmetic in float ops (activations rounded to the "
+                         "calibrated grid), exact but not faster; model.int8.onnx (format onnx_int8) runs int8 "
+                         "kernels")
     job.shared["onnx"] = files[0]
     return files
 
