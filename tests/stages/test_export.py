@@ -139,6 +139,26 @@ def test_bad_config_is_a_recipe_error(tmp_path, stage, message):
         load_recipe(write_recipe(tmp_path, recipe))
 
 
+def test_opset_the_runtime_cannot_run_is_exit_2_naming_the_highest_usable(tmp_path, monkeypatch):
+    from compresspipe.stages.export import opset
+
+    assert opset._probe(18, int8=True) is None  # the real probe graph loads in the installed onnxruntime
+    real = opset._probe
+    monkeypatch.setattr(opset, "_probe", lambda o, int8: "NOT_IMPLEMENTED QuantizeLinear" if o > 20 and int8
+                        else real(o, int8))
+    opset.runtime_problem.cache_clear()
+    try:
+        recipe = tiny_recipe(stages=[{"type": "export", "formats": ["onnx_int8"], "opset": 22}])
+        result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, recipe))])
+        assert result.exit_code == 2
+        assert "stages[0].opset" in result.output and "cannot run opset 22 int8 graphs" in result.output
+        assert "use opset <= 20" in result.output and "Traceback" not in result.output
+        recipe["stages"][0]["formats"] = ["onnx"]  # float graphs at opset 22 are fine
+        assert runner.invoke(app, ["validate", str(write_recipe(tmp_path, recipe))]).exit_code == 0
+    finally:
+        opset.runtime_problem.cache_clear()
+
+
 def test_missing_runtime_exits_2_naming_what_to_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))

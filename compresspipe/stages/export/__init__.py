@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
 from compresspipe.recipe.spec import StrictModel
 from compresspipe.stages.base import StageConfig
@@ -146,18 +146,25 @@ class ExportConfig(StageConfig):
                 raise ValueError(f"format {fmt!r} cannot run here: {'; '.join(missing)}")
         return value
 
-    @model_validator(mode="after")
-    def _opset_possible(self) -> ExportConfig:
-        if not any(f.startswith("onnx") for f in self.formats):
-            return self
+    @field_validator("opset")
+    @classmethod
+    def _opset_possible(cls, opset: int, info: ValidationInfo) -> int:
+        formats = info.data.get("formats") or []  # declared before opset, so already validated
+        if not any(f.startswith("onnx") for f in formats):
+            return opset
         top = max_opset()
-        if self.opset > top:
-            raise ValueError(f"opset {self.opset} is newer than the installed onnx supports (at most {top}); "
+        if opset > top:
+            raise ValueError(f"opset {opset} is newer than the installed onnx supports (at most {top}); "
                              f"use opset <= {top} or upgrade onnx")
-        if "onnx_int8" in self.formats and self.opset < MIN_OPSET_INT8:
+        if "onnx_int8" in formats and opset < MIN_OPSET_INT8:
             raise ValueError(f"onnx_int8 needs opset >= {MIN_OPSET_INT8} (per-channel QuantizeLinear); "
-                             f"got opset {self.opset}")
-        return self
+                             f"got opset {opset}")
+        from compresspipe.stages.export.opset import runtime_problem
+
+        problem = runtime_problem(opset, "onnx_int8" in formats)
+        if problem:
+            raise ValueError(problem)
+        return opset
 
 
 __all__ = ["FORMAT_MODULES", "FORMAT_ORDER", "ExportConfig", "Int8Settings", "VerifySettings"]
