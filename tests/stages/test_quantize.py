@@ -247,3 +247,18 @@ def test_reference_path_matches_the_int8_kernels(tmp_path, trained, monkeypatch,
         reference = model(x)
     assert (kernels.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
     assert (kernels - reference).abs().max() < 0.05 * kernels.abs().max()
+
+
+def test_fake_quant_matches_torch_and_passes_gradients_straight_through():
+    from compresspipe.stages.quantize.layers import fake_quant
+
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    scale, zero_point = torch.tensor(0.02), torch.tensor(10, dtype=torch.int32)
+    expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+    assert torch.equal(fake_quant(x.detach(), scale, zero_point), expected.detach())  # what exporters trace
+    got = fake_quant(x, scale, zero_point)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+    got.sum().backward()
+    expected_grad = torch.autograd.grad(torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255).sum(),
+                                        x)[0]
+    assert torch.equal(x.grad, expected_grad) and 0 < int(x.grad.sum()) < x.numel()  # both values occur

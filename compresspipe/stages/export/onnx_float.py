@@ -110,7 +110,7 @@ def compact_names(graph: Any) -> None:
         if not name or name in keep:
             return name
         if name not in renamed:
-            renamed[name] = _base36(len(renamed))
+            renamed[name] = f"t{len(renamed):x}"
         return renamed[name]
 
     for init in graph.initializer:
@@ -122,16 +122,6 @@ def compact_names(graph: Any) -> None:
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
     del graph.value_info[:]
-
-
-def _base36(i: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        i, r = divmod(i, 36)
-        out = digits[r] + out
-        if i == 0:
-            return "t" + out
 
 
 @contextlib.contextmanager

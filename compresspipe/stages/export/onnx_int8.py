@@ -104,7 +104,8 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
             source = write_onnx(job.module, job, temp[0])[0]
         opts = settings(job)
         prepared = _preprocess(source, temp[2], job)
-        ops = {node.op_type for node in onnx.load(str(prepared)).graph.node}
+        graph_model = onnx.load(str(prepared))
+        ops = {node.op_type for node in graph_model.graph.node}
         method = opts["method"]
         if method == "auto":
             method = "static" if ops & CONV_OPS else "dynamic"
@@ -114,7 +115,7 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
             method = "static"
         excluded = list(opts["nodes_to_exclude"])
         if method == "static" and job.config.int8.float_small_convs:
-            small = small_convs(onnx.load(str(prepared)))
+            small = small_convs(graph_model)
             if small:
                 excluded += [n for n in small if n not in excluded]
                 job.notes.append(f"model.int8.onnx: {len(small)} conv(s) summing over fewer than "
@@ -122,7 +123,7 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
                                  "ONNX Runtime; int8.float_small_convs)")
         if method == "static":
             reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
-            name = onnx.load(str(prepared)).graph.input[0].name
+            name = graph_model.graph.input[0].name
             quantize_static(
                 str(prepared), str(out), reader_cls(job, name, opts["batch_size"], opts["calibration_batches"]),
                 quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
