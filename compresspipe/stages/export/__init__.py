@@ -97,7 +97,7 @@ class Int8Settings(StrictModel):
     float_small_convs: bool = Field(
         True, description="onnx_int8: keep convs that sum over fewer than 16 inputs per output (in_channels/groups "
                           "x kernel area, e.g. a 3x3 conv on a 1-channel image) in float, where ONNX Runtime's "
-                          "float conv is faster than its int8 one; depthwise convs are quantized regardless"
+                          "float conv is faster than its int8 one; grouped and depthwise convs are quantized regardless"
     )
     float_output: bool = Field(
         True, description="onnx_int8 static: the last layer runs int8 but returns float logits instead of "
