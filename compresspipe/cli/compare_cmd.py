@@ -22,7 +22,7 @@ LABELS = {"accuracy": "accuracy", "params": "params", "bytes": "size", "macs": "
 
 def load_report(path: Path) -> dict[str, Any]:
     """A run folder's report.json (or the file itself), checked to be a compresspipe report we can read."""
-    from compresspipe.engine.report import REPORT_FORMAT, REPORT_VERSION
+    from compresspipe.engine.report import READABLE_VERSIONS, REPORT_FORMAT
     from compresspipe.errors import InputError
 
     file = path / "report.json" if path.is_dir() else path
@@ -36,9 +36,9 @@ def load_report(path: Path) -> dict[str, Any]:
         raise InputError(f"{file}: not a readable report: {exc}") from exc
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise InputError(f"{file}: not a compresspipe report (format {REPORT_FORMAT!r} expected)")
-    if report.get("version") != REPORT_VERSION:
+    if report.get("version") not in READABLE_VERSIONS:
         raise InputError(f"{file}: report version {report.get('version')!r} is not supported "
-                         f"(this compresspipe reads version {REPORT_VERSION})")
+                         f"(this compresspipe reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(report.get("stages"), list):
         raise InputError(f"{file}: report has no stage list")
     return report

@@ -36,6 +36,9 @@ class ModelState:
     input_shape: tuple[int, ...]
     num_classes: int | None = None
     edits: list[dict[str, Any]] = field(default_factory=list)
+    # what one stage hands a later one, by kind, each a versioned JSON object (e.g. "quantize": the float
+    # stage and the int8 settings the export replays); saved in model.json with the model
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def apply(self, edit: dict[str, Any]) -> None:
         """Apply an edit to the module and append it to the log."""
@@ -48,7 +51,7 @@ class ModelState:
 
     def clone(self) -> ModelState:
         return ModelState(copy.deepcopy(self.module), copy.deepcopy(self.source), tuple(self.input_shape),
-                          self.num_classes, copy.deepcopy(self.edits))
+                          self.num_classes, copy.deepcopy(self.edits), copy.deepcopy(self.records))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class ModelState:
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
             "edits": self.edits,
+            "records": self.records,
             "weights": WEIGHTS_FILE,
         }
 
@@ -117,6 +121,10 @@ def load_model(folder: Path, map_location: str | torch.device = "cpu") -> ModelS
     state = ModelState(module, desc["source"], tuple(desc["input_shape"]), desc.get("num_classes"))
     for edit in desc.get("edits", []):
         state.apply(edit)
+    records = desc.get("records", {})
+    if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()):
+        raise ArtifactError(f"{desc_path}: 'records' must map a kind to an object")
+    state.records = records
     try:
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as exc:

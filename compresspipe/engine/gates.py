@@ -9,37 +9,49 @@ from typing import Any
 from compresspipe.engine.fsutil import atomic_write_bytes
 from compresspipe.recipe.spec import Limits, Recipe
 
-# check -> (how to read the value from a report row, comparison, what it means)
+# check -> what it means
 _CHECKS = {
     "max_accuracy_drop": "accuracy drop vs reference",
     "min_accuracy": "accuracy",
-    "min_size_reduction": "size reduction (reference bytes / bytes)",
+    "min_size_reduction": "size reduction (reference file bytes / file bytes)",
     "min_param_reduction": "parameter reduction",
     "min_mac_reduction": "MAC reduction",
-    "min_speedup": "CPU speedup",
+    "min_speedup": "speedup in the deploy runtime (median of interleaved rounds)",
     "min_sparsity": "sparsity",
 }
 
 
-def _value(check: str, row: dict[str, Any], batch: str) -> float | None:
-    vs = row["vs_reference"]
+def _figures(row: dict[str, Any], fmt: str | None) -> dict[str, Any] | None:
+    """The figures a gate judges: the row's shipped file, or the file of format `fmt` (None if not measured)."""
+    if fmt is None or fmt == row.get("format"):
+        return row
+    return (row.get("formats") or {}).get(fmt)
+
+
+def _value(check: str, row: dict[str, Any], fig: dict[str, Any], batch: str) -> float | None:
+    vs = fig["vs_reference"]
     if check == "max_accuracy_drop":
         return None if vs["accuracy_delta"] is None else -vs["accuracy_delta"]
     if check == "min_accuracy":
-        return row["accuracy"]
+        return fig["accuracy"]
     if check == "min_sparsity":
         return row["sparsity"]
     if check == "min_speedup":
-        return vs["speedup"].get(batch)
+        return (vs.get("speedup") or {}).get(batch)
     return vs[check.removeprefix("min_")]
 
 
-def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str) -> list[dict[str, Any]]:
+def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str,
+          remeasured: bool = False) -> list[dict[str, Any]]:
+    """One result per set limit. A speed limit inside the interquartile range of the per-round speedups is
+    `within_noise`: the executor re-measures those files once (`remeasured`), then the median decides."""
     batch = str(limits.latency_batch_size or default_batch)
+    fig = _figures(row, limits.format)
+    fmt = limits.format or row.get("format")
     results = []
     for check in limits.checks():
         limit = getattr(limits, check)
-        value = _value(check, row, batch)
+        value = None if fig is None else _value(check, row, fig, batch)
         if value is None:
             passed = False
         elif check.startswith("max_"):
@@ -47,29 +59,39 @@ def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str) -
         else:
             passed = value >= limit - 1e-12
         name = f"{check}@b{batch}" if check == "min_speedup" else check
-        results.append({"scope": scope, "stage": row["name"], "gate": name, "description": _CHECKS[check],
-                        "value": value, "limit": limit, "passed": passed})
+        result = {"scope": scope, "stage": row["name"], "gate": name, "description": _CHECKS[check],
+                  "format": fmt, "value": value, "limit": limit, "passed": passed}
+        if check == "min_speedup" and fig is not None:
+            iqr = (fig["vs_reference"].get("speedup_iqr") or {}).get(batch)
+            result["batch"] = batch
+            result["interval"] = iqr
+            if iqr and iqr[0] <= limit <= iqr[1]:
+                result["within_noise"] = True
+                result["description"] += (": the limit is inside the spread of the per-round speedups; "
+                                          + ("re-measured with twice the rounds, judged on the median"
+                                             if remeasured else "to be re-measured"))
+        results.append(result)
     return results
 
 
-def evaluate_gates(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
+def evaluate_gates(recipe: Recipe, report: dict[str, Any], remeasured: bool = False) -> list[dict[str, Any]]:
     rows = {s["name"]: s for s in report["stages"]}
-    default_batch = recipe.evaluate.latency.batch_sizes[0]
+    default_batch = recipe.deploy_batch_sizes()[0]
     results: list[dict[str, Any]] = []
     for cfg in recipe.stages:
         if cfg.expect is not None and str(cfg.name) in rows:
-            results += judge(cfg.expect, rows[str(cfg.name)], default_batch, f"stages.{cfg.name}.expect")
+            results += judge(cfg.expect, rows[str(cfg.name)], default_batch, f"stages.{cfg.name}.expect", remeasured)
     if recipe.gates is not None and recipe.stages:
         target = recipe.gates.stage or str(recipe.stages[-1].name)
         if target in rows:
-            results += judge(recipe.gates, rows[target], default_batch, "gates")
+            results += judge(recipe.gates, rows[target], default_batch, "gates", remeasured)
     return results
 
 
 def describe_failures(results: list[dict[str, Any]]) -> str:
     failed = [r for r in results if not r["passed"]]
-    lines = [f"{r['scope']}: {r['gate']} = {_fmt(r['value'])}, limit {_fmt(r['limit'])} ({r['description']})"
-             for r in failed]
+    lines = [f"{r['scope']}: {r['gate']} = {_fmt(r['value'])}, limit {_fmt(r['limit'])} ({r['description']}"
+             f"{'; file ' + str(r['format']) if r.get('format') else ''})" for r in failed]
     return f"{len(failed)} quality gate(s) failed:\n  " + "\n  ".join(lines)
 
 

@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from compresspipe import __version__
-from compresspipe.engine.report import _cell, _fmt_bytes, table_rows
+from compresspipe.engine.report import _cell, _fmt_bytes, measured_on, table_rows
 
 _CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg: #ffffff; --band: #f6f8fa;
@@ -218,13 +218,13 @@ def render_html(report: dict[str, Any]) -> str:
     on_size_front = pareto_optimal([None if b is None or a is None else (b, a) for b, a in zip(sizes, accs, strict=True)])
 
     unit, scale = _size_unit([b for b in sizes if b is not None])
-    header, rows = table_rows(report)
+    header, rows = table_rows(report, spread=True)
     row_classes = [" ".join(c for c in ("reference" if s["name"] == report.get("reference") else "",
                                         "pareto" if on_size_front[i] else "") if c)
                    for i, s in enumerate(stages)]
     title = f"compresspipe report: {report.get('recipe', '')}"
     meta = f"Status: {report.get('status', '?')}. Reference: {report.get('reference', '?')} (ratios in parentheses: " \
-           "reference / stage, > 1 is smaller or faster). Latency: CPU, median per forward pass."
+           f"reference / stage, > 1 is smaller or faster). {measured_on(report)}"
     if report.get("device"):
         meta += f" Device: {report['device']}."
     parts = [
@@ -246,7 +246,7 @@ def render_html(report: dict[str, Any]) -> str:
         '<h2 id="tradeoffs">Trade-offs</h2>',
         '<div class="plots">',
         "<figure>",
-        _scatter("accuracy vs size", f"size of the saved model ({unit})", names,
+        _scatter("accuracy vs size", f"size of the shipped file ({unit})", names,
                  [None if b is None else b / scale for b in sizes], accs, _fmt_ms,
                  lambda v: f"{_fmt_bytes(round(v * scale))} ({round(v * scale):,} bytes)"),
         "<figcaption>Red points are Pareto-optimal: no other stage is both at least as accurate and at least as "

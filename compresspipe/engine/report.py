@@ -7,7 +7,12 @@ from typing import Any
 from rich.table import Table
 
 REPORT_FORMAT = "compresspipe.report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # compare and verify read reports of earlier versions too
+
+# what a row's figures are measured on, in the words of the report
+FORMAT_LABELS = {"torch": "PyTorch model", "onnx": "model.onnx", "onnx_int8": "model.int8.onnx",
+                 "executorch": "model.pte", "executorch_int8": "model.int8.pte"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -16,27 +21,72 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def compare(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
-    """Ratios of a stage to the reference; > 1 means smaller or faster."""
-    acc, ref_acc = row.get("accuracy"), ref.get("accuracy")
+def compare(fig: dict[str, Any], ref: dict[str, Any], row: dict[str, Any], ref_row: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of a file's figures to the reference's shipped file; > 1 means smaller or faster.
+
+    `fig`/`ref`: the measured file entries (bytes, accuracy, speedup per batch); `row`/`ref_row`: the rows, for
+    the model's own counts (parameters, MACs).
+    """
+    acc, ref_acc = fig.get("accuracy"), ref.get("accuracy")
     return {
         "accuracy_delta": None if acc is None or ref_acc is None else acc - ref_acc,
-        "param_reduction": _ratio(ref.get("params"), row.get("params")),
-        "size_reduction": _ratio(ref.get("bytes"), row.get("bytes")),
-        "mac_reduction": _ratio(ref.get("macs"), row.get("macs")),
-        "speedup": {bs: _ratio(ref.get("latency_ms", {}).get(bs), ms) for bs, ms in row.get("latency_ms", {}).items()},
+        "param_reduction": _ratio(ref_row.get("params"), row.get("params")),
+        "size_reduction": _ratio(ref.get("bytes"), fig.get("bytes")),
+        "mac_reduction": _ratio(ref_row.get("macs"), row.get("macs")),
+        "speedup": dict(fig.get("speedup") or {}),
+        "speedup_iqr": dict(fig.get("speedup_iqr") or {}),
     }
 
 
+def _shipped(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(format, figures) of the file a row ships; rows written before deploy existed are their PyTorch model."""
+    formats = row.get("formats") or {}
+    fmt = (row.get("deploy") or {}).get("format")
+    if fmt in formats:
+        return str(fmt), formats[fmt]
+    return "torch", {"bytes": row.get("bytes"), "accuracy": row.get("accuracy"), "loss": row.get("loss"),
+                     "latency_ms": row.get("latency_ms") or {}, "files": ["model.safetensors", "model.json"]}
+
+
 def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, status: str, extra: dict | None = None) -> dict:
-    ref = next((r for r in rows if r["name"] == reference), rows[0])
+    """report.json: every figure from the file that ships (deploy runtime); PyTorch's under `torch`."""
+    ref_row = next((r for r in rows if r["name"] == reference), rows[0])
+    _, ref = _shipped(ref_row)
     stages = []
     for row in rows:
-        out = {k: row.get(k) for k in (
-            "index", "name", "type", "kind", "folder", "accuracy", "loss", "params", "nonzero_params", "sparsity",
-            "bytes", "macs", "latency_ms", "seconds", "notes",
-        )}
-        out["vs_reference"] = compare(row, ref)
+        fmt, fig = _shipped(row)
+        formats = {}
+        for name, entry in (row.get("formats") or {fmt: fig}).items():
+            formats[name] = {k: entry.get(k) for k in (
+                "files", "bytes", "accuracy", "loss", "agreement", "max_abs_diff", "latency_ms", "latency_iqr_ms",
+                "int8")}
+            formats[name]["files"] = [f"{row.get('folder')}/{f}" for f in entry.get("files") or []]
+            formats[name]["vs_reference"] = compare(entry, ref, row, ref_row)
+        notes = list(row.get("notes") or [])
+        for entry in (row.get("formats") or {}).values():
+            notes += [n for n in entry.get("notes") or [] if n not in notes]
+        if row.get("emulated"):
+            notes.append("PyTorch figures of the int8 layers are a float emulation of the int8 arithmetic (not "
+                         "faster in PyTorch); speed comes from the deploy runtime's int8 file")
+        out = {k: row.get(k) for k in ("index", "name", "type", "kind", "folder")}
+        out.update({
+            "runtime": (row.get("deploy") or {}).get("runtime", "torch"),
+            "format": fmt,
+            "files": formats[fmt]["files"],
+            "accuracy": fig.get("accuracy"),
+            "loss": fig.get("loss"),
+            "agreement": fig.get("agreement"),
+            "bytes": fig.get("bytes"),
+            "latency_ms": dict(fig.get("latency_ms") or {}),
+            "latency_iqr_ms": dict(fig.get("latency_iqr_ms") or {}),
+            **{k: row.get(k) for k in ("params", "nonzero_params", "sparsity", "macs")},
+            "torch": {"accuracy": row.get("accuracy"), "loss": row.get("loss"), "bytes": row.get("bytes"),
+                      "latency_ms": row.get("latency_ms") or {}, "emulated": bool(row.get("emulated"))},
+            "formats": formats,
+            "vs_reference": formats[fmt]["vs_reference"],
+            "seconds": row.get("seconds"),
+            "notes": notes,
+        })
         if row.get("details"):
             out["details"] = row["details"]
         stages.append(out)
@@ -45,10 +95,19 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         "version": REPORT_VERSION,
         "recipe": recipe_name,
         "status": status,
-        "reference": ref["name"],
+        "reference": ref_row["name"],
         "stages": stages,
         **(extra or {}),
     }
+
+
+def deploy_summary(recipe: Any) -> dict[str, Any]:
+    """The report's `deploy` block: what the figures are measured on, and on which machine."""
+    from compresspipe.deploy.cpu import machine_record, resolve
+
+    return {"runtime": recipe.deploy_runtime(), "cpu": recipe.deploy.cpu, "cpu_target": resolve(recipe.deploy.cpu),
+            "threads": recipe.deploy_threads(), "batch_sizes": recipe.deploy_batch_sizes(),
+            "rounds": recipe.deploy.rounds, "machine": machine_record()}
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -77,48 +136,100 @@ def _x(r: float | None) -> str:
     return "" if r is None else f" ({r:.2f}x)"
 
 
-def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows shared by the markdown report and the terminal table."""
-    sizes = list(report["stages"][0].get("latency_ms") or {}) if report["stages"] else []
-    header = ["#", "stage", "kind", "accuracy", "Δacc", "params", "sparsity", "size", "MACs"]
+def _speed(ms: float | None, ratio: float | None, iqr: list[float] | None, spread: bool) -> str:
+    if ms is None:
+        return "n/a"
+    text = f"{ms:.3f} ms"
+    if ratio is not None:
+        text += f" ({ratio:.2f}x" + (f", {iqr[0]:.2f}-{iqr[1]:.2f}" if spread and iqr else "") + ")"
+    return text
+
+
+def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows shared by the markdown report and the terminal table: the shipped files' figures.
+
+    `spread`: latency cells also give the interquartile range of the per-round speedups.
+    """
+    stages = report["stages"]
+    sizes = list(stages[0].get("latency_ms") or {}) if stages else []
+    for s in stages:
+        sizes += [bs for bs in s.get("latency_ms") or {} if bs not in sizes]
+    header = ["#", "stage", "kind", "file", "accuracy", "Δacc", "params", "sparsity", "size", "MACs"]
     header += [f"latency b{bs}" for bs in sizes]
     rows = []
-    for s in report["stages"]:
+    for s in stages:
         v = s["vs_reference"]
         acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
         dacc = "" if v["accuracy_delta"] is None else f"{100 * v['accuracy_delta']:+.2f}"
         row = [
-            str(s["index"]), s["name"], s["kind"] or "", acc, dacc,
+            str(s["index"]), s["name"], s["kind"] or "", FORMAT_LABELS.get(s.get("format") or "torch", ""), acc, dacc,
             _fmt_count(s["params"]) + _x(v["param_reduction"]),
             "n/a" if s["sparsity"] is None else f"{100 * s['sparsity']:.1f}%",
             _fmt_bytes(s["bytes"]) + _x(v["size_reduction"]),
             _fmt_count(s["macs"]) + _x(v["mac_reduction"]),
         ]
         for bs in sizes:
-            ms = (s.get("latency_ms") or {}).get(bs)
-            row.append("n/a" if ms is None else f"{ms:.3f} ms" + _x(v["speedup"].get(bs)))
+            row.append(_speed((s.get("latency_ms") or {}).get(bs), (v.get("speedup") or {}).get(bs),
+                              (v.get("speedup_iqr") or {}).get(bs), spread))
         rows.append(row)
     return header, rows
 
 
+def torch_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The PyTorch model's own figures (secondary): accuracy, saved bytes and eager latency per stage."""
+    stages = report["stages"]
+    sizes = list((stages[0].get("torch") or {}).get("latency_ms") or {}) if stages else []
+    header = ["#", "stage", "accuracy", "size", *[f"latency b{bs}" for bs in sizes], "note"]
+    rows = []
+    for s in stages:
+        t = s.get("torch") or {}
+        acc = t.get("accuracy")
+        rows.append([str(s["index"]), s["name"], "n/a" if acc is None else f"{100 * acc:.2f}%",
+                     _fmt_bytes(t.get("bytes")),
+                     *[_speed((t.get("latency_ms") or {}).get(bs), None, None, False) for bs in sizes],
+                     "int8 emulated in float" if t.get("emulated") else ""])
+    return header, rows
+
+
+def measured_on(report: dict[str, Any]) -> str:
+    """One line: which runtime and CPU target the figures come from."""
+    d = report.get("deploy") or {}
+    if not d:
+        return "Figures of the PyTorch model."
+    where = f"{d.get('runtime')}, {d.get('threads')} thread(s)"
+    if d.get("runtime") != "torch":
+        where += f", int8 files for cpu {d.get('cpu_target')}"
+    machine = d.get("machine") or {}
+    return (f"Figures of the files that ship ({where}), measured on {machine.get('cpu', '?')}; latency is the median "
+            f"of {d.get('rounds')} interleaved rounds, speedups the median of the per-round ratios.")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    header, rows = table_rows(report)
+    header, rows = table_rows(report, spread=True)
     lines = [
         f"# compresspipe report: {report['recipe']}",
         "",
         f"Status: **{report['status']}**. Ratios in parentheses compare with the reference "
-        f"`{report['reference']}` (> 1 is smaller or faster). Latency: CPU, median per forward pass.",
+        f"`{report['reference']}` (> 1 is smaller or faster; latency cells give the speedup and the interquartile "
+        f"range of its per-round values). {measured_on(report)}",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *_md_table(header, rows),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if any(s.get("format") not in (None, "torch") for s in report["stages"]):
+        t_header, t_rows = torch_rows(report)
+        lines += ["", "## The PyTorch model (secondary)", "", *_md_table(t_header, t_rows)]
     gates = report.get("gates") or []
     if gates:
         verdict = "all passed" if all(g["passed"] for g in gates) else "FAILED"
         lines += ["", f"## Quality gates: {verdict}", "", "| scope | gate | value | limit | result |", "|---|---|---|---|---|"]
         lines += [f"| {g['scope']} | {g['gate']} | {_cell(g['value'])} | {_cell(g['limit'])} | "
-                  f"{'pass' if g['passed'] else '**FAIL**'} |" for g in gates]
+                  f"{'pass' if g['passed'] else '**FAIL**'}{' (within noise)' if g.get('within_noise') else ''} |"
+                  for g in gates]
     notes = [(s["name"], n) for s in report["stages"] for n in (s.get("notes") or [])]
     if notes:
         lines += ["", "## Notes", ""]

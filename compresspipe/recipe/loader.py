@@ -13,7 +13,14 @@ from pydantic import BaseModel, ValidationError
 from compresspipe.errors import Problem, RecipeError
 from compresspipe.recipe.compose import load_composed, substitute_vars
 from compresspipe.recipe.overrides import Override, apply_overrides, parse_overrides
-from compresspipe.recipe.spec import RECIPE_VERSION, DataConfig, Recipe, StageConfig
+from compresspipe.recipe.spec import (
+    FORMAT_RUNTIME,
+    RECIPE_VERSION,
+    DataConfig,
+    Recipe,
+    StageConfig,
+    runtime_missing,
+)
 from compresspipe.recipe.yamlio import Loc, YamlDocument, format_loc
 from compresspipe.registry import closest, unknown_message
 
@@ -219,10 +226,15 @@ def validate_recipe_data(
 
 def _check_limits(recipe: Recipe, limits: Any) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
-    sizes = recipe.evaluate.latency.batch_sizes
+    sizes = recipe.deploy_batch_sizes()
     if limits.latency_batch_size is not None and limits.latency_batch_size not in sizes:
         problems.append((("latency_batch_size",),
-                         f"{limits.latency_batch_size} is not measured; evaluate.latency.batch_sizes is {sizes}"))
+                         f"{limits.latency_batch_size} is not measured; the deploy batch sizes are {sizes} "
+                         "(deploy.batch_sizes, default evaluate.latency.batch_sizes)"))
+    if limits.format is not None:
+        missing = runtime_missing(FORMAT_RUNTIME[limits.format])
+        if missing:
+            problems.append((("format",), f"format {limits.format} cannot be measured here: {missing}"))
     if limits.min_speedup is not None and not recipe.evaluate.latency.enabled:
         problems.append((("min_speedup",), "needs latency measurement (evaluate.latency.enabled: true)"))
     if not recipe.stages and limits.checks():

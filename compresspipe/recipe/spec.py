@@ -150,6 +150,71 @@ class EvaluateSpec(StrictModel):
     latency: LatencySpec = Field(default_factory=lambda: LatencySpec())
 
 
+Runtime = Literal["auto", "torch", "onnxruntime", "executorch"]
+CpuTarget = Literal["auto", "portable", "x86-avx2", "x86-vnni", "arm64"]
+# The file formats a row of the report can be measured as (`torch`: the stage's own safetensors artifact).
+DeployFormat = Literal["torch", "onnx", "onnx_int8", "executorch", "executorch_int8"]
+RUNTIME_FORMATS: dict[str, tuple[str, str]] = {  # runtime -> (float format, int8 format)
+    "torch": ("torch", "torch"),
+    "onnxruntime": ("onnx", "onnx_int8"),
+    "executorch": ("executorch", "executorch_int8"),
+}
+FORMAT_RUNTIME = {f: rt for rt, pair in RUNTIME_FORMATS.items() for f in pair}
+# runtime -> top-level packages it needs; checked with find_spec, so validation imports nothing heavy
+RUNTIME_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "torch": ((), ""),
+    "onnxruntime": (("onnx", "onnxscript", "onnxruntime"), "pip install onnx onnxscript onnxruntime"),
+    "executorch": (("executorch", "torchao"), "pip install 'compresspipe[mobile,torchao]'"),
+}
+
+
+def runtime_missing(runtime: str) -> str | None:
+    """Why `runtime` cannot run here (a package is not installed), or None."""
+    import importlib.util
+
+    packages, hint = RUNTIME_PACKAGES.get(runtime, ((), ""))
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        return f"runtime {runtime} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} " \
+               f"not installed ({hint})"
+    return None
+
+
+class DeploySpec(StrictModel):
+    """What ships and where. Every row of the report is exported to this runtime's file and measured there:
+    size is the file's bytes, accuracy and latency are measured in the runtime. PyTorch figures stay as
+    secondary columns."""
+
+    runtime: Runtime = Field(
+        "auto", description="torch | onnxruntime | executorch; auto: the runtime of the recipe's export stage "
+                            "(its first format), else torch. The precision follows from the stages: a row after a "
+                            "quantize stage ships the runtime's int8 file"
+    )
+    cpu: CpuTarget = Field(
+        "portable", description="the CPUs the int8 files must be correct on. portable (default): any x86 or ARM "
+                                "CPU, int8 weights limited to 7 bits so ONNX Runtime's u8s8 kernels cannot saturate "
+                                "on AVX2-only x86 CPUs; x86-avx2: the same; x86-vnni: x86 CPUs with AVX512-VNNI/"
+                                "AVX-VNNI, full 8-bit weights; arm64: full 8-bit; auto: this machine's CPU"
+    )
+    threads: PositiveInt | None = Field(None, description="intra-op threads; default: evaluate.latency.threads")
+    batch_sizes: list[PositiveInt] | None = Field(
+        None, min_length=1, description="batch sizes timed in the runtime; default: evaluate.latency.batch_sizes"
+    )
+    rounds: int = Field(
+        5, ge=3, le=50, description="interleaved timing rounds: every row is timed once per round, beside the "
+                                    "reference, and the spread of the per-round ratios bounds the noise"
+    )
+
+    @field_validator("runtime")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        if value != "auto":
+            missing = runtime_missing(value)
+            if missing:
+                raise ValueError(missing)
+        return value
+
+
 class Limits(StrictModel):
     """Quality limits, judged against the reference (the uncompressed model). Unset limits are not checked."""
 
@@ -161,11 +226,15 @@ class Limits(StrictModel):
     min_speedup: float | None = Field(None, gt=0, description="reference latency / stage latency")
     min_sparsity: float | None = Field(None, ge=0, le=1)
     latency_batch_size: PositiveInt | None = Field(
-        None, description="batch size min_speedup is judged at; default: the first of evaluate.latency.batch_sizes"
+        None, description="batch size min_speedup is judged at; default: the first of the deploy batch sizes"
+    )
+    format: DeployFormat | None = Field(
+        None, description="judge this file format (torch | onnx | onnx_int8 | executorch | executorch_int8) "
+                          "instead of the deploy runtime's file; it is built and measured for the judged stage"
     )
 
     def checks(self) -> list[str]:
-        return [k for k, v in self if v is not None and k != "latency_batch_size"]
+        return [k for k, v in self if v is not None and k not in ("latency_batch_size", "format")]
 
 
 class Gates(Limits):
@@ -211,11 +280,29 @@ class Recipe(StrictModel):
     model: ModelSpec
     data: SerializeAsAny[DataConfig]
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    deploy: DeploySpec = Field(default_factory=lambda: DeploySpec(), description="what ships, and where it runs")
     stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
     gates: Gates | None = None
 
     def stage_names(self) -> list[str]:
         return [str(s.name) for s in self.stages]
+
+    def deploy_runtime(self) -> str:
+        """The runtime every figure is measured in: deploy.runtime, or for auto the export stage's first format's."""
+        if self.deploy.runtime != "auto":
+            return self.deploy.runtime
+        for stage in self.stages:
+            for fmt in getattr(stage, "formats", None) or [] if stage.type == "export" else []:
+                runtime = FORMAT_RUNTIME.get(str(fmt))
+                if runtime is not None and runtime_missing(runtime) is None:
+                    return runtime
+        return "torch"
+
+    def deploy_batch_sizes(self) -> list[int]:
+        return list(self.deploy.batch_sizes or self.evaluate.latency.batch_sizes)
+
+    def deploy_threads(self) -> int:
+        return int(self.deploy.threads or self.evaluate.latency.threads)
 
     def to_data(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what the lock file stores)."""

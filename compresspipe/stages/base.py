@@ -32,7 +32,9 @@ class StageResult:
     state: ModelState
     kind: StageKind = "weights"
     notes: list[str] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable, goes to metrics.json/report
+    details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable, for people: metrics.json/report
+    # deployable files the stage wrote, by format, relative to its folder (the report measures the one that ships)
+    files: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -42,13 +42,16 @@ def test_run_folder_layout_and_report(tmp_path):
         files = sorted(p.name for p in (folder / stage).iterdir())
         assert files == ["manifest.json", "metrics.json", "model.json", "model.safetensors"]
     report = json.loads((folder / "report.json").read_text())
-    assert report["format"] == "compresspipe.report" and report["version"] == 1
+    assert report["format"] == "compresspipe.report" and report["version"] == 2
     assert report["reference"] == "train"
+    assert report["deploy"]["runtime"] == "torch"  # no deploy block and no export stage: the PyTorch model ships
     base, train = report["stages"]
     assert train["accuracy"] > base["accuracy"] + 0.3  # it really trained
     assert set(train["latency_ms"]) == {"1", "8"} and all(v > 0 for v in train["latency_ms"].values())
     assert train["params"] == base["params"] and train["macs"] == base["macs"] > 0
     assert train["vs_reference"]["size_reduction"] == pytest.approx(1.0)
+    assert train["format"] == "torch" and train["files"] == ["01-train/model.safetensors", "01-train/model.json"]
+    assert train["bytes"] == train["torch"]["bytes"] and train["accuracy"] == train["torch"]["accuracy"]
     assert "| 1 | train |" in (folder / "report.md").read_text()
     lock = (folder / "recipe.lock.yaml").read_text()
     assert "torch:" in lock and "recipe_sha256" in lock

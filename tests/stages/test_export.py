@@ -19,7 +19,7 @@ from compresspipe.engine.artifacts import ModelState, load_model, save_model
 from compresspipe.engine.context import StageContext, StageRecord
 from compresspipe.engine.edits import replace_edit, resize_edit, shape_snapshot
 from compresspipe.engine.ui import UI
-from compresspipe.errors import RecipeError, StageConfigError
+from compresspipe.errors import RecipeError
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
 from compresspipe.stages.export import ExportConfig
@@ -311,31 +311,19 @@ def test_static_batch_and_low_opset_use_the_torchscript_exporter(tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
 
 
-# -- torch quantized layers that no exporter can trace --------------------------------------------------------
+# -- the quantize stage's hand-off, recorded on the model -----------------------------------------------------
 
 
-def test_unexportable_quantized_layers_name_the_type_and_use_the_float_model(tmp_path):
+def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path):
     float_state = _trained_cnn()
-    ctx_recipe = _digits_recipe()
-    quantized = float_state.clone()
-    quantized.module.fc2 = torch.ao.nn.quantized.dynamic.Linear(32, 10)
-    quantized.module.fc2.set_weight_bias(torch.quantize_per_tensor(float_state.module.fc2.weight.detach(), 0.01, 0,
-                                                                   torch.qint8), float_state.module.fc2.bias.detach())
-    ctx = _ctx(tmp_path, ctx_recipe)
-    with pytest.raises(StageConfigError, match=r"Linear \(fc2\).*formats: \[onnx_int8, safetensors\]"):
-        ExportStage(_export_cfg(formats=["onnx"])).run(quantized, ctx)
-    with pytest.raises(StageConfigError, match="no earlier stage recorded"):
-        ExportStage(_export_cfg(formats=["onnx_int8"])).run(quantized, ctx)
-
-    # a quantize stage that recorded the handoff: onnx_int8 quantizes the float model before it
     float_dir = tmp_path / "01-train"
     save_model(float_state, float_dir)
-    handoff = {"export": {"onnx_int8": {"per_channel": False, "observer": "minmax", "calibration_batches": 2}}}
-    history = {
-        "train": StageRecord(1, "train", "train", float_dir, {}),
-        "quantize": StageRecord(2, "quantize", "quantize", tmp_path / "02-quantize", {"details": handoff}),
-    }
-    ctx = _ctx(tmp_path, ctx_recipe, history)
+    quantized = float_state.clone()
+    quantized.records["quantize"] = {"version": 1, "method": "static", "float_stage": "train",
+                                     "onnx_int8": {"per_channel": False, "observer": "minmax",
+                                                   "calibration_batches": 2}}
+    history = {"train": StageRecord(1, "train", "train", float_dir, {})}
+    ctx = _ctx(tmp_path, _digits_recipe(), history)
     result = ExportStage(_export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.9})).run(
         quantized, ctx)
     row = _rows(result)["onnx_int8"]

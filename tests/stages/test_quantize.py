@@ -179,10 +179,12 @@ def test_onnxruntime_hands_quantization_to_export(tmp_path, trained):
     result, folder, reference = _quantize(tmp_path, trained, stage)
     assert result.kind == "quantized" and _size(folder) == pytest.approx(_size(trained[0]), rel=0.05)
     assert torch.equal(load_model(folder).module(trained[1]), reference(trained[1]))  # still float
-    record = result.details["export"]
-    assert record["onnx_int8"]["method"] == "static"
+    record = result.state.records["quantize"]
+    assert "export" not in result.details  # the hand-off travels on the model, not in the report
+    assert record["onnx_int8"]["method"] == "static" and record["version"] == 1
     assert record["onnx_int8"]["calibration_batches"] == 3 and record["onnx_int8"]["observer"] == "histogram"
-    assert record["float_stage"] == "train" and record["module_exportable"] is True
+    assert record["float_stage"] == "train"
+    assert load_model(folder).records == result.state.records  # saved in model.json
 
 
 def test_torchao_weight_only_matches_torch_rounding():

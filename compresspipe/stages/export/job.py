@@ -39,7 +39,8 @@ class ExportJob:
     calibration: Callable[[int, int], Iterator[torch.Tensor]]  # (batch_size, batches) -> input batches
     latency: LatencySpec | None = None
     handoff: dict[str, Any] | None = None  # what a quantize stage asked the ONNX int8 export to do
-    float_module: nn.Module | None = None  # float model to quantize when `module` cannot be exported
+    float_module: nn.Module | None = None  # the float model int8 formats quantize (after a quantize stage)
+    cpu: str = "portable"  # deploy.cpu, resolved: the CPUs int8 files must be exact on (deploy.cpu module)
     notes: list[str] = field(default_factory=list)
     shared: dict[str, Path] = field(default_factory=dict)  # files one format leaves for another (float onnx)
 
@@ -71,11 +72,14 @@ def dtype_label(dtype: torch.dtype) -> str:
 
 def compare(job: ExportJob, run: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
     """Run `run` on every verification batch; its difference from PyTorch and its accuracy."""
-    max_diff, agree, correct, ref_correct, count = 0.0, 0, 0, 0, 0
+    max_diff, agree, correct, ref_correct, count, loss = 0.0, 0, 0, 0, 0, 0.0
     for (inputs, labels), ref in zip(job.batches, job.reference, strict=True):
         out = torch.as_tensor(run(inputs)).float().reshape(ref.shape)
         ref = ref.float()
-        max_diff = max(max_diff, float((out - ref).abs().max()))
+        diff = float((out - ref).abs().max())
+        if not diff <= max_diff and max_diff == max_diff:  # a NaN sticks (max() would drop it)
+            max_diff = diff
+        loss += float(torch.nn.functional.cross_entropy(out, labels, reduction="sum"))
         pred = out.argmax(dim=1)
         agree += int((pred == ref.argmax(dim=1)).sum())
         correct += int((pred == labels).sum())
@@ -86,6 +90,7 @@ def compare(job: ExportJob, run: Callable[[torch.Tensor], torch.Tensor]) -> dict
         "max_abs_diff": max_diff,
         "top1_agreement": agree / max(count, 1),
         "accuracy": correct / max(count, 1),
+        "loss": loss / max(count, 1),
         "pytorch_accuracy": ref_correct / max(count, 1),
     }
 

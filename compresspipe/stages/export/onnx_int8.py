@@ -6,14 +6,17 @@ run Conv). This is also how a model whose torch quantized modules cannot be expo
 float model before the quantize stage is exported and quantized here with the settings that stage recorded.
 Verified by top-1 agreement (verify.min_agreement), since int8 logits differ from float ones by design.
 
-The hand-off a quantize stage records in its StageResult.details (every key optional):
-    details["export"]["onnx_int8"] = {
-        "float_stage": "train",          # stage whose float model to export; default: the stage before
+The hand-off a quantize stage records on the model (`ModelState.records["quantize"]`, saved in model.json):
+    {"version": 1, "method": ..., "float_stage": "train",   # whose float model the int8 formats quantize
+     "onnx_int8": {                                          # every key optional
         "method": "static" | "dynamic",  # default: the export stage's int8.onnx_method
         "per_channel": bool, "observer" | "calibrate_method": "minmax" | "histogram" | "entropy" | "percentile",
-        "calibration_batches": int, "batch_size": int, "nodes_to_exclude": [onnx node names],
-    }
+        "calibration_batches": int, "batch_size": int, "nodes_to_exclude": [onnx node names]}}
 Its values override the export stage's `int8` settings for onnx_int8.
+
+Weights use 7 bits (ONNX Runtime's reduce_range, |w| <= 64) unless deploy.cpu is x86-vnni or arm64: on x86
+CPUs with AVX2 but no VNNI, ONNX Runtime's u8s8 kernels add pairs of products in int16 and saturate with
+8-bit weights (`compresspipe.deploy.cpu`), so a full 8-bit file is correct only on VNNI and ARM CPUs.
 
 Two defaults make the file faster in ONNX Runtime (int8.float_small_convs, int8.float_output): convs with
 a tiny reduction (a first conv on a 1-channel image) stay float, costing a few hundred bytes, and the
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from compresspipe.deploy.cpu import WEIGHT_BITS, WEIGHT_LIMIT
 from compresspipe.stages.export.job import Exporter, ExportJob
 from compresspipe.stages.export.onnx_float import available, strip_debug_info, verify_onnx, write_onnx
 
@@ -103,6 +107,7 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
         else:
             source = write_onnx(job.module, job, temp[0])[0]
         opts = settings(job)
+        reduce_range = WEIGHT_BITS[job.cpu] == 7
         prepared = _preprocess(source, temp[2], job)
         graph_model = onnx.load(str(prepared))
         ops = {node.op_type for node in graph_model.graph.node}
@@ -130,15 +135,20 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                   "percentile": CalibrationMethod.Percentile}[opts["calibrate_method"]],
-                nodes_to_exclude=excluded or None,
+                nodes_to_exclude=excluded or None, reduce_range=reduce_range,
             )
             if job.config.int8.float_output:
                 float_outputs(out)
         else:
             quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded or None)
+                             nodes_to_exclude=excluded or None, reduce_range=reduce_range)
         strip_debug_info(out, job.config.keep_names)
-        job.notes.append(f"model.int8.onnx: ONNX Runtime {method} int8"
+        widest = weight_abs_max(out)
+        if widest is not None and widest > WEIGHT_LIMIT[WEIGHT_BITS[job.cpu]]:
+            raise RuntimeError(f"model.int8.onnx has int8 weights up to |{widest}|, more than deploy.cpu "
+                               f"{job.cpu} allows ({WEIGHT_LIMIT[WEIGHT_BITS[job.cpu]]})")
+        job.notes.append(f"model.int8.onnx: ONNX Runtime {method} int8, {8 if not reduce_range else 7}-bit weights "
+                         f"for deploy.cpu {job.cpu}"
                          + (f" ({opts['calibrate_method']} calibration, "
                             f"{'per-channel' if opts['per_channel'] else 'per-tensor'} weights)"
                             if method == "static" else ""))
@@ -148,6 +158,24 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
         for leftover in folder.glob("*-inferred.onnx"):  # quantize_static's scratch files
             leftover.unlink(missing_ok=True)
     return [out]
+
+
+def weight_abs_max(path: Path) -> int | None:
+    """The widest |value| among an ONNX file's int8 initializers (its int8 weights); None if it has none.
+
+    With |w| <= 64 no pair of uint8 x int8 products can saturate ONNX Runtime's int16 sums on AVX2 CPUs.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    widest: int | None = None
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(init).astype(np.int16)
+            if values.size:
+                widest = max(widest or 0, int(np.abs(values).max()))
+    return widest
 
 
 def small_convs(model: Any) -> list[str]:

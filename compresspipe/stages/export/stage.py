@@ -22,61 +22,75 @@ from compresspipe.stages.export.job import Exporter, ExportJob, dtype_label, inp
 if TYPE_CHECKING:
     from compresspipe.engine.artifacts import ModelState
     from compresspipe.engine.context import StageContext
+    from compresspipe.recipe.spec import LatencySpec
 
 MANIFEST_FORMAT = "compresspipe.export"
 MANIFEST_VERSION = 1
 EXPORT_FOLDER = "export"
 SPARSE_FORMAT = "safetensors_zip"
 FORMAT_MODULES_ALL = {**FORMAT_MODULES, SPARSE_FORMAT: "compresspipe.stages.export.safetensors_copy"}
-# Eager quantized modules (torch.ao) run in PyTorch but no exporter can trace them.
-UNEXPORTABLE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized",
-                         "torch.nn.intrinsic.quantized")
-# Formats that do not trace the torch module, so they work whatever its layers are.
-NO_TRACE = frozenset({"safetensors", SPARSE_FORMAT, "onnx_int8"})
-
-
 def exporter(fmt: str) -> Exporter:
     return importlib.import_module(FORMAT_MODULES_ALL[fmt]).EXPORTERS[fmt]
 
 
-def unexportable_layers(module: nn.Module) -> dict[str, list[str]]:
-    """Layer type -> layer names of the modules that torch's exporters cannot trace."""
-    found: dict[str, list[str]] = {}
-    for name, mod in module.named_modules():
-        if type(mod).__module__.startswith(UNEXPORTABLE_PREFIXES):
-            found.setdefault(type(mod).__name__, []).append(name or "(model)")
-    return found
+def quantize_record(state: ModelState) -> dict[str, Any] | None:
+    """What a quantize stage recorded on the model for the export (the float stage, how to quantize for ONNX)."""
+    record = state.records.get("quantize")
+    return record if isinstance(record, dict) else None
 
 
-def recorded_layers(module: nn.Module, record: dict[str, Any]) -> dict[str, list[str]]:
-    """Layer type -> names of the layers a quantize stage listed as quantized (record.onnx_int8.layers)."""
-    found: dict[str, list[str]] = {}
-    names = (record.get("onnx_int8") or {}).get("layers") or []
-    for name in names if isinstance(names, list) else []:
-        try:
-            layer = module.get_submodule(str(name))
-        except AttributeError:
-            continue
-        found.setdefault(type(layer).__name__, []).append(str(name))
-    return found
+def float_source(state: ModelState, formats: list[str], ctx: StageContext,
+                 ) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """(the float model an int8 format quantizes instead of the quantized one, the quantize stage's settings).
+
+    After a quantize stage, onnx_int8 and executorch_int8 quantize the float model from before it (ONNX
+    Runtime and XNNPACK calibrate their own int8 graphs) with the settings that stage recorded.
+    """
+    record = quantize_record(state)
+    if record is None:
+        return None, None
+    handoff = record.get("onnx_int8") if isinstance(record.get("onnx_int8"), dict) else None
+    if {"onnx_int8", "executorch_int8"} & set(formats) and record.get("float_stage"):
+        return ctx.load_stage(str(record["float_stage"])).module.eval().to("cpu"), handoff
+    return None, handoff
 
 
-def export_records(ctx: StageContext) -> list[tuple[str, dict[str, Any]]]:
-    """Earlier stages' details.export (what a quantize stage asks of the export), latest first."""
-    found = []
-    for name, record in reversed(list(ctx.history.items())):
-        export = ((record.metrics or {}).get("details") or {}).get("export")
-        if isinstance(export, dict):
-            found.append((name, export))
-    return found
+def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, formats: list[str],
+              verify_batches: int | None, latency: LatencySpec | None) -> ExportJob:
+    """Everything a format module needs: the model (and its float source for int8), verification batches
+    (`verify_batches` of the validation split, None: all of it) with PyTorch's answers, calibration data,
+    and the CPU target int8 files must be correct on."""
+    from compresspipe.deploy.cpu import resolve
+
+    module = state.module.eval().to("cpu")
+    float_module, handoff = float_source(state, formats, ctx)
+    dtype = input_dtype(module)
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, (x, y) in enumerate(ctx.data.loader("val", ctx.recipe.data.eval_batch_size)):
+        if verify_batches is not None and i >= verify_batches:
+            break
+        batches.append((x.to(dtype), y))
+    run = torch_runner(module)
+    reference = [run(x).detach() for x, _ in batches]
+
+    def calibration(batch_size: int, count: int):
+        for i, (x, _) in enumerate(ctx.data.loader("calibration", batch_size)):
+            if i >= count:
+                break
+            yield x.to(dtype)
+
+    return ExportJob(config, state, module, ctx.name, batches, reference, calibration, latency, handoff,
+                     float_module, cpu=resolve(ctx.recipe.deploy.cpu))
 
 
-def find_handoff(ctx: StageContext) -> tuple[str, dict[str, Any]] | None:
-    """The latest earlier stage that recorded details.export.onnx_int8: how to quantize the ONNX graph."""
-    for name, export in export_records(ctx):
-        if isinstance(export.get("onnx_int8"), dict):
-            return name, export["onnx_int8"]
-    return None
+def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
+    """Which CPUs an int8 ONNX file is exact on, and the machine that verified it (the manifest's `int8`)."""
+    from compresspipe.deploy.cpu import WEIGHT_BITS, correct_on, machine_record
+    from compresspipe.stages.export.onnx_int8 import weight_abs_max
+
+    widest = weight_abs_max(path)
+    return {"cpu_target": job.cpu, "weight_bits": WEIGHT_BITS[job.cpu], "weight_abs_max": widest,
+            "correct_on": correct_on(widest or 0), "verified_on": machine_record()}
 
 
 class ExportStage(Stage[ExportConfig]):
@@ -97,13 +111,14 @@ class ExportStage(Stage[ExportConfig]):
             reason = exporter(fmt).available()
             if reason:
                 raise StageConfigError(ctx.name, f"format {fmt!r} cannot run here: {reason}")
-        module = state.module.eval().to("cpu")
-        float_module, handoff = self._float_source(module, formats, ctx)
-        job = self._job(state, module, ctx, handoff, float_module)
+        job = build_job(self.config, state, ctx, formats, self.config.verify.batches,
+                        ctx.recipe.evaluate.latency if ctx.recipe.evaluate.latency.enabled else None)
+        handoff = job.handoff
         folder = ctx.stage_dir / EXPORT_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
 
         rows, entries, failures = [], [], []
+        written: dict[str, list[str]] = {}
         sizes = [str(b) for b in job.latency.batch_sizes] if job.latency is not None else []
         for fmt in formats:
             ex = exporter(fmt)
@@ -118,7 +133,8 @@ class ExportStage(Stage[ExportConfig]):
             if verdict != "pass":
                 failures.append(f"{fmt}: {verdict}")
             rows.append(self._row(fmt, files, folder, metrics, verdict, sizes))
-            entries += [self._entry(fmt, ex, f, folder, state, ctx) for f in files]
+            written[fmt] = [f.relative_to(ctx.stage_dir).as_posix() for f in files]
+            entries += [self._entry(fmt, ex, f, folder, state, ctx, job) for f in files]
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": state.source,
                     "edits": len(state.edits), "files": entries, "checks": rows}
         atomic_write_json(folder / "manifest.json", manifest)
@@ -128,69 +144,17 @@ class ExportStage(Stage[ExportConfig]):
                              "folder removes them)")
         notes = list(job.notes) + [f"{len(entries)} files verified in {', '.join(formats)}; "
                                    f"see {EXPORT_FOLDER}/manifest.json"]
+        for entry in entries:
+            if "int8" in entry and not entry["int8"]["correct_on"].startswith("every CPU"):
+                notes.append(f"{entry['file']} is correct only on {entry['int8']['correct_on']}")
         if entries and entries[0].get("preprocessing"):
             notes.append(f"inputs the files expect: {entries[0]['preprocessing']}")
-        return StageResult(state=state, kind="export", notes=notes,
+        return StageResult(state=state, kind="export", notes=notes, files=written,
                            details={"tables": {"exports": rows, "files": [self._file_row(e) for e in entries]},
                                     "manifest": f"{EXPORT_FOLDER}/manifest.json",
                                     **({"handoff": handoff} if handoff else {})})
 
     # -- pieces ---------------------------------------------------------------------------------------
-
-    def _float_source(self, module: nn.Module, formats: list[str], ctx: StageContext,
-                      ) -> tuple[nn.Module | None, dict[str, Any] | None]:
-        """(float model to quantize for onnx_int8 if `module` cannot be traced, the quantize stage's record)."""
-        found = find_handoff(ctx)
-        handoff = found[1] if found else None
-        bad = unexportable_layers(module)
-        records = export_records(ctx)
-        if not bad and records and records[0][1].get("module_exportable") is False:
-            bad = recorded_layers(module, records[0][1]) or {f"layers of stage '{records[0][0]}'": ["(all)"]}
-        if not bad:
-            if {"onnx_int8", "executorch_int8"} & set(formats) and handoff and handoff.get("float_stage"):
-                return ctx.load_stage(str(handoff["float_stage"])).module.eval().to("cpu"), handoff
-            return None, handoff
-        kinds = ", ".join(f"{k} ({', '.join(v[:3])}{' ...' if len(v) > 3 else ''})" for k, v in bad.items())
-        traced = [f for f in formats if f not in NO_TRACE]
-        if traced:
-            raise StageConfigError(
-                ctx.name, f"formats {traced} need a traceable model, but it holds torch quantized layers that no "
-                f"exporter can trace: {kinds}. Export with formats: [onnx_int8, safetensors] (ONNX Runtime "
-                "quantizes the float model from before the quantize stage), or quantize with a backend "
-                "whose layers export")
-        if "onnx_int8" not in formats:
-            return None, handoff
-        if found is None:
-            raise StageConfigError(
-                ctx.name, f"onnx_int8 needs the float model before quantization, but no earlier stage recorded "
-                f"one (details.export.onnx_int8) and the current model holds {kinds}")
-        qname, record = found
-        names = list(ctx.history)
-        float_name = record.get("float_stage") or names[max(names.index(qname) - 1, 0)]
-        float_state = ctx.load_stage(str(float_name))
-        return float_state.module.eval().to("cpu"), handoff
-
-    def _job(self, state: ModelState, module: nn.Module, ctx: StageContext, handoff: dict[str, Any] | None,
-             float_module: nn.Module | None) -> ExportJob:
-        cfg = self.config
-        dtype = input_dtype(module)
-        batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, (x, y) in enumerate(ctx.data.loader("val", ctx.recipe.data.eval_batch_size)):
-            if i >= cfg.verify.batches:
-                break
-            batches.append((x.to(dtype), y))
-        run = torch_runner(module)
-        reference = [run(x).detach() for x, _ in batches]
-
-        def calibration(batch_size: int, count: int):
-            for i, (x, _) in enumerate(ctx.data.loader("calibration", batch_size)):
-                if i >= count:
-                    break
-                yield x.to(dtype)
-
-        latency = ctx.recipe.evaluate.latency
-        return ExportJob(cfg, state, module, ctx.name, batches, reference, calibration,
-                         latency if latency.enabled else None, handoff, float_module)
 
     def _judge(self, fmt: str, ex: Exporter, metrics: dict[str, Any], job: ExportJob) -> str:
         if "error" in metrics:
@@ -234,7 +198,7 @@ class ExportStage(Stage[ExportConfig]):
                 "how to load": "; ".join(entry["how_to_load"])}
 
     def _entry(self, fmt: str, ex: Exporter, path: Path, folder: Path, state: ModelState,
-               ctx: StageContext) -> dict[str, Any]:
+               ctx: StageContext, job: ExportJob) -> dict[str, Any]:
         data = ctx.recipe.data
         mean, std = getattr(data, "mean", None), getattr(data, "std", None)
         fixed = ex.fixed_batch or (not self.config.dynamic_batch and fmt.startswith(("onnx", "torch_export")))
@@ -251,4 +215,5 @@ class ExportStage(Stage[ExportConfig]):
             "preprocessing": getattr(data, "preprocessing", None),
             "num_classes": state.num_classes,
             "how_to_load": list(ex.load_snippet),
+            **({"int8": int8_record(path, job)} if fmt == "onnx_int8" and path.suffix == ".onnx" else {}),
         }

@@ -301,6 +301,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             model = set_submodule(model, n, m)
         state.module = model.eval()
         state.record(quantize_edit(cfg.method, new, list(folds.items())))
+        state.records["quantize"] = self._export_record(ctx, cfg.method, list(new))
 
         acc_after = _accuracy(model, val)
         bytes_after = _bytes(model)
@@ -318,7 +319,6 @@ class QuantizeStage(Stage[QuantizeConfig]):
                                 "after": round(bytes_after / max(params, 1), 3)},
             "accuracy": {"before": acc_before, "after": acc_after, "change": acc_after - acc_before},
             "quantized_layers": len(new), "float_layers": sum(1 for r in table if r["quantized"] == "no"),
-            "export": self._export_record(ctx, cfg.method, list(new)),
             "tables": {"per layer": table},
         }
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
@@ -354,35 +354,32 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def _handoff(self, state: ModelState, ctx: StageContext, layers: dict[str, nn.Module], notes: list[str],
                  acc: float) -> StageResult:
         cfg = self.config
+        state.records["quantize"] = self._export_record(ctx, cfg.method, list(layers))
         notes.append(f"backend onnxruntime: the torch model stays float32; the export stage (format onnx_int8) "
                      f"quantizes the ONNX graph with ONNX Runtime ({cfg.method}, {cfg.observer} calibration)")
         table = [{"layer": n, "type": type(m).__name__, "quantized": "at export", "as": f"onnxruntime {cfg.method}",
                   "reason": ""} for n, m in layers.items()]
         details = {"method": cfg.method, "dtype": cfg.dtype, "backend": "onnxruntime",
                    "accuracy": {"before": acc, "after": acc, "change": 0.0},
-                   "export": self._export_record(ctx, cfg.method, list(layers)),
                    "tables": {"per layer": table}}
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
 
-    def _export_record(self, ctx: StageContext, method: str, layers: list[str]) -> dict:
-        """What the export stage can do for ONNX.
+    def _export_record(self, ctx: StageContext, method: str, layers: list[str]) -> dict[str, Any]:
+        """The hand-off to export (saved with the model as records["quantize"], version 1).
 
-        The quantized layers trace (torch.export, torch.onnx) as fake-quantization ops, i.e. QuantizeLinear/
-        DequantizeLinear pairs around float Conv/Gemm in ONNX, so the module itself exports. For an int8 graph
-        that ONNX Runtime runs fast, `onnx_int8` is the recipe to replay with ONNX Runtime's quantizer on the
-        float model of `float_stage` (the stage before this one), with the same calibration settings.
+        int8 runtimes calibrate their own graphs: `onnx_int8` replays ONNX Runtime's quantizer, and
+        `executorch_int8` XNNPACK's, on the float model of `float_stage` (the stage before this one), with
+        these settings. The torch layers themselves export as their float emulation.
         """
         cfg = self.config
         previous = list(ctx.history)[-1] if ctx.history else "baseline"
-        record: dict[str, Any] = {"module_exportable": True, "exports_as": "fake-quant (QDQ) ops" if method in
-                                  ("static", "qat") else "float ops with low-precision weights",
-                                  "float_stage": previous}
+        record: dict[str, Any] = {"version": 1, "method": method, "float_stage": previous}
         if method in ("static", "qat", "dynamic"):
             record["onnx_int8"] = {
                 "method": "dynamic" if method == "dynamic" else "static",
                 "per_channel": cfg.per_channel, "observer": cfg.observer,
                 "calibration_batches": max(cfg.calibration.batches, 1),
-                "batch_size": ctx.recipe.data.eval_batch_size, "layers": layers, "float_stage": previous,
+                "batch_size": ctx.recipe.data.eval_batch_size, "layers": layers,
             }
         return record
 

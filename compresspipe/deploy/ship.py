@@ -1,0 +1,89 @@
+"""The file a report row ships, built with the export stage's format modules and checked in its runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compresspipe.engine.artifacts import MODEL_FILE, WEIGHTS_FILE
+from compresspipe.errors import StageError
+from compresspipe.recipe.spec import RUNTIME_FORMATS
+
+if TYPE_CHECKING:
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.engine.context import StageContext
+    from compresspipe.recipe.spec import Recipe
+    from compresspipe.stages.export import ExportConfig
+
+DEPLOY_FOLDER = "deploy"
+INT8_METHODS = ("static", "qat", "dynamic")
+
+
+def is_int8(state: ModelState) -> bool:
+    """Whether a quantize stage made this model int8 (the runtime then ships its int8 file)."""
+    record = state.records.get("quantize") or {}
+    return record.get("method") in INT8_METHODS
+
+
+def primary_format(runtime: str, state: ModelState, exported: dict[str, list[str]]) -> str:
+    """The format a row ships in `runtime`: int8 after a quantize stage or when the stage exported it."""
+    float_fmt, int8_fmt = RUNTIME_FORMATS[runtime]
+    return int8_fmt if is_int8(state) or int8_fmt in exported else float_fmt
+
+
+def export_config(recipe: Recipe, fmt: str) -> ExportConfig:
+    """The recipe's export settings (opset, int8 calibration, ...) for one format; defaults without an export stage.
+
+    Deploy files always take any batch size (so every deploy batch size can be timed; ExecuTorch is batch 1).
+    """
+    from compresspipe.stages.export import ExportConfig
+
+    base = next((s for s in recipe.stages if s.type == "export"), None)
+    data: dict[str, Any] = base.model_dump(exclude={"name", "expect"}) if base is not None else {"type": "export"}
+    data.update(formats=[fmt], sparse=False, dynamic_batch=True)
+    return ExportConfig.model_validate(data)
+
+
+def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported: dict[str, list[str]],
+         torch_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Build (or reuse) the row's `fmt` file under `folder` and measure it on the whole validation split.
+
+    Returns the row's `formats[fmt]` entry: files (relative to `folder`), bytes, accuracy, loss, agreement with
+    the PyTorch model, max |logit difference|, notes, and for int8 ONNX the CPUs it is exact on.
+    """
+    if fmt == "torch":
+        files = [WEIGHTS_FILE, MODEL_FILE]
+        return {"format": "torch", "files": files, "bytes": sum((folder / f).stat().st_size for f in files),
+                "accuracy": torch_metrics.get("accuracy"), "loss": torch_metrics.get("loss"),
+                "agreement": 1.0, "max_abs_diff": 0.0, "notes": []}
+    from compresspipe.stages.export.stage import build_job, exporter, int8_record
+
+    ex = exporter(fmt)
+    reason = ex.available()
+    if reason:
+        raise StageError(ctx.name, f"cannot measure the {fmt} file: {reason}")
+    job = build_job(export_config(ctx.recipe, fmt), state, ctx, [fmt], None, None)
+    try:
+        if fmt in exported:
+            paths = [folder / f for f in exported[fmt]]
+        else:
+            (folder / DEPLOY_FOLDER).mkdir(parents=True, exist_ok=True)
+            paths = ex.export(job, folder / DEPLOY_FOLDER)
+        metrics = ex.verify(paths, job)
+    except Exception as exc:  # the exporters and runtimes raise many types
+        raise StageError(ctx.name, f"cannot build or run its {fmt} file for deploy: {type(exc).__name__}: "
+                                   f"{str(exc).strip()[:400]}. Measure the PyTorch model instead with "
+                                   "deploy.runtime: torch") from exc
+    entry: dict[str, Any] = {
+        "format": fmt, "files": [p.relative_to(folder).as_posix() for p in paths],
+        "bytes": sum(p.stat().st_size for p in paths),
+        "accuracy": metrics["accuracy"], "loss": metrics["loss"], "agreement": metrics["top1_agreement"],
+        "max_abs_diff": metrics["max_abs_diff"], "notes": [n for n in job.notes if not n.startswith("model.onnx:")],
+    }
+    if fmt == "onnx_int8":
+        entry["int8"] = int8_record(paths[0], job)
+    min_agreement = job.config.verify.min_agreement
+    if ex.int8 and metrics["top1_agreement"] < min_agreement:
+        entry["notes"].append(f"{fmt}: top-1 agreement with the PyTorch model {metrics['top1_agreement']:.4f} "
+                              f"< {min_agreement} on the validation split")
+    return entry

@@ -1,0 +1,94 @@
+"""Time every row's shipped file after the run, interleaved with the reference's, and keep the spread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from compresspipe.deploy.timing import caller, interleaved, quartiles, ratio, set_threads
+from compresspipe.engine.fsutil import sha256_file
+
+if TYPE_CHECKING:
+    from compresspipe.recipe.spec import Recipe
+
+Target = tuple[int, str]  # (row position, format)
+
+
+class DeployTimer:
+    """Fills each row's `formats[fmt]` with latency_ms, latency_iqr_ms, speedup and speedup_iqr per batch size."""
+
+    def __init__(self, recipe: Recipe, folder: Path, rows: list[dict[str, Any]], reference: str):
+        self.recipe, self.folder, self.rows = recipe, folder, rows
+        self.ref = next((i for i, r in enumerate(rows) if r["name"] == reference), 0)
+        self.threads = recipe.deploy_threads()
+        self.sizes = recipe.deploy_batch_sizes()
+        self.enabled = recipe.evaluate.latency.enabled
+        self.samples: dict[tuple[int, str, int], list[float]] = {}
+
+    def _primary(self, i: int) -> str:
+        return str(self.rows[i]["deploy"]["format"])
+
+    def targets(self) -> list[Target]:
+        return [(i, fmt) for i, row in enumerate(self.rows) for fmt in row.get("formats", {})]
+
+    def measure(self, targets: list[Target] | None = None, rounds: int | None = None) -> None:
+        """Time `targets` (default: every row's every format) with the reference, in the same rounds."""
+        targets = list(targets or self.targets())
+        if (self.ref, self._primary(self.ref)) not in targets:
+            targets.insert(0, (self.ref, self._primary(self.ref)))
+        if not self.enabled:
+            for i, fmt in targets:
+                self.rows[i]["formats"][fmt].update(latency_ms={}, latency_iqr_ms={}, speedup={}, speedup_iqr={})
+            return
+        spec = self.recipe.evaluate.latency
+        previous = set_threads(self.threads, any(f.startswith("executorch") for _, f in targets))
+        try:
+            calls: dict[Hashable, Callable[[], Any]] = {}
+            key_of: dict[tuple[int, str, int], Hashable] = {}
+            for i, fmt in targets:
+                row, entry = self.rows[i], self.rows[i]["formats"][fmt]
+                stage = self.folder / row["folder"]
+                ident = (fmt, sha256_file(stage / entry["files"][0]))  # identical files are timed once
+                for bs in self.sizes:
+                    key: Hashable = (ident, bs)
+                    if key not in calls:
+                        call = caller(fmt, stage, entry["files"], bs, tuple(row["input_shape"]), self.threads)
+                        if call is None:
+                            continue
+                        calls[key] = call
+                    key_of[(i, fmt, bs)] = key
+            samples = interleaved(calls, rounds or self.recipe.deploy.rounds, spec.warmup, spec.iters)
+        finally:
+            torch.set_num_threads(previous)
+        for target, key in key_of.items():
+            self.samples[target] = samples[key]
+        self._summarise(targets)
+
+    def remeasure(self, wanted: list[tuple[str, str | None, str]]) -> None:
+        """Time again, with twice the rounds, the (stage name, format or None: the shipped one, batch) given."""
+        by_name = {r["name"]: i for i, r in enumerate(self.rows)}
+        targets = []
+        for name, fmt, _batch in wanted:
+            i = by_name[name]
+            targets.append((i, fmt or self._primary(i)))
+        self.measure(list(dict.fromkeys(targets)), rounds=2 * self.recipe.deploy.rounds)
+
+    def _summarise(self, targets: list[Target]) -> None:
+        ref_fmt = self._primary(self.ref)
+        for i, fmt in targets:
+            entry = self.rows[i]["formats"][fmt]
+            latency, spread, speedup, speedup_iqr = {}, {}, {}, {}
+            for bs in self.sizes:
+                mine = self.samples.get((i, fmt, bs))
+                if not mine:
+                    continue
+                q1, med, q3 = quartiles(mine)
+                latency[str(bs)], spread[str(bs)] = med, [q1, q3]
+                ref = self.samples.get((self.ref, ref_fmt, bs))
+                if ref and len(ref) == len(mine):
+                    r_med, r_q1, r_q3 = ratio(ref, mine)
+                    speedup[str(bs)], speedup_iqr[str(bs)] = r_med, [r_q1, r_q3]
+            entry.update(latency_ms=latency, latency_iqr_ms=spread, speedup=speedup, speedup_iqr=speedup_iqr)
