@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
+
+    from compresspipe.engine.artifacts import ModelState
 
 # Small enough for a whole run in a couple of seconds on 2 cores.
 TINY_RECIPE: dict[str, Any] = {
@@ -19,6 +25,49 @@ TINY_RECIPE: dict[str, Any] = {
     "evaluate": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "iters": 3, "threads": 1}},
     "stages": [{"type": "train", "epochs": 2, "lr": 3.0e-3}],
 }
+
+
+SMALL_CNN: dict[str, Any] = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}}
+
+
+@functools.cache
+def _trained_weights() -> dict[str, torch.Tensor]:
+    """digits-cnn (small) trained briefly, once per session: int8 agreement needs a model with clear margins."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from compresspipe.models.factory import build_model
+
+    torch.manual_seed(0)
+    module = build_model(SMALL_CNN)
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.as_tensor(bunch.target)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(2):
+        for i in range(0, len(x), 256):
+            opt.zero_grad()
+            nn.functional.cross_entropy(module(x[i:i + 256]), y[i:i + 256]).backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def trained_cnn() -> ModelState:
+    """The small digits-cnn with trained weights (clear margins, so int8 agreement is meaningful)."""
+    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.models.factory import build_model
+
+    module = build_model(SMALL_CNN)
+    module.load_state_dict(_trained_weights())
+    return ModelState(module.eval(), dict(SMALL_CNN), (1, 8, 8), 10)
+
+
+def digits_cnn_recipe() -> dict:
+    """tiny_recipe on the small digits-cnn, no stages."""
+    recipe = tiny_recipe(model={**SMALL_CNN, "input_shape": [1, 8, 8]}, stages=[])
+    recipe["data"]["eval_batch_size"] = 64
+    return recipe
 
 
 def tiny_recipe(**changes: Any) -> dict[str, Any]:

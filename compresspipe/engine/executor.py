@@ -320,7 +320,8 @@ class Executor:
             if str(cfg.name) == name and cfg.expect is not None and cfg.expect.format:
                 out.append(cfg.expect.format)
         gates = self.recipe.gates
-        if gates is not None and gates.format and name == (gates.stage or self.recipe.stage_names()[-1]):
+        names = self.recipe.stage_names()
+        if gates is not None and gates.format and names and name == (gates.stage or names[-1]):
             out.append(gates.format)
         return list(dict.fromkeys(out))
 

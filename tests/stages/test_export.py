@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -24,11 +23,10 @@ from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
 from compresspipe.stages.export import ExportConfig
 from compresspipe.stages.export.stage import ExportStage
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import SMALL_CNN, digits_cnn_recipe, tiny_recipe, trained_cnn, write_recipe
 
 RECIPE = Path(__file__).parent.parent.parent / "recipes" / "export.yaml"
 runner = CliRunner()
-SMALL_CNN = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}}
 
 
 def _export_cfg(**fields) -> ExportConfig:
@@ -43,37 +41,6 @@ def _ctx(tmp_path: Path, recipe: dict, history: dict | None = None) -> StageCont
     data = load_data(parsed.data, 0, shape)
     return StageContext(parsed, 1, "export", tmp_path / "stage", torch.device("cpu"), 0, data, UI(quiet=True),
                         history or {})
-
-
-@functools.cache
-def _trained_weights() -> dict[str, torch.Tensor]:
-    """digits-cnn (small) trained briefly, once per session: int8 agreement needs a model with clear margins."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    module = build_model(SMALL_CNN)
-    bunch = load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.as_tensor(bunch.target)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    for _ in range(2):
-        for i in range(0, len(x), 256):
-            opt.zero_grad()
-            nn.functional.cross_entropy(module(x[i:i + 256]), y[i:i + 256]).backward()
-            opt.step()
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _trained_cnn() -> ModelState:
-    module = build_model(SMALL_CNN)
-    module.load_state_dict(_trained_weights())
-    return ModelState(module.eval(), dict(SMALL_CNN), (1, 8, 8), 10)
-
-
-def _digits_recipe() -> dict:
-    recipe = tiny_recipe(model={**SMALL_CNN, "input_shape": [1, 8, 8]}, stages=[])
-    recipe["data"]["eval_batch_size"] = 64
-    return recipe
 
 
 def _rows(result) -> dict[str, dict]:
@@ -189,7 +156,7 @@ def test_failed_verification_exits_3_and_keeps_files(tmp_path):
 
 
 def test_exports_after_resize_and_replace_edits(tmp_path):
-    state = _trained_cnn()
+    state = trained_cnn()
     model = state.module
     before = shape_snapshot(model)
     keep = torch.arange(0, 8, 2)  # structured pruning by hand: c1 keeps 4 of 8 channels
@@ -211,7 +178,7 @@ def test_exports_after_resize_and_replace_edits(tmp_path):
     model.fc1 = low
     state.record(replace_edit("fc1", low))
 
-    ctx = _ctx(tmp_path, _digits_recipe())
+    ctx = _ctx(tmp_path, digits_cnn_recipe())
     result = ExportStage(_export_cfg(formats=["onnx", "onnx_int8", "torch_export", "safetensors"],
                                      verify={"batches": 2, "min_agreement": 0.9})).run(state, ctx)
     rows = _rows(result)
@@ -271,9 +238,9 @@ def _int8_graph(folder: Path):
 
 def test_int8_onnx_keeps_tiny_convs_float_returns_float_logits_and_short_names(tmp_path):
     # SMALL_CNN: c1 is 1 -> 8 channels, 3x3 (9 inputs per output: float); c2 is 8 -> 16 (72: int8)
-    ctx = _ctx(tmp_path, _digits_recipe())
+    ctx = _ctx(tmp_path, digits_cnn_recipe())
     cfg = _export_cfg(formats=["onnx", "onnx_int8"], verify={"batches": 2, "min_agreement": 0.95})
-    result = ExportStage(cfg).run(_trained_cnn(), ctx)
+    result = ExportStage(cfg).run(trained_cnn(), ctx)
     rows = _rows(result)
     assert all(r["check"] == "pass" for r in rows.values()), rows
     graph, convs, last = _int8_graph(ctx.stage_dir / "export")
@@ -284,11 +251,11 @@ def test_int8_onnx_keeps_tiny_convs_float_returns_float_logits_and_short_names(t
     assert graph.input[0].name == "input" and graph.output[0].name == "logits"
 
     (tmp_path / "all").mkdir()
-    ctx = _ctx(tmp_path / "all", _digits_recipe())
+    ctx = _ctx(tmp_path / "all", digits_cnn_recipe())
     cfg = _export_cfg(formats=["onnx", "onnx_int8"], verify={"batches": 2, "min_agreement": 0.95}, keep_names=True,
                       int8={"calibration_batches": 2, "batch_size": 32, "float_small_convs": False,
                             "float_output": False})
-    result = ExportStage(cfg).run(_trained_cnn(), ctx)
+    result = ExportStage(cfg).run(trained_cnn(), ctx)
     assert all(r["check"] == "pass" for r in _rows(result).values())
     graph, convs, last = _int8_graph(ctx.stage_dir / "export")
     assert set(convs.values()) == {"DequantizeLinear"} and last == "DequantizeLinear"
@@ -297,9 +264,9 @@ def test_int8_onnx_keeps_tiny_convs_float_returns_float_logits_and_short_names(t
 
 
 def test_static_batch_and_low_opset_use_the_torchscript_exporter(tmp_path):
-    ctx = _ctx(tmp_path, _digits_recipe())
+    ctx = _ctx(tmp_path, digits_cnn_recipe())
     result = ExportStage(_export_cfg(formats=["onnx", "torch_export"], opset=13, dynamic_batch=False)).run(
-        _trained_cnn(), ctx)
+        trained_cnn(), ctx)
     rows = _rows(result)
     assert all(r["check"] == "pass" for r in rows.values()), rows
     assert any("TorchScript-based exporter" in n for n in result.notes)
@@ -315,7 +282,7 @@ def test_static_batch_and_low_opset_use_the_torchscript_exporter(tmp_path):
 
 
 def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path):
-    float_state = _trained_cnn()
+    float_state = trained_cnn()
     float_dir = tmp_path / "01-train"
     save_model(float_state, float_dir)
     quantized = float_state.clone()
@@ -323,7 +290,7 @@ def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path)
                                      "onnx_int8": {"per_channel": False, "observer": "minmax",
                                                    "calibration_batches": 2}}
     history = {"train": StageRecord(1, "train", "train", float_dir, {})}
-    ctx = _ctx(tmp_path, _digits_recipe(), history)
+    ctx = _ctx(tmp_path, digits_cnn_recipe(), history)
     result = ExportStage(_export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.9})).run(
         quantized, ctx)
     row = _rows(result)["onnx_int8"]
