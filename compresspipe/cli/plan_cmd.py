@@ -42,6 +42,10 @@ def plan(
         table.add_row(str(row["index"]), escape(str(row["name"])), row["type"], _count(row["params"]), _count(row["macs"]),
                       escape(layers), escape("; ".join(row["notes"]) if row["predicted"] else "not predicted"))
     console.print(table)
+    d = result["deploy"]
+    console.print(f"deploy: every figure will come from {d['runtime']} files"
+                  + (f", int8 weights for cpu {d['cpu_target']}" if d["runtime"] != "torch" else "")
+                  + f" (this machine: {escape(str(d['machine']['cpu']))}, {d['machine']['target']})")
     for w in result["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(w['stage'])}: {escape(w['message'])}")
 

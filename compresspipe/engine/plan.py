@@ -85,5 +85,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
             row["params"] = count_params(state.module) if prediction is not None else None
             row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
             rows.append(row)
+    from compresspipe.engine.report import deploy_summary
+
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
-            "warnings": recipe_warnings(recipe)}
+            "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}
