@@ -311,36 +311,38 @@ def test_static_batch_and_low_opset_use_the_torchscript_exporter(tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
 
 
-# -- torch quantized layers that no exporter can trace --------------------------------------------------------
+# -- a model an earlier stage recorded as untraceable ---------------------------------------------------------
 
 
-def test_unexportable_quantized_layers_name_the_type_and_use_the_float_model(tmp_path):
+def test_untraceable_layers_name_the_type_and_use_the_float_model(tmp_path):
+    """A stage (a plugin's, say) may record module_exportable: false; tracing formats then refuse, onnx_int8
+    quantizes the float model from before that stage."""
     float_state = _trained_cnn()
     ctx_recipe = _digits_recipe()
-    quantized = float_state.clone()
-    quantized.module.fc2 = torch.ao.nn.quantized.dynamic.Linear(32, 10)
-    quantized.module.fc2.set_weight_bias(torch.quantize_per_tensor(float_state.module.fc2.weight.detach(), 0.01, 0,
-                                                                   torch.qint8), float_state.module.fc2.bias.detach())
-    ctx = _ctx(tmp_path, ctx_recipe)
-    with pytest.raises(StageConfigError, match=r"Linear \(fc2\).*formats: \[onnx_int8, safetensors\]"):
-        ExportStage(_export_cfg(formats=["onnx"])).run(quantized, ctx)
-    with pytest.raises(StageConfigError, match="no earlier stage recorded"):
-        ExportStage(_export_cfg(formats=["onnx_int8"])).run(quantized, ctx)
-
-    # a quantize stage that recorded the handoff: onnx_int8 quantizes the float model before it
     float_dir = tmp_path / "01-train"
     save_model(float_state, float_dir)
-    handoff = {"export": {"onnx_int8": {"per_channel": False, "observer": "minmax", "calibration_batches": 2}}}
-    history = {
-        "train": StageRecord(1, "train", "train", float_dir, {}),
-        "quantize": StageRecord(2, "quantize", "quantize", tmp_path / "02-quantize", {"details": handoff}),
-    }
-    ctx = _ctx(tmp_path, ctx_recipe, history)
+
+    def history(export: dict) -> dict:
+        return {"train": StageRecord(1, "train", "train", float_dir, {}),
+                "quantize": StageRecord(2, "quantize", "quantize", tmp_path / "02-quantize",
+                                        {"details": {"export": {"module_exportable": False, **export}}})}
+
+    handoff = {"onnx_int8": {"per_channel": False, "observer": "minmax", "calibration_batches": 2,
+                             "layers": ["fc2"]}}
+    ctx = _ctx(tmp_path, ctx_recipe, history(handoff))
+    with pytest.raises(StageConfigError, match=r"Linear \(fc2\).*formats: \[onnx_int8, safetensors\]"):
+        ExportStage(_export_cfg(formats=["onnx"])).run(float_state.clone(), ctx)
+    ctx = _ctx(tmp_path, ctx_recipe, history({}))
+    with pytest.raises(StageConfigError, match="no earlier stage recorded"):
+        ExportStage(_export_cfg(formats=["onnx_int8"])).run(float_state.clone(), ctx)
+
+    # the stage recorded the handoff: onnx_int8 quantizes the float model before it
+    ctx = _ctx(tmp_path, ctx_recipe, history(handoff))
     result = ExportStage(_export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.9})).run(
-        quantized, ctx)
+        float_state.clone(), ctx)
     row = _rows(result)["onnx_int8"]
     assert row["check"] == "pass" and row["top1_agreement"] >= 0.9
-    assert any("per-tensor" in n for n in result.notes)  # the quantize stage's settings were used
+    assert any("per-tensor" in n for n in result.notes)  # the recorded stage's settings were used
 
 
 # -- torchvision classifiers -----------------------------------------------------------------------------------

@@ -28,24 +28,12 @@ MANIFEST_VERSION = 1
 EXPORT_FOLDER = "export"
 SPARSE_FORMAT = "safetensors_zip"
 FORMAT_MODULES_ALL = {**FORMAT_MODULES, SPARSE_FORMAT: "compresspipe.stages.export.safetensors_copy"}
-# Eager quantized modules (torch.ao) run in PyTorch but no exporter can trace them.
-UNEXPORTABLE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized",
-                         "torch.nn.intrinsic.quantized")
 # Formats that do not trace the torch module, so they work whatever its layers are.
 NO_TRACE = frozenset({"safetensors", SPARSE_FORMAT, "onnx_int8"})
 
 
 def exporter(fmt: str) -> Exporter:
     return importlib.import_module(FORMAT_MODULES_ALL[fmt]).EXPORTERS[fmt]
-
-
-def unexportable_layers(module: nn.Module) -> dict[str, list[str]]:
-    """Layer type -> layer names of the modules that torch's exporters cannot trace."""
-    found: dict[str, list[str]] = {}
-    for name, mod in module.named_modules():
-        if type(mod).__module__.startswith(UNEXPORTABLE_PREFIXES):
-            found.setdefault(type(mod).__name__, []).append(name or "(model)")
-    return found
 
 
 def recorded_layers(module: nn.Module, record: dict[str, Any]) -> dict[str, list[str]]:
@@ -142,7 +130,7 @@ class ExportStage(Stage[ExportConfig]):
         """(float model to quantize for onnx_int8 if `module` cannot be traced, the quantize stage's record)."""
         found = find_handoff(ctx)
         handoff = found[1] if found else None
-        bad = unexportable_layers(module)
+        bad: dict[str, list[str]] = {}
         records = export_records(ctx)
         if not bad and records and records[0][1].get("module_exportable") is False:
             bad = recorded_layers(module, records[0][1]) or {f"layers of stage '{records[0][0]}'": ["(all)"]}
