@@ -1,10 +1,15 @@
-"""Quantization: method x backend -> artifact size, CPU latency and accuracy against the float32 model.
+"""Quantization: method x backend -> artifact size, PyTorch latency and accuracy against the float32 model.
 
 digits-cnn and digits-mlp are trained once (a recipe run); each method/backend pair then quantizes a fresh
 copy of the trained model through the stage itself, saves it (model.safetensors + model.json) and reloads it,
 so sizes are real artifact bytes and the model timed is the reloaded one. Latency interleaves the float and
 quantized models over several rounds (CPU, 1 thread, median), so load from other processes hits both alike.
-This table is what `backend: auto` is chosen from (see compresspipe.stages.quantize).
+
+In PyTorch the int8/int4 layers are a float emulation of the int8 file (its exact rounding in float ops):
+their accuracy is the deployed model's, their PyTorch latency is no speedup (a ratio below 1 is the cost of
+the emulation). The int8 speed is measured in the deploy runtime by benchmarks/bench_export.py (onnx_int8,
+executorch_int8). The targets here are size and accuracy; the table is what the package docstring of
+compresspipe.stages.quantize reports.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 from benchmarks.bench_prune import paired_speedup
 from benchmarks.common import run_recipe_dict, stage
 
-TITLE = "quantize: method x backend vs the float32 model (size x, latency x > 1 are better)"
+TITLE = ("quantize: method x backend vs the float32 model (size x > 1 is better; int8 in PyTorch is a float "
+         "emulation: its speed is in bench_export)")
 
 TRAIN: dict[str, Any] = {"type": "train", "epochs": 15, "lr": 1.0e-3}
 
@@ -32,7 +38,7 @@ def _recipe(name: str, builtin: str) -> dict[str, Any]:
     }
 
 
-# (model, method, dtype, backend, target check or None)
+# (model, method, dtype, backend)
 CASES: list[tuple[str, str, str, str]] = [
     ("digits-cnn", "static", "int8", "torch"),
     ("digits-cnn", "qat", "int8", "torch"),
@@ -47,7 +53,8 @@ CASES: list[tuple[str, str, str, str]] = [
     ("digits-mlp", "static", "int8", "torch"),
     ("digits-mlp", "weight_only", "int8", "torch"),
 ]
-TARGETS = {("digits-cnn", "static", "torch"): (3.5, 1.5, -0.5), ("digits-mlp", "dynamic", "torch"): (3.5, 2.0, None)}
+# (model, method, backend) -> (smallest size ratio, smallest accuracy change in points or None)
+TARGETS = {("digits-cnn", "static", "torch"): (3.5, -0.5), ("digits-mlp", "dynamic", "torch"): (3.5, None)}
 
 
 def _bytes(folder: Path) -> int:
@@ -89,17 +96,18 @@ def _case(trained: Path, report: dict[str, Any], tmp: Path, model: str, method: 
     acc_ref, acc = evaluate(reference, val, "cpu")[0], evaluate(quantized, val, "cpu")[0]
     ms_ref64, ms64, x64 = paired_speedup(reference, quantized, (1, 8, 8), 64)
     _, _, x1 = paired_speedup(reference, quantized, (1, 8, 8), 1, rounds=5, iters=60)
-    row = {"case": model, "method": method, "dtype": dtype, "backend": backend,
+    pytorch = ("float32 (quantized at export)" if backend == "onnxruntime" else
+               f"{method} cast" if method in ("fp16", "bf16") else f"float emulation of {dtype}")
+    row = {"case": model, "method": method, "dtype": dtype, "backend": backend, "in pytorch": pytorch,
            "size x": _bytes(trained) / _bytes(folder / "model"),
            "bytes/param": result.details.get("bytes_per_param", {}).get("after", 4.0),
            "ms b64 ref": ms_ref64, "ms b64": ms64, "latency x b64": x64, "latency x b1": x1,
            "acc ref": acc_ref, "Δacc pts": round(100 * (acc - acc_ref), 2)}
     target = TARGETS.get((model, method, backend))
     if target is not None:
-        size, speed, drop = target
-        ok = row["size x"] >= size and x64 >= speed and (drop is None or row["Δacc pts"] >= drop)
-        row["target"] = (f"{'met' if ok else 'MISSED'}: size>={size}x b64>={speed}x"
-                         + (f" Δacc>={drop}" if drop is not None else ""))
+        size, drop = target
+        ok = row["size x"] >= size and (drop is None or row["Δacc pts"] >= drop)
+        row["target"] = f"{'met' if ok else 'MISSED'}: size>={size}x" + (f" Δacc>={drop}" if drop is not None else "")
     else:
         row["target"] = "quantized at export (onnx_int8)" if backend == "onnxruntime" else ""
     return row

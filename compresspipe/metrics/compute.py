@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,8 +16,9 @@ from compresspipe.metrics._modes import eval_mode, model_device
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int | None:
     """Multiply-accumulates of one sample's forward pass (FLOPs // 2); None when they cannot be counted.
 
-    Counted with torch's FlopCounterMode, extended to the eager quantized linear/conv ops so a quantized
-    model is not reported as free. Ops without a formula (element-wise, pooling) count as zero.
+    Counted with torch's FlopCounterMode. Quantized layers run their float emulation (F.linear, F.conv2d),
+    so they count like the float layers they replace. Ops without a formula (element-wise, pooling) count
+    as zero.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,44 +27,12 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int | None:
         with (
             eval_mode(model),
             torch.no_grad(),
-            FlopCounterMode(display=False, custom_mapping=_quantized_formulas()) as counter,
+            FlopCounterMode(display=False) as counter,
         ):
             model(x)
         return int(counter.get_total_flops()) // 2
     except Exception:  # an op the counter or the model cannot run this way: the caller prints "n/a"
         return None
-
-
-def _raw(formula: Callable[..., int]) -> Callable[..., int]:
-    formula._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode passes tensors, not shapes
-    return formula
-
-
-def _linear_flops(x: Any, packed: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
-    weight = packed.unpack()[0]
-    rows = x.numel() // x.shape[-1]
-    return 2 * rows * weight.shape[0] * weight.shape[1]
-
-
-def _conv_flops(x: Any, packed: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
-    weight = packed.unpack()[0]  # (out, in/groups, *kernel): MACs per output element = prod(shape[1:])
-    return 2 * out_val.numel() * math.prod(weight.shape[1:])
-
-
-_QUANTIZED_LINEAR = ("linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "linear_dynamic_fp16")
-_QUANTIZED_CONV = ("conv1d", "conv2d", "conv3d", "conv1d_relu", "conv2d_relu", "conv3d_relu")
-
-
-def _quantized_formulas() -> dict[Any, Callable[..., int]]:
-    mapping: dict[Any, Callable[..., int]] = {}
-    for names, formula in ((_QUANTIZED_LINEAR, _linear_flops), (_QUANTIZED_CONV, _conv_flops)):
-        for name in names:
-            try:
-                op = getattr(torch.ops.quantized, name)
-            except (AttributeError, RuntimeError):  # a build without this op
-                continue
-            mapping[op] = _raw(formula)
-    return mapping
 
 
 def measure_latency(

@@ -2,8 +2,8 @@
 
 What counts as a parameter: each logical weight element once. That is every ``nn.Parameter``
 (tied weights once), read through a ``torch.nn.utils.prune`` mask when one is attached, plus the
-weight and bias of quantized modules, which keep them in packed params rather than as Parameters.
-Buffers (BatchNorm statistics, quantization scales) are not parameters.
+weight and bias of quantized layers, which keep them as int buffers and expose them as ``weight()`` and
+``bias()`` methods. Other buffers (BatchNorm statistics, quantization scales) are not parameters.
 """
 
 from __future__ import annotations
@@ -25,28 +25,26 @@ def _parameter_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
             seen.add(id(param))
             mask = module._buffers.get(name[: -len("_orig")] + "_mask") if name.endswith("_orig") else None
             yield param.detach() * mask if mask is not None else param.detach()
-        packed_weight = getattr(module, "weight", None)
-        if callable(packed_weight) and not isinstance(packed_weight, torch.Tensor):
-            yield from _packed_tensors(module)
+        weight = getattr(module, "weight", None)
+        if callable(weight) and not isinstance(weight, torch.Tensor):
+            yield from _method_tensors(module)
 
 
-def _packed_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    """weight() and bias() of a quantized module; skipped if the module is not one after all."""
+def _method_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """weight() and bias() of a quantized layer; skipped if the module is not one after all."""
     for attr in ("weight", "bias"):
         getter = getattr(module, attr, None)
         if not callable(getter):
             continue
         try:
             t = getter()
-        except Exception:  # a method named weight that is not a packed-weight getter
+        except Exception:  # a method named weight that is not a weight getter
             continue
         if isinstance(t, torch.Tensor):
             yield t.detach()
 
 
 def _nonzero(t: torch.Tensor) -> int:
-    if t.is_quantized:
-        t = t.dequantize()
     try:
         return int(torch.count_nonzero(t))
     except (
@@ -63,7 +61,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_nonzero(model: nn.Module) -> int:
-    """Number of non-zero parameter elements; pruning masks and quantized zero points are applied."""
+    """Number of non-zero parameter elements, pruning masks applied (a quantized weight: its int values)."""
     return sum(_nonzero(t) for t in _parameter_tensors(model))
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -35,38 +35,20 @@ def test_macs_conv_by_hand():
     assert count_macs(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 8, 8)) == 6 * 16 * 2 * 9
 
 
-def test_macs_of_dynamically_quantized_linear_still_counted():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5)), {nn.Linear}, dtype=torch.qint8
-        )
-    assert count_macs(model, (10,)) == 200 + 100
-    assert count_params(model) == 10 * 20 + 20 + 20 * 5 + 5
+@pytest.mark.parametrize(("mode", "bits"), [("static", 8), ("dynamic", 8), ("weight_only", 8), ("weight_only", 4)])
+def test_macs_and_params_of_quantized_layers_equal_the_float_model(mode, bits):
+    """The quantize stage's layers run F.conv2d/F.linear (a float emulation of int8): counted like float layers."""
+    from compresspipe.stages.quantize.layers import QuantConv2d, QuantLinear
 
-
-class _Static(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.quant = torch.ao.quantization.QuantStub()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 25, 5)
-        self.dequant = torch.ao.quantization.DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.fc(torch.flatten(self.conv(self.quant(x)), 1)))
-
-
-def test_macs_and_params_of_statically_quantized_model():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = _Static().eval()
-        model.qconfig = torch.ao.quantization.get_default_qconfig("x86")
-        prepared = torch.ao.quantization.prepare(model)
-        prepared(torch.randn(4, 3, 5, 5))
-        quantized = torch.ao.quantization.convert(prepared)
-    assert count_macs(quantized, (3, 5, 5)) == 8 * 25 * 27 + 200 * 5
-    assert count_params(quantized) == (8 * 27 + 8) + (200 * 5 + 5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 5))
+    quantized = copy.deepcopy(model)
+    if mode != "dynamic":  # dynamic quantizes Linear only
+        quantized[0] = QuantConv2d.from_float(model[0], mode, bits, per_channel=True, relu=True)
+    quantized[3] = QuantLinear.from_float(model[3], mode, bits, per_channel=False)
+    assert count_macs(quantized, (3, 5, 5)) == count_macs(model, (3, 5, 5)) == 8 * 25 * 27 + 200 * 5
+    assert count_params(quantized) == count_params(model) == (8 * 27 + 8) + (200 * 5 + 5)
+    assert count_nonzero(quantized) <= count_params(quantized)
 
 
 def test_macs_restores_modes_and_reports_failure():

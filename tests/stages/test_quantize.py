@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +98,9 @@ def test_every_method_is_smaller_and_reloads_identically(tmp_path, trained, meth
         agree = (out.argmax(1) == reference(x).argmax(1)).float().mean()
         assert agree >= (0.85 if dtype == "int4" or method == "qat" else 0.95)
     details = result.details
+    assert details["emulated"] is (method not in ("fp16", "bf16"))  # int8/int4 in PyTorch: a float emulation
+    if method in ("static", "dynamic", "qat"):
+        assert any("float emulation" in n and "onnx_int8" in n for n in result.notes), result.notes
     assert details["bytes_per_param"]["after"] < details["bytes_per_param"]["before"] / min_ratio
     assert details["accuracy"]["change"] >= -0.05
     layers = {r["layer"]: r for r in details["tables"]["per layer"]}
@@ -185,6 +190,7 @@ def test_onnxruntime_hands_quantization_to_export(tmp_path, trained):
     assert record["onnx_int8"]["calibration_batches"] == 3 and record["onnx_int8"]["observer"] == "histogram"
     assert record["float_stage"] == "train"
     assert load_model(folder).records == result.state.records  # saved in model.json
+    assert result.details["emulated"] is False  # nothing quantized in PyTorch
 
 
 def test_torchao_weight_only_matches_torch_rounding():
@@ -239,16 +245,180 @@ def test_example_recipe_runs_at_reduced_budget(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["static", "dynamic"])
-def test_reference_path_matches_the_int8_kernels(tmp_path, trained, monkeypatch, method):
-    """Off CPU and under torch.export/compile the layers run fake-quant float ops; they must agree."""
+def test_traced_forward_matches_eager(tmp_path, trained, monkeypatch, method):
+    """While torch.export/compile traces, the weight is dequantized from the int buffers, not the cache."""
     _, folder, _ = _quantize(tmp_path, trained, {"type": "quantize", "method": method, "calibration": {"batches": 2}})
     model, x = load_model(folder).module, trained[1]
     with torch.no_grad():
-        kernels = model(x)
+        eager = model(x)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        reference = model(x)
-    assert (kernels.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
-    assert (kernels - reference).abs().max() < 0.05 * kernels.abs().max()
+        traced = model(x)
+    assert torch.equal(eager, traced)
+
+
+def _layers(mode: str, bits: int = 8, per_channel: bool = True, relu: bool = False):
+    """A QuantLinear and a QuantConv2d (dynamic: Linear only, as the stage does) from seeded float layers."""
+    from compresspipe.stages.quantize.layers import QuantConv2d, QuantLinear, act_qparams
+
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(24, 10), torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    inputs = {"linear": torch.randn(5, 24) * 2, "conv": torch.randn(5, 4, 7, 7)}
+    built = {"linear": QuantLinear.from_float(linear, mode, bits, per_channel, relu)}
+    if mode != "dynamic":
+        built["conv"] = QuantConv2d.from_float(conv, mode, bits, per_channel, relu)
+    if mode == "static":
+        for name, float_layer in (("linear", linear), ("conv", conv)):
+            x = inputs[name]
+            y = float_layer(x).detach()
+            built[name].set_activation_ranges(act_qparams(x.min(), x.max()),
+                                              act_qparams(0 if relu else y.min(), y.max()))
+    return built, inputs
+
+
+CASES = [("static", 8, True, False), ("static", 8, False, True), ("dynamic", 8, True, True),
+         ("dynamic", 8, False, False), ("weight_only", 8, True, False), ("weight_only", 4, True, False),
+         ("weight_only", 4, False, False)]
+
+
+@pytest.mark.parametrize(("mode", "bits", "per_channel", "relu"), CASES)
+def test_layer_state_dict_round_trip_gives_identical_outputs(tmp_path, mode, bits, per_channel, relu):
+    """The saved format is unchanged: the same buffers, dtypes and spec as the int8-kernel layers wrote."""
+    from safetensors.torch import save_file
+
+    from compresspipe.stages.quantize.layers import build_layer, layer_spec
+
+    built, inputs = _layers(mode, bits, per_channel, relu)
+    for name, layer in built.items():
+        spec = json.loads(json.dumps(layer_spec(layer)))  # as model.json holds it
+        assert {k: spec[k] for k in ("mode", "bits", "per_channel", "relu", "bias")} == {
+            "mode": mode, "bits": bits, "per_channel": per_channel, "relu": relu, "bias": True}
+        state = layer.state_dict()
+        keys = {"qweight", "weight_scale", "fbias"} | (
+            {"input_scale", "output_scale", "input_zero_point", "output_zero_point"} if mode == "static" else set())
+        assert set(state) == keys
+        assert state["qweight"].dtype == (torch.uint8 if bits == 4 else torch.int8)
+        assert state["weight_scale"].shape == ((layer.weight_shape[0],) if per_channel else (1,))
+        if mode == "static":
+            assert state["input_zero_point"].dtype == torch.int32 and state["input_scale"].dtype == torch.float32
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
+        reloaded = build_layer(spec)
+        reloaded.load_state_dict(load_file(str(tmp_path / f"{name}.safetensors")), strict=True)
+        x = inputs[name]
+        with torch.no_grad():
+            first = layer(x)
+            assert torch.equal(first, reloaded(x)) and torch.equal(first, layer(x))  # cached weight: same again
+            assert first.dtype == torch.float32 and first.shape == reloaded(x).shape
+
+
+@pytest.mark.parametrize(("mode", "relu"), [("static", False), ("static", True), ("dynamic", False)])
+def test_emulation_is_the_int8_arithmetic(mode, relu):
+    """Float ops compute what integer kernels do: int8 x uint8 products summed exactly, then scaled."""
+    from compresspipe.stages.quantize.layers import ACT_CLAMP, dynamic_qparams
+
+    built, inputs = _layers(mode, relu=relu)
+    layer, x = built["linear"], inputs["linear"]
+    if mode == "static":
+        scale, zero_point = layer.input_scale, layer.input_zero_point
+    else:
+        scale, zero_point = dynamic_qparams(x)
+    xq = (torch.clamp(torch.round(x / scale) + zero_point, 0, ACT_CLAMP) - zero_point).to(torch.int64)
+    acc = xq @ layer.qweight.to(torch.int64).T  # exact integer sums
+    expected = acc.double() * float(scale) * layer.weight_scale.double() + layer.fbias.double()
+    if relu:
+        expected = expected.clamp(min=0)
+    if mode == "static":
+        s, z = float(layer.output_scale), int(layer.output_zero_point)
+        expected = (torch.clamp(torch.round(expected / s) + z, 0, ACT_CLAMP) - z) * s
+    with torch.no_grad():
+        got = layer(x).double()
+    if mode == "static":  # on the output grid: equal, but for a float sum landing on the other side of a .5
+        step = float(layer.output_scale)
+        assert ((got - expected).abs() > 1e-5).float().mean() < 0.02
+        assert (got - expected).abs().max() <= step * 1.001
+    else:
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_quantizes_each_batch_over_its_own_range():
+    from compresspipe.stages.quantize.layers import ACT_QMAX, DYNAMIC_MIN_SCALE, dynamic_qparams
+
+    x = torch.tensor([[-1.0, 0.5], [3.0, 0.0]])
+    scale, zero_point = dynamic_qparams(x)
+    assert float(scale) == pytest.approx(4.0 / ACT_QMAX) and int(zero_point) == round(1.0 / (4.0 / ACT_QMAX))
+    scale, zero_point = dynamic_qparams(torch.rand(3, 4) + 1)  # positive: the range still starts at zero
+    assert int(zero_point) == 0
+    scale, zero_point = dynamic_qparams(torch.zeros(2, 3))
+    assert float(scale) == pytest.approx(DYNAMIC_MIN_SCALE) and int(zero_point) == 0
+    built, _ = _layers("dynamic")
+    with torch.no_grad():
+        assert torch.equal(built["linear"](torch.zeros(2, 24)), built["linear"].fbias.expand(2, -1))
+
+
+def test_dequantized_weight_cache_follows_the_buffers():
+    import copy
+
+    built, inputs = _layers("static")
+    layer, x = built["conv"], inputs["conv"]
+    with torch.inference_mode():
+        before = layer(x)  # the cache is built here, yet must not be an inference tensor
+    assert layer._dequantized is not None and not layer._dequantized.is_inference()
+    assert copy.deepcopy(layer)._dequantized is None  # never copied (nor saved: it is no buffer)
+    assert "_dequantized" not in layer.state_dict()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.set_weight(torch.ones(layer.weight_shape, dtype=torch.int8), torch.full((6,), 0.01), torch.zeros(6))
+    with torch.no_grad():
+        changed = layer(x)
+        assert not torch.equal(changed, before)
+        layer.load_state_dict(state)
+        assert torch.equal(layer(x), before)
+        assert layer.to(torch.float64)(x.double()).dtype == torch.float64  # moved: rebuilt in the new dtype
+    x = x.clone().requires_grad_()
+    layer.float()(x).sum().backward()  # gradients reach the input (fake-quant's straight-through mask)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_histogram_observer_clips_an_outlier_deterministically():
+    from compresspipe.stages.quantize.layers import ACT_QMAX
+    from compresspipe.stages.quantize.observers import RangeObserver
+
+    generator = torch.Generator().manual_seed(0)
+    # L2-optimal: clipping the value at 1000 to hi costs (1000 - hi)^2, the grid costs each of the million others
+    # ((hi - lo) / 127)^2 / 12; the sum is least near hi = 160 (min/max keeps 1000, coarsening every step 6x)
+    batches = [torch.randn(250_000, generator=generator) for _ in range(4)]
+    batches[2][7] = 1000.0
+
+    def observe(kind: str) -> RangeObserver:
+        observer = RangeObserver(kind, 99.99)
+        for batch in batches:
+            observer.update(batch)
+        return observer
+
+    histogram, minmax = observe("histogram"), observe("minmax")
+    scale, zero_point = histogram.qparams()
+    lo, hi = -zero_point * scale, (ACT_QMAX - zero_point) * scale
+    assert 120 < hi < 200 and -5 < lo < -2, (lo, hi)
+    assert minmax.qparams()[0] > 1000 / ACT_QMAX  # min/max keeps the outlier
+    assert observe("histogram").qparams() == (scale, zero_point)  # deterministic
+    # without outliers the range keeps nearly all of the data
+    plain = RangeObserver("histogram", 99.99)
+    plain.update(torch.rand(10_000, generator=generator) * 6)
+    scale, zero_point = plain.qparams()
+    assert zero_point == 0 and 5.5 < scale * ACT_QMAX <= 6.0 + 1e-6
+
+
+def test_histogram_keeps_counts_when_the_range_widens():
+    from compresspipe.stages.quantize.observers import Histogram
+
+    h = Histogram(bins=100)
+    h.add(torch.linspace(0, 1, 1001))
+    h.add(torch.linspace(-1, 3, 1001))
+    assert (h.lo, h.hi) == (-1.0, 3.0)
+    assert float(h.counts.sum()) == pytest.approx(2002)
+    # the first batch's mass stays in [0, 1]: the bins over [0, 1] hold it plus their share of the second
+    in_unit = h.counts[25:50].sum()
+    assert float(in_unit) == pytest.approx(1001 + 250, abs=15)
+    h.add(torch.zeros(10))  # inside the range: no rebinning
+    assert float(h.counts.sum()) == pytest.approx(2012)
 
 
 def test_fake_quant_matches_torch_and_passes_gradients_straight_through():
@@ -264,3 +434,59 @@ def test_fake_quant_matches_torch_and_passes_gradients_straight_through():
     expected_grad = torch.autograd.grad(torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255).sum(),
                                         x)[0]
     assert torch.equal(x.grad, expected_grad) and 0 < int(x.grad.sum()) < x.numel()  # both values occur
+
+
+# the quantize path in a fresh process (torch warns about quantized tensors once per process), then its reload
+_NO_DEPRECATED_PATH = r'''
+import json, sys, warnings
+from pathlib import Path
+
+import torch
+
+from compresspipe.data.sources import load_data
+from compresspipe.engine.artifacts import ModelState, load_model, save_model
+from compresspipe.engine.context import StageContext
+from compresspipe.engine.ui import UI
+from compresspipe.models.factory import build_model
+from compresspipe.recipe import load_recipe
+from compresspipe.stages.quantize.stage import QuantizeStage
+from tests.fixtures import tiny_recipe, write_recipe
+
+tmp = Path(sys.argv[1])
+spec = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}, "input_shape": [1, 8, 8]}
+data = {"dataset": "synthetic", "shape": [1, 8, 8], "samples": 96, "eval_batch_size": 16, "calibration_samples": 32}
+stages = [{"method": "static"}, {"method": "static", "observer": "histogram"}, {"method": "dynamic"},
+          {"method": "qat", "qat": {"epochs": 1}}, {"method": "weight_only"}]
+x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for i, options in enumerate(stages):
+        folder = tmp / str(i)
+        folder.mkdir()
+        stage = {"type": "quantize", "calibration": {"batches": 2}, **options}
+        recipe = load_recipe(write_recipe(folder, tiny_recipe(model=spec, data=data, stages=[stage])))
+        splits = load_data(recipe.data, 0, (1, 8, 8))
+        ctx = StageContext(recipe, 1, "quantize", folder, torch.device("cpu"), 0, splits, UI(quiet=True))
+        torch.manual_seed(0)
+        state = ModelState(build_model(spec), spec, (1, 8, 8), 10)
+        result = QuantizeStage(recipe.stages[0]).run(state, ctx)
+        save_model(result.state, folder / "model")
+        with torch.no_grad():
+            load_model(folder / "model").module(x)
+print(json.dumps([{"file": w.filename, "line": w.lineno, "category": w.category.__name__, "message": str(w.message)}
+                  for w in caught]))
+'''
+
+
+def test_quantize_and_reload_emit_no_torch_quantization_deprecation(tmp_path):
+    """torch 2.14 deprecates torch.ao.quantization, quantized tensors and torch.ops.quantized: none may run."""
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _NO_DEPRECATED_PATH, str(tmp_path)], capture_output=True,
+                          text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    caught = json.loads(done.stdout.strip().splitlines()[-1])
+    bad = [w for w in caught if "/torch/ao/" in w["file"].replace(os.sep, "/")
+           or re.search(r"torch\.ao|quantized tensor|quint8|qint8|torch\.ops\.quantized", w["message"])]
+    assert not bad, "deprecated torch quantization used:\n" + "\n".join(
+        f"{w['file']}:{w['line']}: {w['category']}: {w['message'][:300]}" for w in bad)

@@ -4,18 +4,23 @@ This module is the config only and imports no torch. The implementation lives in
 that hold quantized weights as plain tensors (so artifacts are safetensors, never pickle) in `.layers`,
 and the backends behind one small interface in `.backends`.
 
-backend: auto picks, per method, what gave a CPU speedup here. Measured by `python -m benchmarks quantize`
-(digits-cnn, float32 = 1x, batch 64, 1 thread, AMD EPYC with AVX512-VNNI/BF16):
+backend: auto uses torch for every method: the layers of `.layers` (int8/int4 weights) or casts (fp16/bf16).
+In PyTorch those int8 layers are a float emulation: they compute exactly the int8 file's rounding in float32
+ops, so the accuracy is the deployed model's, but they are not faster than float32 (torch's own int8 kernels,
+torch.ao, are deprecated and not used). The int8 speed comes from the deploy runtime: the export stage's
+onnx_int8 (ONNX Runtime) and executorch_int8 (XNNPACK) files, measured by `python -m benchmarks export`.
+Measured by `python -m benchmarks quantize` (digits-cnn, float32 = 1x, PyTorch at batch 64, 1 thread, AMD
+EPYC); an emulated model's latency is the cost of its rounding ops, not an int8 figure:
 
-  method       backend      size    latency  accuracy
-  static       torch        3.87x   3.4x     +0.0 pts   <- auto (x86 int8 kernels)
-  qat          torch        3.87x   3.2x     -0.6 pts   <- auto
-  dynamic      torch        2.86x   1.0x     +0.0 pts   <- auto (only Linear; convs stay float)
-  weight_only  torch/torchao 3.9x   1.0x     +0.0 pts   <- auto: torch (same layers, no torchao import)
-  weight_only  int4 torch   7.56x   1.0x     -0.3 pts
-  fp16         torch        1.99x   0.07x    +0.0 pts   (CPU fp16 matmuls are emulated: much slower)
-  bf16         torch        1.99x   1.2x     +0.0 pts   (fast only on CPUs with AVX512-BF16/AMX)
-  static       onnxruntime  1.0x    1.0x     at export  (the export stage quantizes the ONNX graph)
+  method       backend        size    latency  accuracy
+  static       torch          3.87x   0.76x    +0.0 pts   <- auto (emulated int8)
+  qat          torch          3.87x   0.68x    -0.6 pts   <- auto (emulated int8)
+  dynamic      torch          2.86x   0.84x    +0.0 pts   <- auto (emulated int8; only Linear, convs stay float)
+  weight_only  torch/torchao  3.9x    1.0x     +0.0 pts   <- auto: torch (same layers, no torchao import)
+  weight_only  int4 torch     7.56x   1.05x    -0.3 pts
+  fp16         torch          1.99x   0.06x    +0.0 pts   (CPU fp16 matmuls are emulated: much slower)
+  bf16         torch          1.99x   1.2x     +0.0 pts   (fast only on CPUs with AVX512-BF16/AMX)
+  static       onnxruntime    1.0x    1.0x     at export  (the export stage quantizes the ONNX graph)
 
 torchao's int8 activation kernels are fast on CPU only under torch.compile, which a saved artifact does
 not run, so torchao is offered for weight_only (its affine quantization primitives compute the weights);
@@ -64,7 +69,10 @@ class QatSettings(FinetuneSettings):
 
 
 class QuantizeConfig(StageConfig):
-    """Quantization: int8 weights (and activations), int4 weight-only, or fp16/bf16; smaller, often faster on CPU."""
+    """Quantization: int8 weights (and activations), int4 weight-only, or fp16/bf16; smaller files.
+
+    int8 in PyTorch is a float emulation of the int8 file; its speed comes at export (onnx_int8, executorch_int8).
+    """
 
     type: Literal["quantize"]
     method: Method = Field(
@@ -74,7 +82,8 @@ class QuantizeConfig(StageConfig):
                     "int8/int4 weights, float compute; fp16/bf16: cast Conv/Linear, norms stay float32",
     )
     dtype: Literal["int8", "int4"] = Field("int8", description="weight dtype; int4 only with method weight_only")
-    backend: Backend = Field("auto", description="auto picks per method what is fastest here (module docstring)")
+    backend: Backend = Field("auto", description="auto: torch for every method (int8/int4: float emulation "
+                                                 "layers, fp16/bf16: casts); see the module docstring")
     calibration: Calibration = Field(default_factory=Calibration)
     observer: Literal["minmax", "histogram", "percentile"] = Field(
         "minmax", description="how activation ranges are set from calibration: min/max, histogram "

@@ -1,8 +1,8 @@
 """Quantization backends behind one interface: can it run here, which methods, and how weights are rounded.
 
-Every torch-side backend produces the same tensor-only layers (`.layers`), so artifacts, reloads and the
-report do not depend on the backend; what differs is who computes the integer weights and scales and
-which kernels run. `onnxruntime` produces no torch model: it hands the job to the export stage.
+Every torch-side backend produces the same tensor-only layers (`.layers`, a float emulation of int8 in
+PyTorch), so artifacts, reloads and the report do not depend on the backend; what differs is who computes
+the integer weights and scales. `onnxruntime` produces no torch model: it hands the job to the export stage.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from compresspipe.stages.quantize import BACKEND_METHODS, WHY_NOT
 if TYPE_CHECKING:
     import torch
 
-# method -> backend `auto` uses (measured in benchmarks/bench_quantize.py; see the package docstring)
+# method -> backend `auto` uses: torch's emulation layers (or casts) for every method; see the package docstring
 AUTO: dict[str, str] = {m: "torch" for m in ("dynamic", "static", "qat", "weight_only", "fp16", "bf16")}
 
 
@@ -34,14 +34,12 @@ class QuantBackend(Protocol):
 
 
 class TorchBackend:
-    """torch's own x86/fbgemm (or qnnpack) int8 kernels; fp16/bf16 are casts."""
+    """Our rounding into the float-emulation layers (core ATen ops: runs wherever torch does); fp16/bf16: casts."""
 
     name, export_only = "torch", False
 
     def available(self) -> str | None:
-        from compresspipe.stages.quantize.layers import int8_kernels
-
-        return int8_kernels()
+        return None
 
     def supports(self, method: str, dtype: str) -> bool:
         return method in BACKEND_METHODS["torch"] and (dtype == "int8" or method == "weight_only")
@@ -114,9 +112,7 @@ def resolve(stage: str, method: str, dtype: str, backend: str) -> QuantBackend:
     if not chosen.supports(method, dtype):
         raise StageConfigError(stage, f"backend {name} cannot run method {method} with dtype {dtype}; "
                                       f"{WHY_NOT.get(name, 'use backend: auto')}")
-    # torch's casts and weight-only storage need no int8 kernels; everything else must run here
-    if name != "torch" or method not in ("fp16", "bf16", "weight_only"):
-        reason = chosen.available()
-        if reason is not None:
-            raise StageConfigError(stage, f"backend {name} cannot run method {method} on this machine: {reason}")
+    reason = chosen.available()
+    if reason is not None:
+        raise StageConfigError(stage, f"backend {name} cannot run method {method} on this machine: {reason}")
     return chosen

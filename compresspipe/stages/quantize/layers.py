@@ -1,20 +1,21 @@
 """Quantized and reduced-precision layers whose state is plain tensors, and the `quantize` edit kind.
 
-torch's quantized modules keep packed weights (ScriptObjects) that safetensors cannot store. These layers
-keep int8 (or packed int4) weights, float scales, a float bias and calibrated activation ranges as
-buffers, and build torch's packed x86 int8 weights lazily in forward (cached, never saved). So an artifact
-is model.safetensors + model.json: the `quantize` edit swaps the float layers for these with empty buffers
-of the right shapes, then the weights load strictly.
+These layers keep int8 (or packed int4) weights, float scales, a float bias and calibrated activation
+ranges as buffers, so an artifact is model.safetensors + model.json: the `quantize` edit swaps the float
+layers for these with empty buffers of the right shapes, then the weights load strictly.
 
-Every layer takes and returns float32 tensors, so any model works whatever surrounds the layer (residual
-additions, BatchNorm left in float, custom code). Off CPU, or while torch.export/compile traces the model,
-a reference path computes the same thing with fake-quantization ops (real aten ops, exportable).
+In PyTorch they are a float emulation of int8: the forward pass computes exactly the int8 file's rounding
+(the int weights times their scales; activations rounded and clamped to their uint8 grid) with core ATen
+float ops. That is what every exporter traces and what every device runs, but it is not faster than
+float32: the int8 speed comes from the deploy runtime (export formats onnx_int8, executorch_int8). torch's
+own int8 kernels (torch.ops.quantized, quint8 tensors, torch.ao) are deprecated and not used.
+
+Every layer takes and returns tensors of the caller's float dtype, so any model works whatever surrounds
+the layer (residual additions, BatchNorm left in float, custom code).
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Any
 
 import torch
@@ -24,28 +25,13 @@ from torch import nn
 from compresspipe.engine.edits import dtype_from_name, dtype_name, get_submodule, register_edit, set_submodule
 from compresspipe.errors import ArtifactError
 
-# torch warns once per process that quantized tensor dtypes are deprecated; they are an internal detail here
-warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-
-ACT_QMAX = 127  # x86 kernels: activation scales span 7 bits (reduce_range) so u8*s8 pair sums cannot overflow int16
-ACT_CLAMP = 255  # ...but quint8 tensors still clamp at 255; the reference path does the same
+ACT_QMAX = 127  # activation scales span 7 bits (the x86 int8 convention: u8*s8 pair sums cannot overflow int16)
+ACT_CLAMP = 255  # ...but values still clamp at uint8's 255, as quint8 tensors and ONNX QuantizeLinear do
+# dynamic mode: the smallest per-batch input scale (torch's ChooseQuantizationParams, which the artifacts
+# written with its int8 kernels used)
+DYNAMIC_MIN_SCALE = 6.1e-5
 WEIGHT_QRANGE = {8: (-128, 127), 4: (-8, 7)}
 MODES = ("static", "dynamic", "weight_only")
-
-
-@functools.cache
-def int8_kernels() -> str | None:
-    """None when torch's CPU int8 kernels run here, else why not."""
-    engine = torch.backends.quantized.engine
-    if engine in (None, "none") or engine not in torch.backends.quantized.supported_engines:
-        return f"no quantized CPU engine in this torch build (engine {engine!r})"
-    try:
-        w = torch._make_per_tensor_quantized_tensor(torch.ones(2, 2, dtype=torch.int8), 0.1, 0)
-        packed = torch.ops.quantized.linear_prepack(w, None)
-        torch.ops.quantized.linear_dynamic(torch.ones(1, 2), packed, True)
-    except Exception as exc:  # a build without the x86/qnnpack kernels
-        return f"torch's int8 kernels do not run here ({type(exc).__name__}: {exc})"
-    return None
 
 
 def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +85,22 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return out
 
 
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of one batch for dynamic mode: asymmetric uint8 (7-bit) over its min/max and zero.
+
+    What torch's dynamic int8 Linear chose per call (reduce_range), so artifacts written with it compute as
+    before; tensor ops, so tracing keeps the per-batch range.
+    """
+    x = x.detach()
+    lo, hi = torch.clamp(x.amin().float(), max=0.0), torch.clamp(x.amax().float(), min=0.0)
+    scale = (hi - lo) / ACT_QMAX
+    zero_point = torch.clamp(torch.round(-lo / torch.clamp(scale, min=1e-30)), 0, ACT_QMAX)
+    return torch.clamp(scale, min=DYNAMIC_MIN_SCALE), zero_point
+
+
 class _QuantLayer(nn.Module):
     """Shared storage: int weights (int8, or int4 packed in uint8), per-channel scales, float bias."""
 
-    op = "linear"
     # buffers (declared for type checkers: nn.Module.__getattr__ would type them as Tensor | Module)
     qweight: torch.Tensor
     weight_scale: torch.Tensor
@@ -134,7 +132,7 @@ class _QuantLayer(nn.Module):
                 self.register_buffer(name, torch.ones(()))
             for name in ("input_zero_point", "output_zero_point"):
                 self.register_buffer(name, torch.zeros((), dtype=torch.int32))
-        self._cache: dict[str, Any] | None = None
+        self._dequantized: torch.Tensor | None = None  # the float weight, built at first use, never saved
 
     # -- filling from a float layer ----------------------------------------------------------------
 
@@ -143,14 +141,13 @@ class _QuantLayer(nn.Module):
         self.weight_scale.copy_(scale.reshape(-1))
         if self.fbias is not None and bias is not None:
             self.fbias.copy_(bias.detach().float())
-        self._cache = None
+        self._dequantized = None
 
     def set_activation_ranges(self, inp: tuple[float, int], out: tuple[float, int]) -> None:
         self.input_scale.fill_(inp[0])
         self.input_zero_point.fill_(inp[1])
         self.output_scale.fill_(out[0])
         self.output_zero_point.fill_(out[1])
-        self._cache = None
 
     # -- what metrics see: the logical float weight and bias (count_params reads callables) -----------
 
@@ -166,88 +163,50 @@ class _QuantLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.fbias
 
-    # -- forward -----------------------------------------------------------------------------------
+    # -- forward: the float emulation of the int8 arithmetic -----------------------------------------
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _prepack(self, wq: torch.Tensor, b: torch.Tensor | None) -> Any:
-        raise NotImplementedError
+    def _float_weight(self) -> torch.Tensor:
+        """The dequantized weight, cached; while a tracer records the forward it is rebuilt from the int
+        buffers, so exported files keep int weights and their dequantization."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.weight()
+        if self._dequantized is None:
+            with torch.inference_mode(False):  # a cache built under inference_mode would refuse autograd later
+                self._dequantized = self.weight()
+        return self._dequantized
 
-    def _int8_op(self, x: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _kernel(self) -> Any:
-        """The torch.ops.quantized op for this mode (looked up once: attribute lookups there are slow)."""
-        q = torch.ops.quantized
-        if self.op == "conv2d":
-            return q.conv2d_relu if self.relu else q.conv2d
-        if self.mode == "dynamic":
-            return q.linear_relu_dynamic if self.relu else q.linear_dynamic
-        return q.linear_relu if self.relu else q.linear
-
-    def _packed(self) -> dict[str, Any]:
-        if self._cache is None:
-            c: dict[str, Any] = {}
-            if self.mode == "weight_only":
-                c["weight"] = self.weight()
-            else:
-                q = self.qweight
-                if self.per_channel:
-                    wq = torch._make_per_channel_quantized_tensor(
-                        q, self.weight_scale.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
-                else:
-                    wq = torch._make_per_tensor_quantized_tensor(q, float(self.weight_scale), 0)
-                c["packed"] = self._prepack(wq, self.fbias)
-                c["op"] = self._kernel()
-                if self.mode == "static":
-                    c["in"] = (float(self.input_scale), int(self.input_zero_point))
-                    c["out"] = (float(self.output_scale), int(self.output_zero_point))
-            self._cache = c
-        return self._cache
-
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Float emulation with fake-quant ops: other devices, and torch.export/compile tracing."""
-        w = self.weight().to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._float_weight()
+        b = self.fbias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
         if self.mode == "static":
             x = fake_quant(x, self.input_scale, self.input_zero_point)
-        y = self._float_op(x, w, None if self.fbias is None else self.fbias.to(x.dtype))
+        elif self.mode == "dynamic":
+            x = fake_quant(x, *dynamic_qparams(x))
+        y = self._float_op(x, w, b)
         if self.relu:
             y = F.relu(y)
         if self.mode == "static":
             y = fake_quant(y, self.output_scale, self.output_zero_point)
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or x.dtype != torch.float32):
-            return self._reference(x)
-        c = self._packed()
-        if self.mode == "weight_only":
-            y = self._float_op(x, c["weight"], self.fbias)
-            return F.relu(y) if self.relu else y
-        if self.mode == "dynamic" or not torch.are_deterministic_algorithms_enabled():
-            return self._int8_op(x, c)
-        # the static int8 kernels are deterministic; only their quantized output allocation (quantized_resize_cpu_)
-        # is flagged, once per call, which would flood a run that enables deterministic algorithms. The C switch
-        # is used directly: torch.use_deterministic_algorithms also rewrites inductor's config, which costs more
-        # than the int8 op itself at batch 1 (the flag is restored as it was).
-        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-        torch._C._set_deterministic_algorithms(False)
-        try:
-            return self._int8_op(x, c)
-        finally:
-            torch._C._set_deterministic_algorithms(True, warn_only=warn_only)
-
-    # -- state: the packed cache is rebuilt after loading and never copied -------------------------
+    # -- state: the float weight is rebuilt after loading or moving, and never copied -----------------
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._cache = None
+        self._dequantized = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), .half(): buffers change
+        self._dequantized = None
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_dequantized"] = None
         return state
 
     def spec(self) -> dict[str, Any]:
@@ -277,27 +236,12 @@ class QuantLinear(_QuantLayer):
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
 
-    def _prepack(self, wq: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return torch.ops.quantized.linear_prepack(wq, b)
-
-    def _int8_op(self, x: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
-        flat = x.dim() != 2
-        x2 = x.reshape(-1, x.shape[-1]) if flat else x
-        if self.mode == "dynamic":
-            y = c["op"](x2, c["packed"], True)
-        else:
-            qx = torch.quantize_per_tensor(x2, c["in"][0], c["in"][1], torch.quint8)
-            y = c["op"](qx, c["packed"], c["out"][0], c["out"][1]).dequantize()
-        return y.reshape(*x.shape[:-1], self.out_features) if flat else y
-
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "in_features": self.in_features, "out_features": self.out_features}
 
 
 class QuantConv2d(_QuantLayer):
     """int8 Conv2d (static or weight-only), zero padding; BatchNorm folded in beforehand."""
-
-    op = "conv2d"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = True, **kw: Any):
@@ -319,14 +263,6 @@ class QuantConv2d(_QuantLayer):
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def _prepack(self, wq: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return torch.ops.quantized.conv2d_prepack(wq, b, list(self.stride), list(self.padding),
-                                                  list(self.dilation), self.groups)
-
-    def _int8_op(self, x: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
-        qx = torch.quantize_per_tensor(x, c["in"][0], c["in"][1], torch.quint8)
-        return c["op"](qx, c["packed"], c["out"][0], c["out"][1]).dequantize()
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "in_channels": self.in_channels, "out_channels": self.out_channels,

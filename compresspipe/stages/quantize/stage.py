@@ -1,12 +1,13 @@
 """The quantize stage: select layers, fold BatchNorm, calibrate, swap in tensor-only quantized layers.
 
+The int8/int4 layers are a float emulation in PyTorch (see `.layers`); details["emulated"] says so.
+
 The model is traced with torch.fx only to find conv->BatchNorm pairs to fold and ReLU/ReLU6 to fuse;
 a model that does not trace is still quantized, just without folding and fusion (a note says so).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from compresspipe.stages.quantize.layers import (
     cast_layer,
     quantize_edit,
 )
+from compresspipe.stages.quantize.observers import RangeObserver
 from compresspipe.stages.select import select_layers
 
 if TYPE_CHECKING:
@@ -42,6 +44,10 @@ CANDIDATES: dict[str, tuple[type, ...]] = {
     "bf16": (nn.Conv2d, nn.Linear),
 }
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+EMULATION_NOTE = ("emulated int8: the PyTorch model is a float emulation of the int8 file, computing exactly its "
+                  "rounding ({activations} uint8 activations, int8 weights times their scales) with float32 ops, so "
+                  "it is not faster than float32 in PyTorch; the int8 speed comes from the deploy runtime: export "
+                  "format onnx_int8 (or executorch_int8)")
 ACTIVATIONS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {nn.ReLU: F.relu, nn.ReLU6: F.relu6}
 ACT_FUNCTIONS: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
     F.relu: F.relu, torch.relu: F.relu, F.relu6: F.relu6,
@@ -105,43 +111,7 @@ def fold_bn(conv: Any, bn: Any) -> None:
         conv.bias = nn.Parameter(new_bias.detach().clone())
 
 
-# -- observers ---------------------------------------------------------------------------------------
-
-
-class RangeObserver:
-    """Tracks an activation range from calibration batches; `qparams()` gives (scale, zero point)."""
-
-    def __init__(self, kind: str, percentile: float):
-        self.kind, self.percentile = kind, percentile
-        self.lo, self.hi = math.inf, -math.inf
-        self.los: list[float] = []
-        self.his: list[float] = []
-        self.hist: Any = None
-        if kind == "histogram":
-            from torch.ao.quantization.observer import HistogramObserver
-
-            self.hist = HistogramObserver(dtype=torch.quint8, reduce_range=True)
-
-    def update(self, t: torch.Tensor) -> None:
-        t = t.detach().float().cpu()
-        self.lo, self.hi = min(self.lo, float(t.min())), max(self.hi, float(t.max()))
-        if self.kind == "histogram":
-            self.hist(t)
-        elif self.kind == "percentile":
-            flat = t.reshape(-1)
-            if flat.numel() > 1_000_000:
-                flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100]))
-            self.los.append(float(q[0]))
-            self.his.append(float(q[1]))
-
-    def qparams(self) -> tuple[float, int]:
-        if self.kind == "histogram":
-            scale, zp = self.hist.calculate_qparams()
-            return float(scale), int(zp)
-        if self.kind == "percentile":
-            return act_qparams(sum(self.los) / len(self.los), sum(self.his) / len(self.his))
-        return act_qparams(self.lo, self.hi)
+# -- calibration -------------------------------------------------------------------------------------
 
 
 def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable], batches: list[torch.Tensor],
@@ -287,8 +257,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
             bits = 4 if cfg.dtype == "int4" else 8
             new = {n: _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
             if cfg.method == "weight_only":
-                notes.append("weight_only: int weights in the file, dequantized once at first use; compute stays float32 "
-                             "(smaller file and memory, no CPU speedup)")
+                notes.append(f"weight_only: int{bits} weights in the file, dequantized once at first use; compute stays "
+                             "float32 (smaller file, no CPU speedup)")
         else:
             ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile)
             if cfg.method == "qat":
@@ -311,10 +281,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if cfg.method in ("static", "qat"):
             notes.append(f"{len(new)} layer(s) int8 with calibrated activations; {len(folds)} BatchNorm folded, "
                          f"{len(acts)} activation(s) fused")
+        emulated = cfg.method not in CAST_DTYPES
+        if cfg.method in ("static", "qat", "dynamic"):
+            notes.append(EMULATION_NOTE.format(activations="per-batch" if cfg.method == "dynamic" else "calibrated"))
         details: dict[str, Any] = {
             "method": cfg.method, "dtype": cfg.dtype if cfg.method not in CAST_DTYPES else cfg.method,
             "backend": backend.name, "observer": cfg.observer if cfg.method in ("static", "qat") else None,
-            "per_channel": cfg.per_channel,
+            "per_channel": cfg.per_channel, "emulated": emulated,
             "bytes_per_param": {"before": round(bytes_before / max(params, 1), 3),
                                 "after": round(bytes_after / max(params, 1), 3)},
             "accuracy": {"before": acc_before, "after": acc_after, "change": acc_after - acc_before},
@@ -359,7 +332,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                      f"quantizes the ONNX graph with ONNX Runtime ({cfg.method}, {cfg.observer} calibration)")
         table = [{"layer": n, "type": type(m).__name__, "quantized": "at export", "as": f"onnxruntime {cfg.method}",
                   "reason": ""} for n, m in layers.items()]
-        details = {"method": cfg.method, "dtype": cfg.dtype, "backend": "onnxruntime",
+        details = {"method": cfg.method, "dtype": cfg.dtype, "backend": "onnxruntime", "emulated": False,
                    "accuracy": {"before": acc, "after": acc, "change": 0.0},
                    "tables": {"per layer": table}}
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
