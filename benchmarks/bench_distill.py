@@ -68,11 +68,11 @@ def _labels_alone_fit(student: dict[str, Any], steps: int) -> tuple[float, int]:
     from torch.utils.data import TensorDataset
 
     from compresspipe.data.sources import load_data
-    from compresspipe.engine.training import fit
     from compresspipe.models.factory import build_model
     from compresspipe.recipe import load_recipe
-    from compresspipe.stages.common import TrainSettings
+    from compresspipe.recipe.training import TrainSettings
     from compresspipe.stages.distill import labelled_indices
+    from compresspipe.training.loop import fit
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.yaml"

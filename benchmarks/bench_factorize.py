@@ -34,7 +34,7 @@ def _verdict(ok: bool, what: str) -> str:
 
 
 def _factorize(module: Any, shape: tuple[int, ...], **cfg: Any) -> tuple[Any, list[dict[str, Any]]]:
-    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.stages.factorize import FactorizeConfig, factorize_model
 
     state = ModelState(module.eval(), {}, shape, None)
@@ -59,7 +59,7 @@ def linear_1000() -> dict[str, Any]:
 
 
 def _digits(tmp: Path, train: dict[str, Any] | None, case: str) -> dict[str, Any]:
-    from compresspipe.engine.artifacts import load_model
+    from compresspipe.artifacts.model import load_model
 
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["evaluate"] = {"latency": {"enabled": False}}

@@ -37,7 +37,7 @@ def _folder(tmp: Path, name: str) -> Path:
 
 
 def _models(report: dict[str, Any], ref: str, name: str) -> tuple[Any, Any]:
-    from compresspipe.engine.artifacts import load_model
+    from compresspipe.artifacts.model import load_model
 
     folder = Path(report["run_folder"])
     return (load_model(folder / stage(report, ref)["folder"]).module,

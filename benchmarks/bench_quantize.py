@@ -65,13 +65,13 @@ def _case(trained: Path, report: dict[str, Any], tmp: Path, model: str, method: 
           backend: str) -> dict[str, Any]:
     import torch
 
+    from compresspipe.artifacts.model import load_model, save_model
     from compresspipe.data.sources import load_data
-    from compresspipe.engine.artifacts import load_model, save_model
-    from compresspipe.engine.context import StageContext, StageRecord
-    from compresspipe.engine.ui import UI
     from compresspipe.metrics import evaluate
     from compresspipe.recipe import load_recipe
+    from compresspipe.stages.context import StageContext, StageRecord
     from compresspipe.stages.quantize.stage import QuantizeStage
+    from compresspipe.ui import UI
 
     spec: dict[str, Any] = {"type": "quantize", "method": method, "backend": backend,
                             "calibration": {"batches": 16}, "qat": {"epochs": 2}}

@@ -12,9 +12,9 @@ import yaml
 
 def run_recipe_dict(recipe: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
     """Run a recipe (as plain data) into a temporary folder; return report.json's content."""
-    from compresspipe.engine.executor import RunOptions, run_recipe
-    from compresspipe.engine.ui import UI
     from compresspipe.recipe import load_recipe
+    from compresspipe.run.executor import RunOptions, run_recipe
+    from compresspipe.ui import UI
 
     tmp = Path(tempfile.mkdtemp(prefix="cp-bench-")) if folder is None else folder
     path = tmp / "recipe.yaml"

@@ -12,7 +12,7 @@ import yaml
 if TYPE_CHECKING:
     import torch
 
-    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.artifacts.model import ModelState
 
 # Small enough for a whole run in a couple of seconds on 2 cores.
 TINY_RECIPE: dict[str, Any] = {
@@ -55,7 +55,7 @@ def _trained_weights() -> dict[str, torch.Tensor]:
 
 def trained_cnn() -> ModelState:
     """The small digits-cnn with trained weights (clear margins, so int8 agreement is meaningful)."""
-    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.models.factory import build_model
 
     module = build_model(SMALL_CNN)

@@ -22,8 +22,8 @@ LABELS = {"accuracy": "accuracy", "params": "params", "bytes": "size", "macs": "
 
 def load_report(path: Path) -> dict[str, Any]:
     """A run folder's report.json (or the file itself), checked to be a compresspipe report we can read."""
-    from compresspipe.engine.report import READABLE_VERSIONS, REPORT_FORMAT
     from compresspipe.errors import InputError
+    from compresspipe.report.build import READABLE_VERSIONS, REPORT_FORMAT
 
     file = path / "report.json" if path.is_dir() else path
     if not path.exists():
@@ -92,7 +92,7 @@ def compare_reports(report_a: dict[str, Any], report_b: dict[str, Any]) -> dict[
 
 
 def _fmt(metric: str, v: Any) -> str:
-    from compresspipe.engine.report import _fmt_bytes, _fmt_count
+    from compresspipe.report.build import _fmt_bytes, _fmt_count
 
     if v is None:
         return "n/a"

@@ -25,7 +25,7 @@ def plan(
     from compresspipe.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_)
-    from compresspipe.engine.plan import plan_recipe
+    from compresspipe.run.plan import plan_recipe
 
     result = plan_recipe(parsed)
     if json_out:

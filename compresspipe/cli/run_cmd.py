@@ -29,7 +29,7 @@ def run(
 
     parsed = load_recipe(recipe, set_)  # validate everything before importing torch or launching
     if nproc > 1:
-        from compresspipe.engine.distributed import launched_by_torchrun
+        from compresspipe.training.distributed import launched_by_torchrun
 
         if not launched_by_torchrun():
             argv = [str(recipe), *(["--out", str(out)] if out else []), *(["--resume"] if resume else []),
@@ -37,9 +37,9 @@ def run(
                     *(["-q"] if quiet else []), *(["--junit", str(junit)] if junit else []),
                     *(["--json"] if json_out else [])]
             raise typer.Exit(launch(nproc, argv))
-    from compresspipe.engine.executor import RunOptions, run_recipe
-    from compresspipe.engine.ui import UI
     from compresspipe.errors import GateFailed
+    from compresspipe.run.executor import RunOptions, run_recipe
+    from compresspipe.ui import UI
 
     ui = UI(quiet=quiet, stream=sys.stderr if json_out else None)
     options = RunOptions(out=out, resume=resume, force=force, junit=junit)

@@ -21,7 +21,7 @@ def verify(
     from rich.markup import escape
     from rich.table import Table
 
-    from compresspipe.engine.verify import verify_run
+    from compresspipe.run.verify import verify_run
 
     result = verify_run(run_dir)
     if json_out:

@@ -5,24 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compresspipe.engine.artifacts import MODEL_FILE, WEIGHTS_FILE
+from compresspipe.artifacts.model import MODEL_FILE, WEIGHTS_FILE
 from compresspipe.errors import StageError
 from compresspipe.recipe.spec import RUNTIME_FORMATS
 
 if TYPE_CHECKING:
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import Recipe
+    from compresspipe.stages.context import StageContext
     from compresspipe.stages.export import ExportConfig
 
 DEPLOY_FOLDER = "deploy"
-INT8_METHODS = ("static", "qat", "dynamic")
 
 
 def is_int8(state: ModelState) -> bool:
     """Whether a quantize stage made this model int8 (the runtime then ships its int8 file)."""
-    record = state.records.get("quantize") or {}
-    return record.get("method") in INT8_METHODS
+    from compresspipe.stages.quantize import QuantizeRecord
+
+    record = state.get(QuantizeRecord)
+    return record is not None and record.int8
 
 
 def primary_format(runtime: str, state: ModelState, exported: dict[str, list[str]]) -> str:

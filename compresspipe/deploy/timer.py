@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from compresspipe.artifacts.files import sha256_file
 from compresspipe.deploy.timing import caller, interleaved, quartiles, ratio, set_threads
-from compresspipe.engine.fsutil import sha256_file
 
 if TYPE_CHECKING:
     from compresspipe.recipe.spec import Recipe

@@ -28,7 +28,7 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, input_shape: tu
            threads: int) -> Callable[[], Any] | None:
     """A zero-argument call running one inference of the row's file at `batch`; None if it cannot run that batch."""
     if fmt == "torch":
-        from compresspipe.engine.artifacts import load_model
+        from compresspipe.artifacts.model import load_model
         from compresspipe.stages.export.job import input_dtype
 
         module = load_model(folder).module.eval()

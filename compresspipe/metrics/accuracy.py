@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresspipe.errors import InputError
-from compresspipe.metrics._modes import eval_mode
+from compresspipe.metrics.modes import eval_mode
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from compresspipe.metrics._modes import eval_mode, model_device
+from compresspipe.metrics.modes import eval_mode, model_device
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int | None:

@@ -25,8 +25,32 @@ if TYPE_CHECKING:
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+def check_source(source: Any) -> dict[str, Any]:
+    """A model source (from a recipe or a model.json) checked by the recipe's own rules: one known name, plain
+    JSON kwargs, and nothing that would download weights. Returns it as plain data."""
+    from pydantic import ValidationError
+
+    from compresspipe.recipe.spec import ModelSpec
+
+    if not isinstance(source, Mapping):
+        raise InputError(f"a model source must be an object (got {type(source).__name__})")
+    extra = sorted(set(source) - {"builtin", "torchvision", "kwargs"})
+    if extra:
+        raise InputError(f"unknown key(s) {', '.join(map(repr, extra))} in a model source; allowed: builtin, "
+                         "torchvision, kwargs")
+    try:
+        spec = ModelSpec.model_validate(dict(source), context={"check_paths": False})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(source)"
+        raise InputError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    return spec.model_dump(include={"builtin", "torchvision", "kwargs"}, exclude_none=True)
+
+
 def build_model(source: Mapping[str, Any]) -> nn.Module:
-    """A freshly initialised model from ``{"builtin" | "torchvision": name, "kwargs": {...}}``."""
+    """A freshly initialised model from ``{"builtin" | "torchvision": name, "kwargs": {...}}`` (a recipe's model
+    block works too: its other keys are not the source's)."""
+    source = check_source({k: v for k, v in source.items() if k in ("builtin", "torchvision", "kwargs")})
     kwargs = dict(source.get("kwargs") or {})
     if source.get("builtin"):
         name = str(source["builtin"])

@@ -51,6 +51,8 @@ RecipeFile = Annotated[str, AfterValidator(_path_checker("file"))]
 RecipeDir = Annotated[str, AfterValidator(_path_checker("dir"))]
 
 Fraction01 = Annotated[float, Field(gt=0, lt=1)]
+# constructor arguments through which torchvision (and others) fetch pretrained weights from the network
+DOWNLOAD_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone"})
 
 
 class ModelSpec(StrictModel):
@@ -85,6 +87,17 @@ class ModelSpec(StrictModel):
 
         if value is not None and value not in TORCHVISION_CLASSIFIERS:
             raise ValueError(unknown_message("torchvision classifier", value, TORCHVISION_CLASSIFIERS))
+        return value
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_downloads(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fetching = sorted(k for k in value if k in DOWNLOAD_KWARGS and value[k] not in (None, False, "none", "None"))
+        if fetching:
+            raise ValueError(
+                f"kwargs {', '.join(fetching)} would download weights, and compresspipe runs offline; give local "
+                "weights with checkpoint: path/to/file.safetensors"
+            )
         return value
 
     @field_validator("weights")

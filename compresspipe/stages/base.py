@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 from compresspipe.recipe.spec import StageConfig
 
 if TYPE_CHECKING:
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
+    from compresspipe.stages.context import StageContext
 
 C = TypeVar("C", bound=StageConfig)
 

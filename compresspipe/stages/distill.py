@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from compresspipe.recipe.spec import NAME_PATTERN, ModelSpec, StrictModel
+from compresspipe.recipe.training import TrainSettings
 from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
-from compresspipe.stages.common import TrainSettings
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import Recipe
+    from compresspipe.stages.context import StageContext
 
 
 def _name_or_spec(value: Any) -> str:
@@ -269,7 +269,7 @@ class DistillStage(Stage[DistillConfig]):
     def _new_student(spec: ModelSpec, state: ModelState, ctx: StageContext) -> ModelState:
         import torch
 
-        from compresspipe.engine.artifacts import ModelState
+        from compresspipe.artifacts.model import ModelState
         from compresspipe.errors import StageConfigError
         from compresspipe.models.factory import build_from_spec
 
@@ -406,7 +406,7 @@ class DistillStage(Stage[DistillConfig]):
         import torch
 
         from compresspipe.errors import StageConfigError
-        from compresspipe.metrics._modes import eval_mode
+        from compresspipe.metrics.modes import eval_mode
 
         device = ctx.device
         student.to(device)

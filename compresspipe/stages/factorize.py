@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from pydantic import Field, PositiveInt, model_validator
 
 from compresspipe.recipe.spec import StrictModel
+from compresspipe.recipe.training import FinetuneSettings
 from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
-from compresspipe.stages.common import SELECTOR_HELP, FinetuneSettings, Selector
+from compresspipe.stages.common import SELECTOR_HELP, Selector
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
+    from compresspipe.stages.context import StageContext
 
 RULES = ("energy", "ratio", "fixed")
 
@@ -284,7 +285,7 @@ def _io_sizes(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) 
     import torch
     from torch import nn
 
-    from compresspipe.metrics._modes import eval_mode, model_device
+    from compresspipe.metrics.modes import eval_mode, model_device
 
     sizes: dict[str, tuple[int, int]] = {n: (0, 0) for n in names}
     handles = []
@@ -342,7 +343,7 @@ def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list
     """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer."""
     import torch
 
-    from compresspipe.engine.edits import get_submodule, replace_edit
+    from compresspipe.artifacts.edits import get_submodule, replace_edit
     from compresspipe.stages.select import select_layers
 
     model = state.module
@@ -413,7 +414,7 @@ class FactorizeStage(Stage[FactorizeConfig]):
         return StagePlan(state=new, layers=layers, notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
-        from compresspipe.engine.fsutil import atomic_write_json
+        from compresspipe.artifacts.files import atomic_write_json
 
         cfg = self.config
         rows = factorize_model(state, cfg, ctx.name)

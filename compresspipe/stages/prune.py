@@ -14,16 +14,17 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
+from compresspipe.recipe.training import FinetuneSettings
 from compresspipe.stages.base import Stage, StageConfig, StageKind, StagePlan, StageResult
-from compresspipe.stages.common import SELECTOR_HELP, FinetuneSettings, Selector
+from compresspipe.stages.common import SELECTOR_HELP, Selector
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import Recipe
+    from compresspipe.stages.context import StageContext
 
 Amount = Annotated[float, Field(ge=0, lt=1)]
 
@@ -162,7 +163,7 @@ def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> Non
     """Accumulate loss gradients over a few calibration batches (taylor importance reads .grad)."""
     import torch.nn.functional as F
 
-    from compresspipe.metrics._modes import model_device
+    from compresspipe.metrics.modes import model_device
 
     device = model_device(model)
     model.eval()  # batch-norm statistics stay as they are
@@ -217,7 +218,7 @@ class PruneStage(Stage[PruneConfig]):
 
     def _write_resolved(self, ctx: StageContext, sel: _Selection, schedule: list[float],
                         rows: list[dict[str, Any]]) -> None:
-        from compresspipe.engine.fsutil import atomic_write_json
+        from compresspipe.artifacts.files import atomic_write_json
 
         cfg = self.config
         atomic_write_json(ctx.stage_dir / "pruning.json", {
@@ -406,9 +407,9 @@ class PruneStage(Stage[PruneConfig]):
                     finetune: bool) -> tuple[list[dict], list[dict]]:
         import torch
 
-        from compresspipe.engine.edits import resize_edit, shape_snapshot
+        from compresspipe.artifacts.edits import resize_edit, shape_snapshot
         from compresspipe.errors import StageConfigError
-        from compresspipe.metrics._modes import model_device
+        from compresspipe.metrics.modes import model_device
 
         cfg, model = self.config, state.module
         model.eval()

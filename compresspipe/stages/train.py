@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from compresspipe.recipe.training import TrainSettings
 from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
-from compresspipe.stages.common import TrainSettings
 
 if TYPE_CHECKING:
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
+    from compresspipe.stages.context import StageContext
 
 
 class TrainConfig(StageConfig, TrainSettings):

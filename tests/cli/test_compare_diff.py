@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from compresspipe.cli import app
-from compresspipe.engine.html import render_html
-from compresspipe.engine.report import build_report
+from compresspipe.report.build import build_report
+from compresspipe.report.html import render_html
 from tests.fixtures import tiny_recipe, write_recipe
 
 runner = CliRunner()

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from compresspipe.cli import app
 from compresspipe.deploy import cpu
 from compresspipe.deploy.timing import interleaved, quartiles, ratio
-from compresspipe.engine.gates import judge
 from compresspipe.recipe.spec import Limits
+from compresspipe.report.gates import judge
 from compresspipe.stages.export.onnx_int8 import weight_abs_max
 from compresspipe.stages.export.stage import ExportStage
 from tests.fixtures import digits_cnn_recipe, tiny_recipe, trained_cnn, write_recipe

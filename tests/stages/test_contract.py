@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from compresspipe.engine.artifacts import load_model
-from compresspipe.engine.executor import RunOptions, run_recipe
-from compresspipe.engine.ui import UI
+from compresspipe.artifacts.model import load_model
 from compresspipe.errors import RecipeError
 from compresspipe.recipe import load_recipe
+from compresspipe.run.executor import RunOptions, run_recipe
 from compresspipe.stages import STAGES
+from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
 STAGE_TYPES = STAGES.names()

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from compresspipe.artifacts.model import load_model
 from compresspipe.cli import app
-from compresspipe.engine.artifacts import load_model
-from compresspipe.engine.executor import RunOptions, run_recipe
-from compresspipe.engine.ui import UI
 from compresspipe.recipe import load_recipe
+from compresspipe.run.executor import RunOptions, run_recipe
 from compresspipe.stages.distill import distillation_loss, labelled_indices
+from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -162,7 +162,7 @@ def test_interrupted_distill_resumes_after_the_last_epoch_with_its_adapters(tmp_
     stages = [{"type": "distill", "student": student, "epochs": 3, "lr": 1e-2,
                "features": [{"student": "fc1", "teacher": "fc1", "weight": 0.5}]}]
     full = _run(tmp_path, stages, out="full")
-    from compresspipe.engine import training
+    from compresspipe.training import loop as training
 
     real_evaluate, calls = training.evaluate, {"n": 0}
 

@@ -12,17 +12,18 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from compresspipe.artifacts.edits import replace_edit, resize_edit, shape_snapshot
+from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.cli import app
 from compresspipe.data.sources import load_data
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.context import StageContext, StageRecord
-from compresspipe.engine.edits import replace_edit, resize_edit, shape_snapshot
-from compresspipe.engine.ui import UI
 from compresspipe.errors import RecipeError
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
+from compresspipe.stages.context import StageContext, StageRecord
 from compresspipe.stages.export import ExportConfig
 from compresspipe.stages.export.stage import ExportStage
+from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeRecord
+from compresspipe.ui import UI
 from tests.fixtures import SMALL_CNN, digits_cnn_recipe, tiny_recipe, trained_cnn, write_recipe
 
 RECIPE = Path(__file__).parent.parent.parent / "recipes" / "export.yaml"
@@ -286,9 +287,8 @@ def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path)
     float_dir = tmp_path / "01-train"
     save_model(float_state, float_dir)
     quantized = float_state.clone()
-    quantized.records["quantize"] = {"version": 1, "method": "static", "float_stage": "train",
-                                     "onnx_int8": {"per_channel": False, "observer": "minmax",
-                                                   "calibration_batches": 2}}
+    quantized.put(QuantizeRecord(method="static", float_stage="train", onnx_int8=OnnxInt8Handoff(
+        method="static", per_channel=False, observer="minmax", calibration_batches=2, batch_size=32)))
     history = {"train": StageRecord(1, "train", "train", float_dir, {})}
     ctx = _ctx(tmp_path, digits_cnn_recipe(), history)
     result = ExportStage(_export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.9})).run(

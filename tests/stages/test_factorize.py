@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
+from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.cli import app
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.models.builtin import digits_cnn

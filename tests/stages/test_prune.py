@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
+from compresspipe.artifacts.edits import apply_edit
+from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.cli import app
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.edits import apply_edit
-from compresspipe.engine.executor import RunOptions, run_recipe
-from compresspipe.engine.ui import UI
 from compresspipe.errors import RecipeError, StageConfigError
 from compresspipe.models.builtin import digits_cnn, tiny_resnet
 from compresspipe.recipe import load_recipe
+from compresspipe.run.executor import RunOptions, run_recipe
 from compresspipe.stages.prune import PruneConfig, PruneStage, resolve_selection, step_amounts
+from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -250,7 +250,7 @@ def test_magnitude_is_mask_only_and_keeps_zeros_through_finetuning(tmp_path):
 
 
 def test_plan_predicts_the_pruned_shapes(tmp_path):
-    from compresspipe.engine.plan import plan_recipe
+    from compresspipe.run.plan import plan_recipe
 
     stages = [{"type": "prune", "amount": 0.5, "per_layer": {"c1": 0.25}},
               {"type": "prune", "name": "mag", "method": "magnitude", "amount": 0.5}]

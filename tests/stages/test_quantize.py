@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.cli import app
 from compresspipe.data.sources import load_data
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.context import StageContext, StageRecord
-from compresspipe.engine.executor import RunOptions, run_recipe
-from compresspipe.engine.ui import UI
 from compresspipe.errors import RecipeError, StageConfigError
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
+from compresspipe.run.executor import RunOptions, run_recipe
+from compresspipe.stages.context import StageContext, StageRecord
 from compresspipe.stages.quantize.layers import pack_int4, quantize_weight, unpack_int4
+from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -184,12 +184,15 @@ def test_onnxruntime_hands_quantization_to_export(tmp_path, trained):
     result, folder, reference = _quantize(tmp_path, trained, stage)
     assert result.kind == "quantized" and _size(folder) == pytest.approx(_size(trained[0]), rel=0.05)
     assert torch.equal(load_model(folder).module(trained[1]), reference(trained[1]))  # still float
-    record = result.state.records["quantize"]
+    from compresspipe.stages.quantize import QuantizeRecord
+
+    record = result.state.get(QuantizeRecord)
     assert "export" not in result.details  # the hand-off travels on the model, not in the report
-    assert record["onnx_int8"]["method"] == "static" and record["version"] == 1
-    assert record["onnx_int8"]["calibration_batches"] == 3 and record["onnx_int8"]["observer"] == "histogram"
-    assert record["float_stage"] == "train"
-    assert load_model(folder).records == result.state.records  # saved in model.json
+    assert record.onnx_int8.method == "static" and record.method == "static"
+    assert record.onnx_int8.calibration_batches == 3 and record.onnx_int8.observer == "histogram"
+    assert record.float_stage == "train"
+    assert load_model(folder).get(QuantizeRecord) == record  # saved in model.json, read back typed
+    assert json.loads((folder / "model.json").read_text())["records"]["quantize"]["version"] == 1
     assert result.details["emulated"] is False  # nothing quantized in PyTorch
 
 
@@ -444,9 +447,9 @@ from pathlib import Path
 import torch
 
 from compresspipe.data.sources import load_data
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.context import StageContext
-from compresspipe.engine.ui import UI
+from compresspipe.artifacts.model import ModelState, load_model, save_model
+from compresspipe.stages.context import StageContext
+from compresspipe.ui import UI
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
 from compresspipe.stages.quantize.stage import QuantizeStage

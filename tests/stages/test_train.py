@@ -1,9 +1,9 @@
 import pytest
 
-from compresspipe.engine.executor import RunOptions, run_recipe
-from compresspipe.engine.ui import UI
 from compresspipe.errors import RecipeError
 from compresspipe.recipe import load_recipe
+from compresspipe.run.executor import RunOptions, run_recipe
+from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
 

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from compresspipe.engine.artifacts import ModelState
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import LatencySpec
     from compresspipe.stages.export import ExportConfig
+    from compresspipe.stages.quantize import OnnxInt8Handoff
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -38,7 +39,7 @@ class ExportJob:
     reference: list[torch.Tensor]  # the PyTorch model's logits on `batches`
     calibration: Callable[[int, int], Iterator[torch.Tensor]]  # (batch_size, batches) -> input batches
     latency: LatencySpec | None = None
-    handoff: dict[str, Any] | None = None  # what a quantize stage asked the ONNX int8 export to do
+    handoff: OnnxInt8Handoff | None = None  # what a quantize stage asked the ONNX int8 export to do
     float_module: nn.Module | None = None  # the float model int8 formats quantize (after a quantize stage)
     cpu: str = "portable"  # deploy.cpu, resolved: the CPUs int8 files must be exact on (deploy.cpu module)
     notes: list[str] = field(default_factory=list)

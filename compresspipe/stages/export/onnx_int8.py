@@ -6,13 +6,9 @@ run Conv). This is also how a model whose torch quantized modules cannot be expo
 float model before the quantize stage is exported and quantized here with the settings that stage recorded.
 Verified by top-1 agreement (verify.min_agreement), since int8 logits differ from float ones by design.
 
-The hand-off a quantize stage records on the model (`ModelState.records["quantize"]`, saved in model.json):
-    {"version": 1, "method": ..., "float_stage": "train",   # whose float model the int8 formats quantize
-     "onnx_int8": {                                          # every key optional
-        "method": "static" | "dynamic",  # default: the export stage's int8.onnx_method
-        "per_channel": bool, "observer" | "calibrate_method": "minmax" | "histogram" | "entropy" | "percentile",
-        "calibration_batches": int, "batch_size": int, "nodes_to_exclude": [onnx node names]}}
-Its values override the export stage's `int8` settings for onnx_int8.
+After a quantize stage, the `QuantizeRecord` it put on the model (saved in model.json) names the float stage
+whose model is quantized here, and its `onnx_int8` hand-off (method, per-channel weights, observer,
+calibration batches and batch size, nodes to exclude) overrides the export stage's `int8` settings.
 
 Weights use 7 bits (ONNX Runtime's reduce_range, |w| <= 64) unless deploy.cpu is x86-vnni or arm64: on x86
 CPUs with AVX2 but no VNNI, ONNX Runtime's u8s8 kernels add pairs of products in int16 and saturate with
@@ -50,19 +46,12 @@ def settings(job: ExportJob) -> dict[str, Any]:
     out: dict[str, Any] = {"method": cfg.onnx_method, "per_channel": cfg.per_channel,
                            "calibrate_method": cfg.calibrate_method, "calibration_batches": cfg.calibration_batches,
                            "batch_size": cfg.batch_size, "nodes_to_exclude": []}
-    hand = job.handoff or {}
-    if hand.get("method") in ("static", "dynamic"):
-        out["method"] = hand["method"]
-    if isinstance(hand.get("per_channel"), bool):
-        out["per_channel"] = hand["per_channel"]
-    observer = hand.get("calibrate_method") or hand.get("observer")
-    if observer in OBSERVER_TO_METHOD:
-        out["calibrate_method"] = OBSERVER_TO_METHOD[observer]
-    for key in ("calibration_batches", "batch_size"):
-        if isinstance(hand.get(key), int) and hand[key] > 0:
-            out[key] = hand[key]
-    if isinstance(hand.get("nodes_to_exclude"), list):
-        out["nodes_to_exclude"] = [str(n) for n in hand["nodes_to_exclude"]]
+    hand = job.handoff
+    if hand is not None:
+        out.update(method=hand.method, per_channel=hand.per_channel,
+                   calibrate_method=OBSERVER_TO_METHOD[hand.observer],
+                   calibration_batches=hand.calibration_batches, batch_size=hand.batch_size,
+                   nodes_to_exclude=list(hand.nodes_to_exclude))
     return out
 
 

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from compresspipe.engine.artifacts import MODEL_FILE, WEIGHTS_FILE, load_model, save_model
+from compresspipe.artifacts.model import MODEL_FILE, WEIGHTS_FILE, load_model, save_model
 from compresspipe.stages.export.job import (
     Exporter,
     ExportJob,
@@ -68,12 +68,12 @@ def verify_zip(files: list[Path], job: ExportJob) -> dict[str, Any]:
 EXPORTERS = {
     "safetensors": Exporter(
         "safetensors", f"{FOLDER}/{WEIGHTS_FILE}", always, export, verify,
-        load_snippet=("from compresspipe.engine.artifacts import load_model",
+        load_snippet=("from compresspipe.artifacts.model import load_model",
                       "model = load_model(Path('safetensors')).module  # model.json: source + edits"),
     ),
     "safetensors_zip": Exporter(
         "safetensors_zip", f"{FOLDER}/{ZIP_FILE}", always, export_zip, verify_zip,
         load_snippet=("zipfile.ZipFile('safetensors/model.zip').extractall('model')",
-                      "model = compresspipe.engine.artifacts.load_model(Path('model')).module"),
+                      "model = compresspipe.artifacts.model.load_model(Path('model')).module"),
     ),
 }

@@ -13,16 +13,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compresspipe.engine.fsutil import atomic_write_json, sha256_file
+from compresspipe.artifacts.files import atomic_write_json, sha256_file
 from compresspipe.errors import StageConfigError, StageError
 from compresspipe.stages.base import Stage, StagePlan, StageResult
 from compresspipe.stages.export import FORMAT_MODULES, FORMAT_ORDER, ExportConfig
 from compresspipe.stages.export.job import Exporter, ExportJob, dtype_label, input_dtype, torch_runner
+from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeRecord
 
 if TYPE_CHECKING:
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import LatencySpec
+    from compresspipe.stages.context import StageContext
 
 MANIFEST_FORMAT = "compresspipe.export"
 MANIFEST_VERSION = 1
@@ -33,26 +34,19 @@ def exporter(fmt: str) -> Exporter:
     return importlib.import_module(FORMAT_MODULES_ALL[fmt]).EXPORTERS[fmt]
 
 
-def quantize_record(state: ModelState) -> dict[str, Any] | None:
-    """What a quantize stage recorded on the model for the export (the float stage, how to quantize for ONNX)."""
-    record = state.records.get("quantize")
-    return record if isinstance(record, dict) else None
-
-
 def float_source(state: ModelState, formats: list[str], ctx: StageContext,
-                 ) -> tuple[nn.Module | None, dict[str, Any] | None]:
+                 ) -> tuple[nn.Module | None, OnnxInt8Handoff | None]:
     """(the float model an int8 format quantizes instead of the quantized one, the quantize stage's settings).
 
     After a quantize stage, onnx_int8 and executorch_int8 quantize the float model from before it (ONNX
     Runtime and XNNPACK calibrate their own int8 graphs) with the settings that stage recorded.
     """
-    record = quantize_record(state)
+    record = state.get(QuantizeRecord)
     if record is None:
         return None, None
-    handoff = record.get("onnx_int8") if isinstance(record.get("onnx_int8"), dict) else None
-    if {"onnx_int8", "executorch_int8"} & set(formats) and record.get("float_stage"):
-        return ctx.load_stage(str(record["float_stage"])).module.eval().to("cpu"), handoff
-    return None, handoff
+    if {"onnx_int8", "executorch_int8"} & set(formats):
+        return ctx.load_stage(record.float_stage).module.eval().to("cpu"), record.onnx_int8
+    return None, record.onnx_int8
 
 
 def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, formats: list[str],
@@ -152,7 +146,7 @@ class ExportStage(Stage[ExportConfig]):
         return StageResult(state=state, kind="export", notes=notes, files=written,
                            details={"tables": {"exports": rows, "files": [self._file_row(e) for e in entries]},
                                     "manifest": f"{EXPORT_FOLDER}/manifest.json",
-                                    **({"handoff": handoff} if handoff else {})})
+                                    **({"handoff": handoff.model_dump()} if handoff else {})})
 
     # -- pieces ---------------------------------------------------------------------------------------
 

@@ -29,14 +29,15 @@ onnxruntime cannot produce a torch module and records what the export stage (onn
 
 from __future__ import annotations
 
-import sys
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
+from compresspipe.artifacts.records import Record
 from compresspipe.recipe.spec import StrictModel
+from compresspipe.recipe.training import FinetuneSettings
 from compresspipe.stages.base import StageConfig
-from compresspipe.stages.common import SELECTOR_HELP, FinetuneSettings, Selector
+from compresspipe.stages.common import SELECTOR_HELP, Selector
 
 Method = Literal["dynamic", "static", "qat", "weight_only", "fp16", "bf16"]
 Backend = Literal["auto", "torch", "torchao", "onnxruntime"]
@@ -112,9 +113,36 @@ class QuantizeConfig(StageConfig):
         return self
 
 
-# Loading an artifact imports this package to find the `quantize` edit kind (engine.edits.EDIT_PROVIDERS);
-# register it then, but never pull torch in for `compresspipe validate`.
-if "torch" in sys.modules:
-    from compresspipe.stages.quantize import layers as _layers  # noqa: F401
+class OnnxInt8Handoff(StrictModel):
+    """How the int8 ONNX file replays this stage's quantization with ONNX Runtime's quantizer."""
 
-__all__ = ["BACKEND_METHODS", "Calibration", "QatSettings", "QuantizeConfig"]
+    method: Literal["static", "dynamic"]
+    per_channel: bool
+    observer: Literal["minmax", "histogram", "percentile"]
+    calibration_batches: PositiveInt
+    batch_size: PositiveInt
+    layers: list[str] = Field(default_factory=list)
+    nodes_to_exclude: list[str] = Field(default_factory=list)
+
+
+class QuantizeRecord(Record):
+    """What a quantize stage hands the export and the deploy measurement, saved with the model.
+
+    int8 runtimes calibrate their own graphs: onnx_int8 and executorch_int8 quantize the float model of
+    `float_stage` (the stage before the quantize stage) with these settings.
+    """
+
+    KIND: ClassVar[str] = "quantize"
+    VERSION: ClassVar[int] = 1
+
+    method: Method
+    float_stage: str
+    onnx_int8: OnnxInt8Handoff | None = None
+
+    @property
+    def int8(self) -> bool:
+        """Whether the model runs int8 arithmetic (the runtimes then ship their int8 file)."""
+        return self.method in ("static", "qat", "dynamic")
+
+
+__all__ = ["BACKEND_METHODS", "Calibration", "OnnxInt8Handoff", "QatSettings", "QuantizeConfig", "QuantizeRecord"]

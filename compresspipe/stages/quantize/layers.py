@@ -16,13 +16,25 @@ the layer (residual additions, BatchNorm left in float, custom code).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from compresspipe.engine.edits import dtype_from_name, dtype_name, get_submodule, register_edit, set_submodule
+from compresspipe.artifacts.edits import (
+    FLOAT_DTYPES,
+    MAX_DIM,
+    EditKind,
+    EditModel,
+    KwValue,
+    dtype_from_name,
+    dtype_name,
+    get_submodule,
+    set_submodule,
+)
 from compresspipe.errors import ArtifactError
 
 ACT_QMAX = 127  # activation scales span 7 bits (the x86 int8 convention: u8*s8 pair sums cannot overflow int16)
@@ -56,7 +68,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     p = packed.to(torch.int16)
     lo, hi = p & 0xF, (p >> 4) & 0xF
-    flat = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, : int(torch.tensor(shape[1:]).prod())]
+    flat = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, : math.prod(shape[1:])]
     flat = torch.where(flat > 7, flat - 16, flat)
     return flat.to(torch.int8).reshape(shape)
 
@@ -121,7 +133,7 @@ class _QuantLayer(nn.Module):
         self.weight_shape = tuple(int(s) for s in weight_shape)
         out = self.weight_shape[0]
         if bits == 4:
-            inner = int(torch.tensor(self.weight_shape[1:]).prod())
+            inner = math.prod(self.weight_shape[1:])
             self.register_buffer("qweight", torch.zeros(out, (inner + 1) // 2, dtype=torch.uint8))
         else:
             self.register_buffer("qweight", torch.zeros(self.weight_shape, dtype=torch.int8))
@@ -315,37 +327,70 @@ def layer_spec(layer: nn.Module) -> dict[str, Any]:
     raise ArtifactError(f"cannot record layer of type {type(layer).__name__} in a quantize edit")
 
 
+_LAYER_KW = {"mode", "bits", "per_channel", "relu", "bias"}
+_CONV_KW = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"}
+# class -> (constructor, the keyword arguments a spec may give it)
+LAYER_CLASSES: dict[str, tuple[Any, frozenset[str]]] = {
+    "QuantLinear": (QuantLinear, frozenset({"in_features", "out_features", *_LAYER_KW})),
+    "QuantConv2d": (QuantConv2d, frozenset({*_CONV_KW, *_LAYER_KW})),
+    "CastLinear": (CastLinear, frozenset({"in_features", "out_features", "bias", "dtype"})),
+    "CastConv2d": (CastConv2d, frozenset({*_CONV_KW, "bias", "dtype", "padding_mode"})),
+}
+_DIMS = ("in_features", "out_features", "in_channels", "out_channels", "groups")
+
+
 def build_layer(spec: dict[str, Any]) -> nn.Module:
     """Rebuild a layer from its spec with empty tensors (the weights load afterwards)."""
     kind = spec.get("class")
+    if kind not in LAYER_CLASSES:
+        raise ArtifactError(f"layer class {kind!r} in a quantize edit is not known; known: "
+                            f"{', '.join(LAYER_CLASSES)}")
+    cls, allowed = LAYER_CLASSES[kind]
     kw = {k: v for k, v in spec.items() if k != "class"}
-    if kind == "QuantLinear":
-        return QuantLinear(**kw)
-    if kind == "QuantConv2d":
-        return QuantConv2d(**kw)
-    if kind in ("CastLinear", "CastConv2d"):
+    unknown = set(kw) - allowed
+    if unknown:
+        raise ArtifactError(f"{kind} in a quantize edit takes {', '.join(sorted(allowed))}; not "
+                            f"{', '.join(sorted(unknown))}")
+    for key in _DIMS:
+        if key in kw and (type(kw[key]) is not int or not 0 < kw[key] <= MAX_DIM):
+            raise ArtifactError(f"{kind} in a quantize edit: {key} must be a positive int (got {kw[key]!r})")
+    dtype = None
+    if "dtype" in kw:
+        if kw["dtype"] not in FLOAT_DTYPES:
+            raise ArtifactError(f"{kind} dtype {kw['dtype']!r}; allowed: {', '.join(FLOAT_DTYPES)}")
         dtype = dtype_from_name(kw.pop("dtype"))
-        if kind == "CastLinear":
-            return CastLinear(**kw).to(dtype)
-        padding = kw.pop("padding")
-        return CastConv2d(padding=padding if isinstance(padding, str) else tuple(padding), **kw).to(dtype)
-    raise ArtifactError(f"layer class {kind!r} in a quantize edit is not known; known: QuantLinear, QuantConv2d, "
-                        "CastLinear, CastConv2d")
+    if isinstance(kw.get("padding"), list):
+        kw["padding"] = tuple(kw["padding"])
+    try:
+        layer = cls(**kw)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ArtifactError(f"{kind} in a quantize edit cannot be built: {exc}") from None
+    return layer.to(dtype) if dtype is not None else layer
+
+
+class QuantizeEdit(EditModel):
+    """{"kind": "quantize", "version": 1, "method": ..., "folded": [[conv, bn]], "layers": {name: spec}}"""
+
+    method: Literal["dynamic", "static", "qat", "weight_only", "fp16", "bf16"]
+    folded: list[tuple[str, str]] = Field(default_factory=list)
+    layers: dict[str, dict[str, KwValue]]
 
 
 def quantize_edit(method: str, layers: dict[str, nn.Module], folded: list[tuple[str, str]]) -> dict[str, Any]:
-    return {"kind": "quantize", "version": 1, "method": method, "folded": [list(p) for p in folded],
+    return {"kind": "quantize", "version": QUANTIZE.version, "method": method, "folded": [list(p) for p in folded],
             "layers": {name: layer_spec(layer) for name, layer in layers.items()}}
 
 
-@register_edit("quantize")
-def _apply_quantize(model: nn.Module, edit: dict[str, Any]) -> nn.Module:
-    if edit.get("version") != 1:
-        raise ArtifactError(f"quantize edit version {edit.get('version')!r}; this compresspipe reads 1")
-    for _conv, bn in edit.get("folded", []):
+def _apply_quantize(model: nn.Module, edit: QuantizeEdit) -> nn.Module:
+    for _conv, bn in edit.folded:
         get_submodule(model, bn)
         model = set_submodule(model, bn, nn.Identity())
-    for name, spec in edit["layers"].items():
-        get_submodule(model, name)
-        model = set_submodule(model, name, build_layer(spec))
+    for name, spec in edit.layers.items():
+        old = get_submodule(model, name)
+        device = next((t.device for t in (*old.parameters(), *old.buffers())), None)
+        new = build_layer(spec)
+        model = set_submodule(model, name, new if device is None else new.to(device))
     return model
+
+
+QUANTIZE = EditKind("quantize", 1, QuantizeEdit, _apply_quantize)

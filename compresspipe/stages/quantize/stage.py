@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresspipe.engine.edits import set_submodule
+from compresspipe.artifacts.edits import set_submodule
 from compresspipe.errors import StageConfigError
 from compresspipe.stages.base import Stage, StagePlan, StageResult
-from compresspipe.stages.quantize import QuantizeConfig
+from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
 from compresspipe.stages.quantize.layers import (
     QuantConv2d,
@@ -32,8 +32,8 @@ from compresspipe.stages.quantize.observers import RangeObserver
 from compresspipe.stages.select import select_layers
 
 if TYPE_CHECKING:
-    from compresspipe.engine.artifacts import ModelState
-    from compresspipe.engine.context import StageContext
+    from compresspipe.artifacts.model import ModelState
+    from compresspipe.stages.context import StageContext
 
 CANDIDATES: dict[str, tuple[type, ...]] = {
     "dynamic": (nn.Linear,),
@@ -271,7 +271,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             model = set_submodule(model, n, m)
         state.module = model.eval()
         state.record(quantize_edit(cfg.method, new, list(folds.items())))
-        state.records["quantize"] = self._export_record(ctx, cfg.method, list(new))
+        state.put(self._export_record(ctx, cfg.method, list(new)))
 
         acc_after = _accuracy(model, val)
         bytes_after = _bytes(model)
@@ -327,7 +327,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def _handoff(self, state: ModelState, ctx: StageContext, layers: dict[str, nn.Module], notes: list[str],
                  acc: float) -> StageResult:
         cfg = self.config
-        state.records["quantize"] = self._export_record(ctx, cfg.method, list(layers))
+        state.put(self._export_record(ctx, cfg.method, list(layers)))
         notes.append(f"backend onnxruntime: the torch model stays float32; the export stage (format onnx_int8) "
                      f"quantizes the ONNX graph with ONNX Runtime ({cfg.method}, {cfg.observer} calibration)")
         table = [{"layer": n, "type": type(m).__name__, "quantized": "at export", "as": f"onnxruntime {cfg.method}",
@@ -337,24 +337,18 @@ class QuantizeStage(Stage[QuantizeConfig]):
                    "tables": {"per layer": table}}
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
 
-    def _export_record(self, ctx: StageContext, method: str, layers: list[str]) -> dict[str, Any]:
-        """The hand-off to export (saved with the model as records["quantize"], version 1).
-
-        int8 runtimes calibrate their own graphs: `onnx_int8` replays ONNX Runtime's quantizer, and
-        `executorch_int8` XNNPACK's, on the float model of `float_stage` (the stage before this one), with
-        these settings. The torch layers themselves export as their float emulation.
-        """
+    def _export_record(self, ctx: StageContext, method: str, layers: list[str]) -> QuantizeRecord:
+        """The hand-off to export and deploy, saved with the model: int8 runtimes re-quantize the float model
+        of the stage before this one with these settings (the torch layers export as their float emulation)."""
         cfg = self.config
         previous = list(ctx.history)[-1] if ctx.history else "baseline"
-        record: dict[str, Any] = {"version": 1, "method": method, "float_stage": previous}
+        handoff = None
         if method in ("static", "qat", "dynamic"):
-            record["onnx_int8"] = {
-                "method": "dynamic" if method == "dynamic" else "static",
-                "per_channel": cfg.per_channel, "observer": cfg.observer,
-                "calibration_batches": max(cfg.calibration.batches, 1),
-                "batch_size": ctx.recipe.data.eval_batch_size, "layers": layers,
-            }
-        return record
+            handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
+                                      per_channel=cfg.per_channel, observer=cfg.observer,
+                                      calibration_batches=max(cfg.calibration.batches, 1),
+                                      batch_size=ctx.recipe.data.eval_batch_size, layers=layers)
+        return QuantizeRecord(method=method, float_stage=previous, onnx_int8=handoff)
 
     @staticmethod
     def _table(types: dict[str, str], new: dict[str, nn.Module], folds: dict[str, str], skipped: dict[str, str],

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.edits import replace_edit, resize_edit, shape_snapshot
+from compresspipe.artifacts.edits import replace_edit, resize_edit, shape_snapshot
+from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.errors import ArtifactError
 from compresspipe.models.factory import build_model
 
@@ -74,7 +74,7 @@ def test_tied_weights_are_stored_once(tmp_path):
 
     from safetensors.torch import load_file
 
-    from compresspipe.engine.artifacts import _tensors_for_saving
+    from compresspipe.artifacts.model import _tensors_for_saving
 
     tensors, aliases = _tensors_for_saving(Tied())
     assert aliases == {"b.weight": "a.weight"} and "b.weight" not in tensors
@@ -95,23 +95,86 @@ def test_corrupt_or_foreign_artifacts_are_clear_errors(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(desc))
     with pytest.raises(ArtifactError, match="unknown edit kind 'python_exec'"):
         load_model(tmp_path)
-    desc["edits"] = [{"kind": "replace", "module": "fc2", "layer": {"type": "os.system"}}]
+    desc["edits"] = [{"kind": "replace", "version": 1, "module": "fc2", "layer": {"type": "os.system"}}]
     (tmp_path / "model.json").write_text(json.dumps(desc))
     with pytest.raises(ArtifactError, match="not allowed"):
         load_model(tmp_path)
     desc["edits"] = []
     (tmp_path / "model.json").write_text(json.dumps(desc))
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ArtifactError, match="cannot read weights"):
+    with pytest.raises(ArtifactError, match="cannot read"):
         load_model(tmp_path)
     with pytest.raises(ArtifactError, match="missing"):
         load_model(tmp_path / "nowhere")
 
 
-def test_cast_edit_round_trip(tmp_path):
+def test_edit_kinds_come_from_the_registry_with_their_versions_checked_in_one_place(tmp_path):
+    from compresspipe.artifacts.edits import EDITS
+
+    assert {"resize", "replace", "quantize"} <= set(EDITS.names()) and "cast" not in EDITS.names()
     state = _state()
-    state.apply({"kind": "cast", "version": 1, "dtype": "bfloat16", "modules": ["fc1", "fc2"]})
     save_model(state, tmp_path)
-    loaded = load_model(tmp_path)
-    assert loaded.module.fc1.weight.dtype == torch.bfloat16 and loaded.module.c1.weight.dtype == torch.float32
-    assert torch.equal(loaded.module.fc1.weight, state.module.fc1.weight)
+    desc = json.loads((tmp_path / "model.json").read_text())
+    for version in (2, 0, True, "1", None):
+        desc["edits"] = [{"kind": "resize", "version": version, "modules": {}}]
+        (tmp_path / "model.json").write_text(json.dumps(desc))
+        with pytest.raises(ArtifactError, match=r"edits\[0\]: edit 'resize' has version"):
+            load_model(tmp_path)
+
+
+def test_recorded_edits_replay_to_the_same_structure(tmp_path):
+    """`record()` logs an edit that other code applied (Torch-Pruning, in place); replaying the log must agree."""
+    import torch_pruning as tp
+
+    state = _state()
+    before = shape_snapshot(state.module)
+    example = torch.zeros(1, 1, 8, 8)
+    pruner = tp.pruner.MetaPruner(state.module, example, importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.5, ignored_layers=[state.module.fc2])
+    pruner.step()
+    state.record(resize_edit(before, state.module))
+    save_model(state, tmp_path)
+    replayed = load_model(tmp_path)
+    assert shape_snapshot(replayed.module) == shape_snapshot(state.module)
+    assert _same_outputs(state.module, replayed.module)
+    with pytest.raises(ArtifactError, match="unknown edit kind"):
+        state.record({"kind": "prune-magic", "version": 1})
+
+
+def test_a_quantized_artifact_loads_after_a_recipe_was_loaded_in_the_same_process(tmp_path):
+    """The bug: validating a recipe imported the quantize config without torch, and the edit kind stayed unknown."""
+    import subprocess
+    import sys
+
+    from tests.fixtures import SMALL_CNN
+
+    script = f"""
+import torch
+from pathlib import Path
+from compresspipe.artifacts.model import ModelState, save_model
+from compresspipe.models.factory import build_model
+from compresspipe.stages.quantize.layers import QuantLinear, quantize_edit
+m = build_model({SMALL_CNN!r}).eval()
+q = QuantLinear.from_float(m.fc2, "weight_only", 8, True)
+m.fc2 = q
+s = ModelState(m, {SMALL_CNN!r}, (1, 8, 8), 10)
+s.record(quantize_edit("weight_only", {{"fc2": q}}, []))
+save_model(s, Path({str(tmp_path / "q")!r}))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("compresspipe: 1\nname: q\nmodel: {builtin: digits-cnn}\ndata: {dataset: digits}\n"
+                      "stages: [{type: quantize, method: static}]\n")
+    load = f"""
+import sys
+from pathlib import Path
+from compresspipe.recipe import load_recipe
+load_recipe({str(recipe)!r})
+assert "torch" not in sys.modules  # validation stays torch-free
+from compresspipe.artifacts.model import load_model
+state = load_model(Path({str(tmp_path / "q")!r}))
+print(type(state.module.fc2).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "QuantLinear"

@@ -7,18 +7,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compresspipe.artifacts.model import ModelState
 from compresspipe.data.sources import load_data
-from compresspipe.engine.artifacts import ModelState
-from compresspipe.engine.context import StageContext
-from compresspipe.engine.executor import (
+from compresspipe.metrics import count_macs, count_params
+from compresspipe.recipe.spec import Recipe
+from compresspipe.run.executor import (
     check_requirements,
     resolve_device,
     seed_everything,
     stage_implementation,
 )
-from compresspipe.engine.ui import UI
-from compresspipe.metrics import count_macs, count_params
-from compresspipe.recipe.spec import Recipe
+from compresspipe.stages.context import StageContext
+from compresspipe.ui import UI
 
 
 def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
@@ -85,7 +85,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
             row["params"] = count_params(state.module) if prediction is not None else None
             row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
             rows.append(row)
-    from compresspipe.engine.report import deploy_summary
+    from compresspipe.report.build import deploy_summary
 
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
             "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}

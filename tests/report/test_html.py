@@ -5,8 +5,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from compresspipe.engine.html import pareto_optimal, render_html
-from compresspipe.engine.report import build_report
+from compresspipe.report.build import build_report
+from compresspipe.report.html import pareto_optimal, render_html
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SVG = "{http://www.w3.org/2000/svg}"

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
+from compresspipe.artifacts.model import ModelState, load_model
 from compresspipe.data.sources import DataSplits
-from compresspipe.engine.artifacts import ModelState, load_model
-from compresspipe.engine.training import FitResult, LossFn, fit
-from compresspipe.engine.ui import UI
 from compresspipe.errors import StageConfigError
 from compresspipe.recipe.spec import Recipe
-from compresspipe.stages.common import TrainSettings
+from compresspipe.recipe.training import TrainSettings
+from compresspipe.training.loop import FitResult, LossFn, fit
+from compresspipe.ui import UI
 
 CHECKPOINTS = ".checkpoints"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from compresspipe.engine.artifacts import load_model
-from compresspipe.engine.executor import RunOptions, run_recipe
-from compresspipe.engine.ui import UI
+from compresspipe.artifacts.model import load_model
 from compresspipe.errors import RunFolderError, StageError
 from compresspipe.recipe import load_recipe
+from compresspipe.run.executor import RunOptions, run_recipe
+from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
 STABLE = ("name", "type", "kind", "accuracy", "loss", "params", "nonzero_params", "sparsity", "bytes", "macs")
@@ -124,7 +124,7 @@ def test_failing_stage_keeps_finished_stages(tmp_path, monkeypatch):
 def test_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
     recipe = tiny_recipe(stages=[{"type": "train", "epochs": 2}, {"type": "train", "epochs": 1, "lr": 1e-3}])
     full = _run(tmp_path, recipe=recipe, out="full")
-    from compresspipe.engine import training
+    from compresspipe.training import loop as training
 
     real_fit = training.fit
     calls = {"n": 0}
@@ -135,7 +135,7 @@ def test_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr("compresspipe.engine.context.fit", interrupt_second)
+    monkeypatch.setattr("compresspipe.stages.context.fit", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, recipe=recipe, out="cut")
     state = json.loads((tmp_path / "cut" / "run.json").read_text())
@@ -193,7 +193,7 @@ def test_interrupt_signal_exits_130_and_keeps_stages(tmp_path):
 def test_resume_inside_a_stage_continues_from_the_last_finished_epoch(tmp_path, monkeypatch):
     recipe = tiny_recipe(stages=[{"type": "train", "epochs": 4, "lr": 3e-3, "optimizer": "sgd"}])
     full = _run(tmp_path, recipe=recipe, out="full")
-    from compresspipe.engine import training
+    from compresspipe.training import loop as training
 
     real_evaluate = training.evaluate
     calls = {"n": 0}
@@ -221,8 +221,8 @@ def test_resume_inside_a_stage_continues_from_the_last_finished_epoch(tmp_path, 
 
 def test_stage_requirements_are_checked_before_anything_runs(tmp_path):
     from compresspipe.data.sources import DataSplits
-    from compresspipe.engine.executor import check_requirements
     from compresspipe.errors import InputError
+    from compresspipe.run.executor import check_requirements
     from compresspipe.stages.prune import PruneStage
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(stages=[{"type": "prune", "amount": 0.5}])))

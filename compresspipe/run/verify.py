@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from compresspipe.engine.fsutil import read_json, sha256_file
+from compresspipe.artifacts.files import read_json, sha256_file
 from compresspipe.errors import GateFailed, InputError, RecipeError
 
 EXACT = ("params", "nonzero_params", "macs", "bytes")
@@ -65,8 +65,8 @@ def verify_run(run_dir: Path, tol: Tolerances | None = None, keep: Path | None =
 
 
 def _compare(run_dir: Path, recipe: Any, lock: dict, original: dict, out: Path, tol: Tolerances) -> dict[str, Any]:
-    from compresspipe.engine.executor import RunOptions, run_recipe
-    from compresspipe.engine.ui import UI
+    from compresspipe.run.executor import RunOptions, run_recipe
+    from compresspipe.ui import UI
 
     try:
         rerun = run_recipe(recipe, None, RunOptions(out=out / "rerun", force=True),

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from compresspipe.engine.fsutil import atomic_write_bytes
+from compresspipe.artifacts.files import atomic_write_bytes
 from compresspipe.recipe.spec import Limits, Recipe
 
 # check -> what it means

@@ -24,12 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from compresspipe.artifacts.files import atomic_write_json, read_json, sha256_json
 from compresspipe.data.sources import DataSplits
-from compresspipe.engine.distributed import Dist, current
-from compresspipe.engine.fsutil import atomic_write_json, read_json, sha256_json
-from compresspipe.engine.ui import UI
 from compresspipe.metrics import evaluate
-from compresspipe.stages.common import TrainSettings
+from compresspipe.recipe.training import TrainSettings
+from compresspipe.training.distributed import Dist, current
+from compresspipe.ui import UI
 
 # (model, inputs, targets) -> scalar loss. Distillation and QAT pass their own.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

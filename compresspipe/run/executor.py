@@ -27,29 +27,29 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from compresspipe.data.sources import DataSplits, load_data
-from compresspipe.deploy.ship import is_int8, primary_format, ship
-from compresspipe.deploy.timer import DeployTimer
-from compresspipe.engine.artifacts import ModelState, load_model, save_model
-from compresspipe.engine.context import CHECKPOINTS, StageContext, StageRecord
-from compresspipe.engine.distributed import Dist, init_from_env, shutdown
-from compresspipe.engine.fsutil import (
+from compresspipe.artifacts.files import (
     atomic_write_json,
     atomic_write_text,
     read_json,
     sha256_file,
     sha256_json,
 )
-from compresspipe.engine.gates import describe_failures, evaluate_gates, write_junit
-from compresspipe.engine.html import render_html
-from compresspipe.engine.report import build_report, deploy_summary, render_markdown, render_table
-from compresspipe.engine.ui import UI
+from compresspipe.artifacts.model import ModelState, load_model, save_model
+from compresspipe.data.sources import DataSplits, load_data
+from compresspipe.deploy.ship import is_int8, primary_format, ship
+from compresspipe.deploy.timer import DeployTimer
 from compresspipe.errors import CompressPipeError, GateFailed, InputError, RunFolderError, StageError
 from compresspipe.metrics import count_macs, count_nonzero, count_params, evaluate, measure_latency
 from compresspipe.recipe.spec import Recipe, StageConfig
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.registry import import_ref
+from compresspipe.report.build import build_report, deploy_summary, render_markdown, render_table
+from compresspipe.report.gates import describe_failures, evaluate_gates, write_junit
+from compresspipe.report.html import render_html
 from compresspipe.stages.base import Stage, StageResult
+from compresspipe.stages.context import CHECKPOINTS, StageContext, StageRecord
+from compresspipe.training.distributed import Dist, init_from_env, shutdown
+from compresspipe.ui import UI
 
 RUN_FORMAT = "compresspipe.run"
 RUN_VERSION = 1

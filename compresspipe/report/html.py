@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from compresspipe import __version__
-from compresspipe.engine.report import _cell, _fmt_bytes, measured_on, table_rows
+from compresspipe.report.build import _cell, _fmt_bytes, measured_on, table_rows
 
 _CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg: #ffffff; --band: #f6f8fa;

@@ -3,8 +3,8 @@ import json
 from typer.testing import CliRunner
 
 from compresspipe.cli import app
-from compresspipe.engine.plan import recipe_warnings
 from compresspipe.recipe.spec import StageConfig
+from compresspipe.run.plan import recipe_warnings
 from tests.fixtures import tiny_recipe, write_recipe
 
 runner = CliRunner()

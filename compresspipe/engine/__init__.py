@@ -1,1 +1,0 @@
-"""Executor, run folder, artifacts (save/load with an edit log), resume and reports. Imports torch."""

@@ -1,0 +1,1 @@
+"""The shared training loop (train, fine-tuning, distillation, QAT), its losses and data-parallel helpers."""
