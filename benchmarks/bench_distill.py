@@ -71,7 +71,7 @@ def _labels_alone_fit(student: dict[str, Any], steps: int) -> tuple[float, int]:
     from compresspipe.models.factory import build_model
     from compresspipe.recipe import load_recipe
     from compresspipe.recipe.training import TrainSettings
-    from compresspipe.stages.distill import labelled_indices
+    from compresspipe.stages.distill.stage import labelled_indices
     from compresspipe.training.loop import fit
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,8 @@ def _verdict(ok: bool, what: str) -> str:
 
 def _factorize(module: Any, shape: tuple[int, ...], **cfg: Any) -> tuple[Any, list[dict[str, Any]]]:
     from compresspipe.artifacts.model import ModelState
-    from compresspipe.stages.factorize import FactorizeConfig, factorize_model
+    from compresspipe.stages.factorize import FactorizeConfig
+    from compresspipe.stages.factorize.stage import factorize_model
 
     state = ModelState(module.eval(), {}, shape, None)
     rows = factorize_model(state, FactorizeConfig(type="factorize", **cfg), "factorize")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file, save_model
 from torch import nn
 
-from compresspipe.errors import InputError, RegistryError
+from compresspipe.errors import InputError
 from compresspipe.models.factory import build_from_spec, build_model, load_checkpoint
 from compresspipe.recipe.spec import ModelSpec
 
@@ -84,7 +84,7 @@ def test_build_model_errors():
         build_model({"builtin": "digits-mlp", "kwargs": {"depth": 3}})
     with pytest.raises(InputError, match="torchvision:resnet18"):
         build_model({"torchvision": "resnet18", "kwargs": {"bogus": 1}})
-    with pytest.raises(RegistryError, match="did you mean 'digits-mlp'"):
+    with pytest.raises(InputError, match="builtin: unknown model .digits-mlpp.; did you mean 'digits-mlp'"):
         build_model({"builtin": "digits-mlpp"})
     with pytest.raises(InputError, match="builtin: <name> or torchvision: <name>"):
         build_model({"kwargs": {}})

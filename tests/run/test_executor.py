@@ -102,7 +102,7 @@ def test_resume_refuses_changed_recipe(tmp_path):
 
 
 def test_failing_stage_keeps_finished_stages(tmp_path, monkeypatch):
-    from compresspipe.stages import train
+    from compresspipe.stages.train import stage as train
 
     def boom(self, state, ctx):
         raise RuntimeError("kaboom")
@@ -223,7 +223,7 @@ def test_stage_requirements_are_checked_before_anything_runs(tmp_path):
     from compresspipe.data.sources import DataSplits
     from compresspipe.errors import InputError
     from compresspipe.run.executor import check_requirements
-    from compresspipe.stages.prune import PruneStage
+    from compresspipe.stages.prune.stage import PruneStage
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(stages=[{"type": "prune", "amount": 0.5}])))
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64))

@@ -11,7 +11,8 @@ from compresspipe.artifacts.model import load_model
 from compresspipe.cli import app
 from compresspipe.recipe import load_recipe
 from compresspipe.run.executor import RunOptions, run_recipe
-from compresspipe.stages.distill import distillation_loss, labelled_indices
+from compresspipe.stages.distill.stage import labelled_indices
+from compresspipe.training.losses import distillation_loss
 from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 
@@ -123,7 +124,7 @@ def test_recipe_runs_at_reduced_budget_and_saves_only_the_student(tmp_path):
     assert result.exit_code == 0, result.output
     folder = tmp_path / "d" / "02-distill"
     desc = json.loads((folder / "model.json").read_text())
-    assert desc["source"] == {"builtin": "digits-cnn", "torchvision": None, "kwargs": {"width": 16, "hidden": 64}}
+    assert desc["source"] == {"builtin": "digits-cnn", "kwargs": {"width": 16, "hidden": 64}}
     assert desc["edits"] == []
     state = load_model(folder)
     assert set(load_file(str(folder / "model.safetensors"))) == set(state.module.state_dict())  # no adapter

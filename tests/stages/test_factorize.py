@@ -14,7 +14,8 @@ from compresspipe.cli import app
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.models.builtin import digits_cnn
-from compresspipe.stages.factorize import FactorizeConfig, RankRule, choose_rank, factorize_model
+from compresspipe.stages.factorize import FactorizeConfig, RankRule
+from compresspipe.stages.factorize.stage import choose_rank, factorize_model
 from tests.fixtures import tiny_recipe, write_recipe
 
 runner = CliRunner()

@@ -18,7 +18,8 @@ from compresspipe.errors import RecipeError, StageConfigError
 from compresspipe.models.builtin import digits_cnn, tiny_resnet
 from compresspipe.recipe import load_recipe
 from compresspipe.run.executor import RunOptions, run_recipe
-from compresspipe.stages.prune import PruneConfig, PruneStage, resolve_selection, step_amounts
+from compresspipe.stages.prune import PruneConfig, step_amounts
+from compresspipe.stages.prune.stage import PruneStage, resolve_selection
 from compresspipe.ui import UI
 from tests.fixtures import tiny_recipe, write_recipe
 

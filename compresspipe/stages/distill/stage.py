@@ -1,171 +1,26 @@
-"""`distill`: knowledge distillation from a frozen teacher into the current model or a new, smaller one.
-
-Loss per batch: ``alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE(s, y)``, plus optional
-feature losses (MSE between intermediate outputs, through small learned adapters where widths differ).
-
-How the teacher's outputs are cached: the stage trains on a copy of the data splits whose training
-split yields ``(x, [index, label])`` instead of ``(x, label)``. The loss looks the teacher's logits up
-by sample index (computed once, in order, before training), and also uses the index to decide whether
-a sample's label is one of the ``labels_fraction`` kept. Caching applies when the training split is a
-fixed in-memory tensor set (every builtin dataset); other datasets may augment, so the teacher then
-runs on every batch. Feature losses need the teacher's intermediate outputs, so they run it too.
-"""
+"""The distill stage: a frozen teacher's softened outputs (and optional features) train the student."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+import dataclasses
+from typing import Any
 
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
-from compresspipe.recipe.spec import NAME_PATTERN, ModelSpec, StrictModel
-from compresspipe.recipe.training import TrainSettings
-from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from compresspipe.artifacts.model import ModelState
-    from compresspipe.recipe.spec import Recipe
-    from compresspipe.stages.context import StageContext
-
-
-def _name_or_spec(value: Any) -> str:
-    return "spec" if isinstance(value, dict | ModelSpec) else "name"
-
-
-class FeatureLoss(StrictModel):
-    """One intermediate-layer loss: MSE between a student module's output and a teacher module's output."""
-
-    student: str = Field(description="module name in the student, e.g. c2")
-    teacher: str = Field(description="module name in the teacher, e.g. c2")
-    weight: float = Field(1.0, gt=0, description="weight of this MSE term in the total loss")
-
-
-TeacherRef = Annotated[
-    Annotated[str, Field(pattern=NAME_PATTERN), Tag("name")] | Annotated[ModelSpec, Tag("spec")],
-    Discriminator(_name_or_spec),
-]
-StudentRef = Annotated[
-    Annotated[Literal["current"], Tag("name")] | Annotated[ModelSpec, Tag("spec")],
-    Discriminator(_name_or_spec),
-]
-
-
-class DistillConfig(StageConfig, TrainSettings):
-    """Knowledge distillation: a frozen teacher's softened outputs (and optional features) train the student."""
-
-    type: Literal["distill"]
-    teacher: TeacherRef = Field(
-        "baseline",
-        description="baseline (the uncompressed reference), the name of an earlier stage, or a model spec "
-        "with a checkpoint",
-    )
-    student: StudentRef = Field(
-        "current",
-        description="current (the model as the previous stage left it) or a model spec trained from scratch",
-    )
-    temperature: float = Field(4.0, gt=0, description="softens both distributions; the soft loss is scaled by T^2")
-    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (teacher) loss; 1 - alpha for the labels")
-    labels_fraction: float = Field(
-        1.0, gt=0, le=1,
-        description="share of training labels used by the hard loss (a seeded subset); the rest learn "
-        "from the teacher only",
-    )
-    features: list[FeatureLoss] = Field(
-        default_factory=list, description="intermediate-layer losses; adapters are added where widths differ"
-    )
-    cache_teacher: bool = Field(
-        True, description="compute the teacher's logits once per training sample (fixed tensor datasets only)"
-    )
-
-    implementation: ClassVar[str] = "compresspipe.stages.distill:DistillStage"
-    example: ClassVar[dict[str, Any]] = {"type": "distill", "epochs": 1, "temperature": 2.0, "alpha": 0.5}
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _plain_locations(cls, data: Any, handler: Any) -> Any:
-        """Drop the union tags (name/spec) pydantic puts in error paths: `teacher.builtin`, not `teacher.spec.builtin`."""
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            errors = []
-            for err in exc.errors(include_url=False):
-                loc = tuple(err["loc"])
-                if len(loc) >= 2 and loc[0] in ("teacher", "student") and loc[1] in ("name", "spec"):
-                    loc = (loc[0], *loc[2:])
-                errors.append({"type": err["type"], "loc": loc, "input": err.get("input"), "ctx": err.get("ctx", {})})
-            raise ValidationError.from_exception_data(exc.title, errors) from None  # type: ignore[arg-type]
-
-    @field_validator("teacher")
-    @classmethod
-    def _teacher_has_weights(cls, value: str | ModelSpec) -> str | ModelSpec:
-        if isinstance(value, ModelSpec) and value.checkpoint is None:
-            raise ValueError(
-                "a teacher given as a model spec needs checkpoint: <file> (an untrained teacher teaches nothing); "
-                "or name baseline or an earlier stage"
-            )
-        return value
-
-    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
-        if not isinstance(self.teacher, str) or self.teacher == "baseline":
-            return []
-        names = recipe.stage_names()
-        if self.teacher in names[:index]:
-            return []
-        if self.teacher == self.name:
-            return [(("teacher",), f"{self.teacher!r} is this stage itself; a teacher must be baseline or an "
-                                   "earlier stage")]
-        if self.teacher in names:
-            later = names.index(self.teacher)
-            return [(("teacher",), f"stage {self.teacher!r} (stages[{later}]) runs after this one; a teacher "
-                                   "must be baseline or an earlier stage")]
-        from compresspipe.registry import unknown_message
-
-        return [(("teacher",), unknown_message("teacher stage", self.teacher, ["baseline", *names[:index]]))]
-
-    def teacher_label(self) -> str:
-        return self.teacher if isinstance(self.teacher, str) else self.teacher.label
-
-    def student_label(self) -> str:
-        if isinstance(self.student, str):
-            return "current"
-        kwargs = ", ".join(f"{k}={v}" for k, v in self.student.kwargs.items())
-        return self.student.label + (f"({kwargs})" if kwargs else "")
-
-
-# --- the loss (importable by other stages, e.g. fine-tuning after prune) ------------------------------
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor | None,
-    temperature: float,
-    alpha: float,
-    label_mask: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """``alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE(student, targets)``.
-
-    The T^2 factor keeps the soft loss's gradients on the scale of the hard loss (Hinton et al.).
-    The KL term averages over the whole batch; the cross-entropy averages over the samples whose
-    `label_mask` is True (all when None), and is 0 for a batch with no labelled sample.
-    """
-    import torch.nn.functional as F
-
-    s = student_logits.float()
-    loss = s.sum() * 0.0  # connected to the graph, so a batch with nothing to learn still backpropagates
-    if alpha > 0:
-        log_s = F.log_softmax(s / temperature, dim=1)
-        log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-        loss = loss + alpha * temperature**2 * F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
-    if alpha < 1 and targets is not None:
-        if label_mask is not None:
-            s, targets = s[label_mask], targets[label_mask]
-        if targets.numel() > 0:
-            loss = loss + (1 - alpha) * F.cross_entropy(s, targets, label_smoothing=label_smoothing)
-    return loss
+from compresspipe.artifacts.model import ModelState
+from compresspipe.errors import StageConfigError
+from compresspipe.metrics import count_params, evaluate
+from compresspipe.metrics.modes import eval_mode
+from compresspipe.models.factory import build_from_spec
+from compresspipe.recipe.spec import ModelSpec
+from compresspipe.registry import unknown_message
+from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.context import StageContext
+from compresspipe.stages.distill import DistillConfig, FeatureLoss
+from compresspipe.training.losses import distillation_loss
 
 
 def labelled_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
@@ -173,27 +28,20 @@ def labelled_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
 
     It depends on the recipe's seed only, so every distill stage of a recipe sees the same labels.
     """
-    import torch
 
     k = min(n, max(1, round(fraction * n)))
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-
-
-# --- implementation ----------------------------------------------------------------------------------
 
 
 class _Capture:
     """Forward hooks that keep the latest output of named modules."""
 
     def __init__(self, model: nn.Module, names: list[str], stage: str, who: str):
-        from compresspipe.registry import unknown_message
-
         modules = dict(model.named_modules())
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = []
         for name in dict.fromkeys(names):
             if name not in modules or not name:
-                from compresspipe.errors import StageConfigError
 
                 known = [n for n in modules if n]
                 raise StageConfigError(stage, f"features: {unknown_message(f'{who} module', name, known)}")
@@ -214,9 +62,6 @@ class _Capture:
 def _make_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], stage: str,
                   pair: FeatureLoss) -> nn.Module | None:
     """None when the shapes match; a 1x1 conv (4-D) or linear (2-D) when only the width differs."""
-    from torch import nn
-
-    from compresspipe.errors import StageConfigError
 
     if student_shape == teacher_shape:
         return None
@@ -233,8 +78,6 @@ def _make_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
 
 def _indexed_train(data: Any) -> tuple[Any, torch.Tensor]:
     """The training split yielding (x, [index, label]), and every label in order."""
-    import torch
-    from torch.utils.data import Dataset, TensorDataset
 
     train = data.train
     if isinstance(train, TensorDataset) and len(train.tensors) == 2:
@@ -267,12 +110,6 @@ class DistillStage(Stage[DistillConfig]):
 
     @staticmethod
     def _new_student(spec: ModelSpec, state: ModelState, ctx: StageContext) -> ModelState:
-        import torch
-
-        from compresspipe.artifacts.model import ModelState
-        from compresspipe.errors import StageConfigError
-        from compresspipe.models.factory import build_from_spec
-
         if spec.input_shape is not None and tuple(spec.input_shape) != tuple(state.input_shape):
             raise StageConfigError(ctx.name, f"student.input_shape is {list(spec.input_shape)} but the data gives "
                                              f"{list(state.input_shape)}")
@@ -282,8 +119,6 @@ class DistillStage(Stage[DistillConfig]):
         return ModelState(module, source, tuple(state.input_shape), state.num_classes)
 
     def _teacher(self, ctx: StageContext) -> tuple[nn.Module, str]:
-        from compresspipe.models.factory import build_from_spec
-
         teacher = self.config.teacher
         if isinstance(teacher, str):
             label = f"{ctx.reference} (baseline)" if teacher == "baseline" and ctx.reference != "baseline" \
@@ -292,15 +127,6 @@ class DistillStage(Stage[DistillConfig]):
         return build_from_spec(teacher), teacher.label
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
-        import dataclasses
-
-        import torch
-        import torch.nn.functional as F
-        from torch.utils.data import TensorDataset
-
-        from compresspipe.errors import StageConfigError
-        from compresspipe.metrics import count_params, evaluate
-
         cfg, device = self.config, ctx.device
         student_state = state if isinstance(cfg.student, str) else self._new_student(cfg.student, state, ctx)
         student = student_state.module
@@ -403,10 +229,6 @@ class DistillStage(Stage[DistillConfig]):
     def _check_shapes(self, student: nn.Module, teacher: nn.Module, s_capture: _Capture, t_capture: _Capture,
                       input_shape: tuple[int, ...], ctx: StageContext) -> list[nn.Module | None]:
         """Output sizes must agree (teacher, student, labels); returns one adapter (or None) per feature pair."""
-        import torch
-
-        from compresspipe.errors import StageConfigError
-        from compresspipe.metrics.modes import eval_mode
 
         device = ctx.device
         student.to(device)
@@ -438,7 +260,6 @@ class DistillStage(Stage[DistillConfig]):
     @staticmethod
     def _teacher_logits(teacher: nn.Module, ctx: StageContext) -> torch.Tensor:
         """The teacher's logits for every training sample, in split order (one pass, no augmentation)."""
-        import torch
 
         out = []
         with torch.no_grad():

@@ -1,94 +1,26 @@
-"""`factorize`: low-rank factorization of Linear and Conv2d layers (truncated SVD, or Tucker-2 for convolutions).
-
-A weight W (m x n) close to rank r costs r(m + n) parameters as two thin factors instead of mn. Each selected
-layer becomes a small `nn.Sequential` of plain torch layers, recorded as a `replace` edit, so the artifact
-reloads (and exports) without custom modules. Ranks come from a rule the user states; a layer where the rank
-saves nothing (or less than `min_saving`) is kept as it is, and the report says why.
-
-- Linear(n -> m): W = U S V^T truncated to r, then Linear(n, r, bias=False) with sqrt(S) V^T and
-  Linear(r, m) with U sqrt(S) and the original bias (the singular values are split between the factors).
-- Conv2d, svd: the same on W reshaped to (out, in*kh*kw): a kh x kw conv with r filters (stride, padding and
-  dilation of the original) then a 1x1 conv r -> out with the bias.
-- Conv2d, tucker: Tucker-2 by HOSVD (SVD of the output- and input-channel unfoldings): 1x1 conv in -> r_in,
-  kh x kw conv r_in -> r_out (the core), 1x1 conv r_out -> out with the bias. 1x1 convs and Linear layers use
-  svd either way (Tucker-2 of a matrix is its SVD). Grouped convolutions are skipped.
-"""
+"""The factorize stage: truncated SVD and Tucker-2 of the selected layers, recorded as `replace` edits."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+from typing import Any, cast
 
-from pydantic import Field, PositiveInt, model_validator
+import torch
+from torch import nn
 
-from compresspipe.recipe.spec import StrictModel
-from compresspipe.recipe.training import FinetuneSettings
-from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
-from compresspipe.stages.common import SELECTOR_HELP, Selector
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from compresspipe.artifacts.model import ModelState
-    from compresspipe.stages.context import StageContext
-
-RULES = ("energy", "ratio", "fixed")
-
-
-class RankRule(StrictModel):
-    """How many ranks a layer keeps: exactly one of energy, ratio or fixed."""
-
-    energy: float | None = Field(
-        None, gt=0, le=1, description="smallest rank keeping this fraction of the sum of squared singular values"
-    )
-    ratio: float | None = Field(None, gt=0, le=1, description="ceil(ratio x full rank) of each layer")
-    fixed: PositiveInt | None = Field(None, description="this rank in every layer (must not exceed its full rank)")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> RankRule:
-        given = [k for k in RULES if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one rank rule: {energy: 0.9} (keep 90% of the squared singular values), "
-                "{ratio: 0.25} (a quarter of each layer's full rank) or {fixed: 64}"
-                + (f" (got {' and '.join(given)})" if given else "")
-            )
-        return self
-
-    def describe(self) -> str:
-        key = next(k for k in RULES if getattr(self, k) is not None)
-        return f"{key} {getattr(self, key)}"
-
-
-class FactorizeConfig(StageConfig):
-    """Low-rank factorization: Linear/Conv2d layers become two (svd) or three (tucker) thinner layers."""
-
-    type: Literal["factorize"]
-    method: Literal["svd", "tucker"] = Field(
-        "svd",
-        description="svd: Linear as two Linears, Conv2d as a k x k conv of r filters then a 1x1 conv; "
-        "tucker: Conv2d as Tucker-2 (1x1 -> k x k -> 1x1), Linear and 1x1 convs still by svd",
-    )
-    rank: RankRule = Field(description="rank rule: {energy: 0.9}, {ratio: 0.25} or {fixed: 64}")
-    include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
-    exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
-    min_saving: float = Field(
-        0.1, ge=0, lt=1, description="skip a layer unless it saves at least this fraction of its parameters"
-    )
-    finetune: FinetuneSettings | None = Field(None, description="recovery training afterwards (none: no training)")
-
-    implementation: ClassVar[str] = "compresspipe.stages.factorize:FactorizeStage"
-    example: ClassVar[dict[str, Any]] = {"type": "factorize", "rank": {"ratio": 0.25}, "finetune": {"epochs": 1}}
-
-
-# -- implementation (torch from here on, imported inside functions) -------------------------------
+from compresspipe.artifacts.edits import get_submodule, replace_edit
+from compresspipe.artifacts.files import atomic_write_json
+from compresspipe.artifacts.model import ModelState
+from compresspipe.errors import StageConfigError
+from compresspipe.metrics.modes import eval_mode, model_device
+from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.context import StageContext
+from compresspipe.stages.factorize import FactorizeConfig, RankRule
+from compresspipe.stages.select import select_layers
 
 
 def _candidates() -> tuple[type, ...]:
-    from torch import nn
-
     return (nn.Linear, nn.Conv2d)
 
 
@@ -123,7 +55,6 @@ def choose_rank(singular_values: torch.Tensor, rule: RankRule) -> int:
 
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD on CPU: float64 where it is cheap, float32 for large matrices (float64 is ~8x slower)."""
-    import torch
 
     dtype = torch.float64 if max(matrix.shape) <= 512 else torch.float32
     u, s, vh = torch.linalg.svd(matrix.detach().to("cpu", dtype), full_matrices=False)
@@ -157,8 +88,6 @@ class LayerPlan:
 
 
 def _rank_error(stage: str, name: str, module: nn.Module, asked: int, full: int, mode: str = "") -> Exception:
-    from compresspipe.errors import StageConfigError
-
     what = f"{type(module).__name__} {'x'.join(str(d) for d in _weight(module).shape)}"
     return StageConfigError(
         stage, f"rank {{fixed: {asked}}} does not fit layer {name!r} ({what}): its max rank{mode} is {full}; "
@@ -168,8 +97,6 @@ def _rank_error(stage: str, name: str, module: nn.Module, asked: int, full: int,
 
 def plan_layer(name: str, module: nn.Module, cfg: FactorizeConfig, stage: str, shared: bool = False) -> LayerPlan:
     """Choose the rank of one layer and compute its factors; decide whether it is worth it."""
-    import torch
-    from torch import nn
 
     weight, bias_tensor = _weight(module), _bias(module)
     bias = 0 if bias_tensor is None else int(bias_tensor.numel())
@@ -236,8 +163,6 @@ def plan_layer(name: str, module: nn.Module, cfg: FactorizeConfig, stage: str, s
 
 def build_factorized(module: nn.Module, plan: LayerPlan) -> nn.Sequential:
     """The replacement for `module`: plain torch layers holding the plan's factors (and the original bias)."""
-    import torch
-    from torch import nn
 
     weight, bias = _weight(module), _bias(module)
     layers: list[nn.Module]
@@ -269,7 +194,6 @@ def build_factorized(module: nn.Module, plan: LayerPlan) -> nn.Sequential:
 
 def reconstruct(new: nn.Sequential) -> torch.Tensor:
     """The weight the factor layers compute together, in the original layer's shape (float64)."""
-    import torch
 
     weights = [_weight(m).detach().double().cpu() for m in new]
     if len(weights) == 2:
@@ -282,10 +206,6 @@ def reconstruct(new: nn.Sequential) -> torch.Tensor:
 
 def _io_sizes(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
     """Per layer, for one sample: (input rows or pixels, output rows or pixels), summed over calls; None: cannot run."""
-    import torch
-    from torch import nn
-
-    from compresspipe.metrics.modes import eval_mode, model_device
 
     sizes: dict[str, tuple[int, int]] = {n: (0, 0) for n in names}
     handles = []
@@ -341,10 +261,6 @@ def layer_macs(plan: LayerPlan, io: tuple[int, int] | None) -> tuple[int | None,
 
 def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list[dict[str, Any]]:
     """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer."""
-    import torch
-
-    from compresspipe.artifacts.edits import get_submodule, replace_edit
-    from compresspipe.stages.select import select_layers
 
     model = state.module
     chosen = select_layers(model, cfg.include, cfg.exclude, _candidates(), stage)
@@ -414,8 +330,6 @@ class FactorizeStage(Stage[FactorizeConfig]):
         return StagePlan(state=new, layers=layers, notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
-        from compresspipe.artifacts.files import atomic_write_json
-
         cfg = self.config
         rows = factorize_model(state, cfg, ctx.name)
         notes = _summary(rows)

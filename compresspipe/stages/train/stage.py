@@ -1,23 +1,11 @@
-"""`train`: supervised training with the shared training loop."""
+"""The train stage: the shared training loop on the training split."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
-
-from compresspipe.recipe.training import TrainSettings
-from compresspipe.stages.base import Stage, StageConfig, StagePlan, StageResult
-
-if TYPE_CHECKING:
-    from compresspipe.artifacts.model import ModelState
-    from compresspipe.stages.context import StageContext
-
-
-class TrainConfig(StageConfig, TrainSettings):
-    """Supervised training: cross-entropy on the training split, best epoch kept by validation accuracy."""
-
-    type: Literal["train"]
-    implementation: ClassVar[str] = "compresspipe.stages.train:TrainStage"
-    example: ClassVar[dict[str, Any]] = {"type": "train", "epochs": 1}
+from compresspipe.artifacts.model import ModelState
+from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.context import StageContext
+from compresspipe.stages.train import TrainConfig
 
 
 class TrainStage(Stage[TrainConfig]):

@@ -1,104 +1,28 @@
-"""`prune`: remove weights (magnitude: mask-only) or whole channels (structured/random: layers really shrink).
-
-Structured pruning follows the dependencies between layers (residual additions, concatenations, batch norm,
-grouped and depthwise convolutions) with Torch-Pruning's dependency graph, then records a `resize` edit so
-the smaller model reloads from its artifact. Magnitude pruning folds its masks into the weights: no hooks
-are left, and the report marks the stage mask-only because shapes, bytes and latency do not change.
-"""
+"""The prune stage: magnitude (mask-only) and structured/random pruning with Torch-Pruning's dependency graph."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import Field, PositiveInt
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import prune as tprune
 
-from compresspipe.recipe.training import FinetuneSettings
-from compresspipe.stages.base import Stage, StageConfig, StageKind, StagePlan, StageResult
-from compresspipe.stages.common import SELECTOR_HELP, Selector
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from compresspipe.artifacts.model import ModelState
-    from compresspipe.recipe.spec import Recipe
-    from compresspipe.stages.context import StageContext
-
-Amount = Annotated[float, Field(ge=0, lt=1)]
-
-MASK_ONLY_NOTE = ("mask-only: parameters and bytes unchanged, no latency gain expected; "
-                  "use method: structured for a smaller/faster model")
-
-
-class PruneFinetune(FinetuneSettings):
-    """Recovery training after each pruning step, optionally distilling from an earlier model."""
-
-    distill: str | None = Field(
-        None, description="teacher for knowledge distillation while fine-tuning: baseline or an earlier stage's name"
-    )
-    temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation loss")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss; 1 - alpha goes to the labels")
-
-
-class PruneConfig(StageConfig):
-    """Pruning: magnitude (zeroes weights, mask-only) or structured/random (removes channels, model shrinks)."""
-
-    type: Literal["prune"]
-    method: Literal["structured", "magnitude", "random"] = Field(
-        "structured",
-        description="structured: remove the least important channels (smaller, faster model); random: the same "
-                    "with random importance (an ablation baseline); magnitude: zero the smallest weights (mask-only)",
-    )
-    amount: Amount = Field(description="fraction to remove: of channels (structured/random) or weights (magnitude)")
-    scope: Literal["layer", "global"] = Field(
-        "layer", description="layer: remove `amount` of every layer; global: rank all selected layers together"
-    )
-    importance: Literal["l1", "l2", "taylor"] = Field(
-        "l2", description="what ranks channels/weights: l1/l2 norm of the weights, or taylor (|weight x gradient| "
-                          "on calibration batches); method random ignores it"
-    )
-    include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
-    exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
-    protect_head: bool = Field(
-        True, description="keep the classifier head (the last Linear) out of the selection; structured pruning "
-                          "never removes its outputs (they are the classes)"
-    )
-    per_layer: dict[str, Amount] = Field(
-        default_factory=dict, description="amount overrides by module-name glob, e.g. {'c1': 0.3}; first match wins"
-    )
-    steps: PositiveInt = Field(1, description="prune gradually in this many steps, fine-tuning after each")
-    schedule: Literal["geometric", "linear"] = Field(
-        "geometric", description="amount reached after step i of n: geometric 1-(1-amount)^(i/n), linear amount*i/n"
-    )
-    calibration_batches: PositiveInt = Field(4, description="calibration batches for taylor importance")
-    round_to: PositiveInt | None = Field(None, description="structured: keep channel counts a multiple of this")
-    finetune: PruneFinetune | None = Field(None, description="recovery training after each step (none: no training)")
-
-    implementation: ClassVar[str] = "compresspipe.stages.prune:PruneStage"
-    example: ClassVar[dict[str, Any]] = {"type": "prune", "method": "structured", "amount": 0.5,
-                                         "finetune": {"epochs": 1}}
-
-    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
-        from compresspipe.registry import unknown_message
-
-        teacher = self.finetune.distill if self.finetune is not None else None
-        earlier = recipe.stage_names()[:index]
-        if teacher is not None and teacher != "baseline" and teacher not in earlier:
-            return [(("finetune", "distill"), unknown_message("teacher", teacher, ["baseline", *earlier])
-                     + " (the teacher must be the baseline or a stage that runs before this one)")]
-        return []
-
-
-def step_amounts(amount: float, steps: int, schedule: str) -> list[float]:
-    """Amount reached after each step, index 0 = before any (Torch-Pruning's scheduler contract)."""
-    if schedule == "linear":
-        return [amount * i / steps for i in range(steps + 1)]
-    return [1 - (1 - amount) ** (i / steps) for i in range(steps + 1)]
-
-
-# -- implementation (torch from here on, imported inside functions) -------------------------------
+from compresspipe.artifacts.edits import resize_edit, shape_snapshot
+from compresspipe.artifacts.files import atomic_write_json
+from compresspipe.artifacts.model import ModelState
+from compresspipe.errors import StageConfigError
+from compresspipe.metrics.modes import model_device
+from compresspipe.stages.base import Stage, StageKind, StagePlan, StageResult
+from compresspipe.stages.context import StageContext
+from compresspipe.stages.prune import MASK_ONLY_NOTE, PruneConfig, PruneFinetune, step_amounts
+from compresspipe.stages.select import classifier_head, matches, select_layers
+from compresspipe.training.losses import distillation_loss
 
 
 @dataclass
@@ -110,16 +34,31 @@ class _Selection:
     overridden: set[str] = field(default_factory=set)
 
 
-def _candidates() -> tuple[type, ...]:
-    from torch import nn
+@dataclass(frozen=True)
+class Importance:
+    """One way of ranking what to prune, serving both paths: a score per weight (magnitude pruning) and a
+    Torch-Pruning importance that scores whole channel groups (structured pruning)."""
 
+    weight: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (weight, its gradient) -> score each
+    group: Callable[[], Any]  # a Torch-Pruning Importance
+    needs_grad: bool = False  # scores read loss gradients from calibration batches
+
+
+IMPORTANCE: dict[str, Importance] = {
+    "l1": Importance(lambda w, g: w.abs(), lambda: tp.importance.GroupMagnitudeImportance(p=1)),
+    "l2": Importance(lambda w, g: w.square(), lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+    "taylor": Importance(lambda w, g: (w * g).abs() if g is not None else torch.zeros_like(w),
+                         tp.importance.GroupTaylorImportance, needs_grad=True),
+    "random": Importance(lambda w, g: torch.rand(w.shape), tp.importance.RandomImportance),
+}
+
+
+def _candidates() -> tuple[type, ...]:
     return (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def resolve_selection(cfg: PruneConfig, model: nn.Module, stage: str) -> _Selection:
     """Apply include/exclude/head protection and per-layer overrides; errors name the selector at fault."""
-    from compresspipe.errors import StageConfigError
-    from compresspipe.stages.select import classifier_head, matches, select_layers
 
     head = classifier_head(model)
     structural = cfg.method != "magnitude"
@@ -161,9 +100,6 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> None:
     """Accumulate loss gradients over a few calibration batches (taylor importance reads .grad)."""
-    import torch.nn.functional as F
-
-    from compresspipe.metrics.modes import model_device
 
     device = model_device(model)
     model.eval()  # batch-norm statistics stay as they are
@@ -177,9 +113,6 @@ def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> Non
 
 def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
     """Hinton's distillation loss (the distill stage's): T^2-scaled KL to the teacher plus CE on labels."""
-    import torch
-
-    from compresspipe.stages.distill import distillation_loss
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -191,8 +124,6 @@ def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
 
 
 def _feeds_output(group: Any) -> bool:
-    import torch_pruning as tp
-
     return any(isinstance(dep.target.module, tp.ops._OutputOp) for dep, _ in group)
 
 
@@ -218,8 +149,6 @@ class PruneStage(Stage[PruneConfig]):
 
     def _write_resolved(self, ctx: StageContext, sel: _Selection, schedule: list[float],
                         rows: list[dict[str, Any]]) -> None:
-        from compresspipe.artifacts.files import atomic_write_json
-
         cfg = self.config
         atomic_write_json(ctx.stage_dir / "pruning.json", {
             "format": "compresspipe.pruning", "version": 1, "method": cfg.method, "scope": cfg.scope,
@@ -265,24 +194,24 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- magnitude: unstructured, masks folded into the weights ------------------------------------
 
+    def _importance(self) -> Importance:
+        return IMPORTANCE["random" if self.config.method == "random" else self.config.importance]
+
     def _scores(self, model: nn.Module, ctx: StageContext, names: list[str]) -> dict[str, torch.Tensor]:
-        weights = _weights(model)
-        if self.config.importance == "taylor":
+        weights, importance = _weights(model), self._importance()
+        if importance.needs_grad:
             _calibration_grads(model, ctx, self.config.calibration_batches)
-            scores = {}
-            for n in names:
-                w = weights[n]
-                g = w.grad if w.grad is not None else w.new_zeros(w.shape)
-                scores[n] = (w * g).abs().detach().flatten()
-                scores[n][w.detach().flatten() == 0] = -1.0  # zeroed weights stay pruned
-            model.zero_grad(set_to_none=True)
-            return scores
-        return {n: weights[n].detach().abs().flatten() for n in names}
+        scores = {}
+        for n in names:
+            w = weights[n]
+            scores[n] = importance.weight(w.detach(), None if w.grad is None else w.grad.detach()).flatten()
+            scores[n][w.detach().flatten() == 0] = -1.0  # weights already zeroed stay pruned
+        model.zero_grad(set_to_none=True)
+        return scores
 
     def _masks(self, scores: dict[str, torch.Tensor], targets: dict[str, float], pooled: list[str],
                pooled_amount: float) -> dict[str, torch.Tensor]:
         """Keep-masks: the smallest scores go, per layer, or across `pooled` layers ranked together."""
-        import torch
 
         masks: dict[str, torch.Tensor] = {}
 
@@ -305,9 +234,6 @@ class PruneStage(Stage[PruneConfig]):
         return masks
 
     def _magnitude(self, state: ModelState, ctx: StageContext, sel: _Selection) -> tuple[list[dict], list[dict]]:
-        import torch
-        from torch.nn.utils import prune as tprune
-
         cfg, model = self.config, state.module
         names = list(sel.amounts)
         modules = dict(model.named_modules())
@@ -340,27 +266,14 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
-    def _importance(self) -> Any:
-        import torch_pruning as tp
-
-        if self.config.method == "random":
-            return tp.importance.RandomImportance()
-        if self.config.importance == "taylor":
-            return tp.importance.GroupTaylorImportance()
-        return tp.importance.GroupMagnitudeImportance(p=1 if self.config.importance == "l1" else 2)
-
     def _pruner(self, model: nn.Module, example: torch.Tensor, sel: _Selection, stage: str) -> Any:
-        import torch_pruning as tp
-
-        from compresspipe.errors import StageConfigError
-
         cfg = self.config
         names = {m: n for n, m in model.named_modules()}
         ignored = [m for n, m in model.named_modules() if isinstance(m, _candidates()) and n not in sel.amounts]
         ratio_dict = {model.get_submodule(n): a for n, a in sel.amounts.items() if n in sel.overridden}
         try:
             pruner = tp.pruner.MetaPruner(
-                model, example, importance=self._importance(), global_pruning=cfg.scope == "global",
+                model, example, importance=self._importance().group(), global_pruning=cfg.scope == "global",
                 pruning_ratio=cfg.amount, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
                 iterative_steps=cfg.steps, round_to=cfg.round_to,
                 iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
@@ -405,12 +318,6 @@ class PruneStage(Stage[PruneConfig]):
 
     def _structured(self, state: ModelState, ctx: StageContext, sel: _Selection,
                     finetune: bool) -> tuple[list[dict], list[dict]]:
-        import torch
-
-        from compresspipe.artifacts.edits import resize_edit, shape_snapshot
-        from compresspipe.errors import StageConfigError
-        from compresspipe.metrics.modes import model_device
-
         cfg, model = self.config, state.module
         model.eval()
         before = shape_snapshot(model)
