@@ -70,6 +70,27 @@ def digits_cnn_recipe() -> dict:
     return recipe
 
 
+def stage_context(folder: Path, recipe: dict[str, Any], name: str = "stage", index: int = 1,
+                  history: dict[str, Any] | None = None, input_metrics: dict[str, Any] | None = None,
+                  stage_dir: Path | None = None) -> tuple[Any, Any]:
+    """(validated recipe, StageContext) as the executor builds them, for running one stage directly."""
+    import torch
+
+    from compresspipe.data.sources import load_data
+    from compresspipe.recipe import load_recipe
+    from compresspipe.stages.context import StageContext
+    from compresspipe.ui import UI
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parsed = load_recipe(write_recipe(folder, recipe, f"{name}-context.yaml"))
+    shape = tuple(parsed.model.input_shape) if parsed.model.input_shape else None
+    data = load_data(parsed.data, parsed.seed, shape)
+    ctx = StageContext(recipe=parsed, index=index, name=name, stage_dir=stage_dir or folder,
+                       device=torch.device("cpu"), seed=parsed.seed + index, data=data, ui=UI(quiet=True),
+                       history=history or {}, input_metrics=input_metrics or {})
+    return parsed, ctx
+
+
 def tiny_recipe(**changes: Any) -> dict[str, Any]:
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe.update(changes)

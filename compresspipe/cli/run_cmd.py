@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -37,20 +38,47 @@ def run(
                     *(["-q"] if quiet else []), *(["--junit", str(junit)] if junit else []),
                     *(["--json"] if json_out else [])]
             raise typer.Exit(launch(nproc, argv))
-    from compresspipe.errors import GateFailed
     from compresspipe.run.executor import RunOptions, run_recipe
     from compresspipe.ui import UI
 
     ui = UI(quiet=quiet, stream=sys.stderr if json_out else None)
     options = RunOptions(out=out, resume=resume, force=force, junit=junit)
+    folder = out or Path("runs") / parsed.name
     try:
         result = run_recipe(parsed, recipe, options, ui)
-    except GateFailed as exc:
-        if json_out and exc.report is not None:
-            print(json.dumps(exc.report, indent=2))
+    except BaseException as exc:
+        report = getattr(exc, "report", None) or _written_report(folder)
+        if report and report.get("stages"):
+            _print_table(ui, report, folder)
+        if json_out and report is not None:
+            print(_json(report))
         raise
-    if json_out:
-        print(json.dumps(result.report, indent=2))
+    if result.report:  # other ranks of a data-parallel run have none
+        _print_table(ui, result.report, result.folder)
+        if json_out:
+            print(_json(result.report))
+
+
+def _print_table(ui: Any, report: dict, folder: Path) -> None:
+    from compresspipe.report.build import render_table
+
+    ui.console.print(render_table(report))
+    ui.console.print(f"run folder: {folder}")
+
+
+def _written_report(folder: Path) -> dict | None:
+    """report.json as the run left it (failed or interrupted runs write one too), if it is there."""
+    try:
+        data = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _json(report: dict) -> str:
+    from compresspipe.artifacts.files import dumps
+
+    return dumps(report)
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -7,16 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compresspipe.artifacts.model import ModelState
-from compresspipe.data.sources import load_data
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.recipe.spec import Recipe
-from compresspipe.run.executor import (
-    check_requirements,
-    resolve_device,
-    seed_everything,
-    stage_implementation,
-)
+from compresspipe.report.build import deploy_summary
+from compresspipe.run.setup import prepare
 from compresspipe.stages.context import StageContext
 from compresspipe.ui import UI
 
@@ -56,25 +50,17 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
 
 
 def plan_recipe(recipe: Recipe) -> dict[str, Any]:
-    from compresspipe.models.factory import build_from_spec
-
-    device = resolve_device(recipe.device)
-    impls = [stage_implementation(cfg) for cfg in recipe.stages]
-    seed_everything(recipe.seed)
-    shape = tuple(recipe.model.input_shape) if recipe.model.input_shape else None
-    data = load_data(recipe.data, recipe.seed, shape)
-    check_requirements(recipe, impls, data)
-    module = build_from_spec(recipe.model).eval()
-    source = recipe.model.model_dump(include={"builtin", "torchvision", "kwargs"})
-    state = ModelState(module, source, tuple(data.input_shape), data.num_classes)
+    setup = prepare(recipe, fingerprint=False)
+    state = setup.baseline()
     rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
-                                   "params": count_params(module), "macs": count_macs(module, state.input_shape),
-                                   "layers": {}, "notes": []}]
+                                   "params": count_params(state.module),
+                                   "macs": count_macs(state.module, state.input_shape), "layers": {}, "notes": []}]
     ui = UI(quiet=True)
     with tempfile.TemporaryDirectory(prefix="compresspipe-plan-") as tmp:
-        for i, (cfg, impl) in enumerate(zip(recipe.stages, impls, strict=True), start=1):
-            ctx = StageContext(recipe, i, str(cfg.name), Path(tmp), device, recipe.seed + i, data, ui, {}, "baseline")
-            prediction = impl(cfg).plan(state.clone(), ctx)
+        for i, (cfg, stage) in enumerate(zip(recipe.stages, setup.stages, strict=True), start=1):
+            ctx = StageContext(recipe=recipe, index=i, name=str(cfg.name), stage_dir=Path(tmp), device=setup.device,
+                               seed=recipe.seed + i, data=setup.data, ui=ui)
+            prediction = stage.plan(state.clone(), ctx)
             row: dict[str, Any] = {"index": i, "name": cfg.name, "type": cfg.type, "predicted": prediction is not None,
                                    "layers": {}, "notes": []}
             if prediction is not None:
@@ -85,7 +71,5 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
             row["params"] = count_params(state.module) if prediction is not None else None
             row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
             rows.append(row)
-    from compresspipe.report.build import deploy_summary
-
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
             "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}

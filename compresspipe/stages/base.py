@@ -27,6 +27,15 @@ StageKind = Literal["weights", "structural", "mask-only", "quantized", "export"]
 Requirement = Literal["train_data", "calibration_data", "teacher"]
 
 
+@dataclass(frozen=True)
+class Need:
+    """One thing a configured stage needs before it can run: data of a split, or a teacher model."""
+
+    what: Requirement
+    teacher: str | None = None  # for "teacher": "baseline" or the name of an earlier stage (None: a model spec)
+    why: str = ""  # the setting that asks for it, for the error message
+
+
 @dataclass
 class StageResult:
     state: ModelState
@@ -49,10 +58,15 @@ class StagePlan:
 class Stage(ABC, Generic[C]):
     """Implementation of one stage kind. Stateless apart from its config."""
 
+    # what every configuration of the stage needs; `needs()` refines it per configuration
     requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: C):
         self.config = config
+
+    def needs(self) -> list[Need]:
+        """What this configured stage needs (data splits, a teacher); checked before any stage runs."""
+        return [Need(what) for what in sorted(self.requires)]  # type: ignore[arg-type]
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan | None:
         """Predict the stage's effect cheaply, without training or writing files. None: cannot predict."""
@@ -63,4 +77,4 @@ class Stage(ABC, Generic[C]):
         """Transform the model; write any extra files into ctx.stage_dir."""
 
 
-__all__ = ["C", "Requirement", "Stage", "StageConfig", "StageKind", "StagePlan", "StageResult"]
+__all__ = ["C", "Need", "Requirement", "Stage", "StageConfig", "StageKind", "StagePlan", "StageResult"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ class StageRecord:
     metrics: dict[str, Any]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageContext:
+    """Built with keywords: `StageContext(recipe=..., index=..., name=..., ...)`."""
+
     recipe: Recipe
     index: int
     name: str
@@ -47,6 +50,8 @@ class StageContext:
     # where training inside this stage keeps per-epoch state (shared by all ranks; rank 0 writes it);
     # removed when the stage completes
     checkpoint_root: Path | None = None
+    # what the executor measured on the model this stage receives (accuracy, loss, ... of the previous row)
+    input_metrics: dict[str, Any] = field(default_factory=dict)
     _fit_calls: int = 0
 
     @property
@@ -63,6 +68,15 @@ class StageContext:
         if name not in self._cache:
             self._cache[name] = load_model(record.folder)
         return self._cache[name].clone()
+
+    def batches(self, split: str, count: int | None, batch_size: int | None = None,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `count` batches (None: all) of a split, in order, at `batch_size` (default eval_batch_size)."""
+        loader = self.data.loader(split, batch_size or self.recipe.data.eval_batch_size)
+        for i, batch in enumerate(loader):
+            if count is not None and i >= count:
+                break
+            yield batch
 
     def fit(
         self,

@@ -36,7 +36,7 @@ def test_run_folder_layout_and_report(tmp_path):
     result = _run(tmp_path)
     folder = result.folder
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["00-baseline", "01-train", "recipe.lock.yaml", "report.html", "report.json", "report.md",
+    assert names == [".lock", "00-baseline", "01-train", "recipe.lock.yaml", "report.html", "report.json", "report.md",
                      "run.json"]
     for stage in ("00-baseline", "01-train"):
         files = sorted(p.name for p in (folder / stage).iterdir())
@@ -219,16 +219,28 @@ def test_resume_inside_a_stage_continues_from_the_last_finished_epoch(tmp_path, 
     assert not (tmp_path / "cut" / "01-train" / ".checkpoints").exists()
 
 
-def test_stage_requirements_are_checked_before_anything_runs(tmp_path):
+def test_what_each_configured_stage_needs_is_checked_before_anything_runs(tmp_path):
     from compresspipe.data.sources import DataSplits
     from compresspipe.errors import InputError
-    from compresspipe.run.executor import check_requirements
-    from compresspipe.stages.prune.stage import PruneStage
+    from compresspipe.run.setup import check_needs, stage_implementation
 
-    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(stages=[{"type": "prune", "amount": 0.5}])))
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64))
     full = torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
-    data = DataSplits(train=full, val=full, calibration=empty, num_classes=10, input_shape=(1, 8, 8))
-    with pytest.raises(InputError, match=r"stage 'prune' \(prune\) needs calibration data"):
-        check_requirements(recipe, [PruneStage], data)
-    check_requirements(recipe, [PruneStage], DataSplits(full, full, full, 10, (1, 8, 8)))
+    no_calibration = DataSplits(train=full, val=full, calibration=empty, num_classes=10, input_shape=(1, 8, 8))
+    no_training = DataSplits(train=empty, val=full, calibration=full, num_classes=10, input_shape=(1, 8, 8))
+
+    def check(stages: list, data: DataSplits) -> None:
+        recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(stages=stages)))
+        check_needs(recipe, [stage_implementation(c)(c) for c in recipe.stages], data)
+
+    taylor = {"type": "prune", "amount": 0.5, "importance": "taylor"}
+    with pytest.raises(InputError, match=r"stage 'prune' \(prune\) needs calibration data \(importance: taylor\)"):
+        check([taylor], no_calibration)
+    check([{"type": "prune", "amount": 0.5}], no_calibration)  # l2 importance, no fine-tuning: needs neither
+    check([{"type": "quantize", "method": "dynamic"}, {"type": "export", "formats": ["onnx"]}], no_calibration)
+    with pytest.raises(InputError, match=r"needs calibration data \(formats onnx_int8\)"):
+        check([{"type": "export", "formats": ["onnx", "onnx_int8"]}], no_calibration)
+    with pytest.raises(InputError, match=r"stage 'train' \(train\) needs train data"):
+        check([{"type": "train", "epochs": 1}], no_training)
+    with pytest.raises(InputError, match=r"needs train data \(finetune\)"):
+        check([{"type": "prune", "amount": 0.5, "finetune": {"epochs": 1}}], no_training)

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from compresspipe.artifacts.edits import replace_edit, resize_edit, shape_snapshot
 from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.cli import app
-from compresspipe.data.sources import load_data
 from compresspipe.errors import RecipeError
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
@@ -23,8 +22,7 @@ from compresspipe.stages.context import StageContext, StageRecord
 from compresspipe.stages.export import ExportConfig
 from compresspipe.stages.export.stage import ExportStage
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeRecord
-from compresspipe.ui import UI
-from tests.fixtures import SMALL_CNN, digits_cnn_recipe, tiny_recipe, trained_cnn, write_recipe
+from tests.fixtures import SMALL_CNN, digits_cnn_recipe, stage_context, tiny_recipe, trained_cnn, write_recipe
 
 RECIPE = Path(__file__).parent.parent.parent / "recipes" / "export.yaml"
 runner = CliRunner()
@@ -37,11 +35,7 @@ def _export_cfg(**fields) -> ExportConfig:
 
 
 def _ctx(tmp_path: Path, recipe: dict, history: dict | None = None) -> StageContext:
-    parsed = load_recipe(write_recipe(tmp_path, recipe, "ctx.yaml"))
-    shape = tuple(parsed.model.input_shape) if parsed.model.input_shape else None
-    data = load_data(parsed.data, 0, shape)
-    return StageContext(parsed, 1, "export", tmp_path / "stage", torch.device("cpu"), 0, data, UI(quiet=True),
-                        history or {})
+    return stage_context(tmp_path, recipe, "export", history=history, stage_dir=tmp_path / "stage")[1]
 
 
 def _rows(result) -> dict[str, dict]:

@@ -266,8 +266,8 @@ def test_plan_predicts_the_pruned_shapes(tmp_path):
 def test_taylor_magnitude_ranks_by_weight_times_gradient():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    data = SimpleNamespace(loader=lambda split, batch_size: [(x, y)] if split == "calibration" else None)
-    ctx = SimpleNamespace(name="prune", seed=0, data=data, recipe=SimpleNamespace(data=SimpleNamespace(eval_batch_size=16)))
+    ctx = SimpleNamespace(name="prune", seed=0,
+                          batches=lambda split, count, batch_size=None: [(x, y)] if split == "calibration" else None)
     masks = {}
     for importance in ("l1", "taylor"):
         torch.manual_seed(0)

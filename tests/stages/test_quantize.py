@@ -15,15 +15,14 @@ from typer.testing import CliRunner
 
 from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.cli import app
-from compresspipe.data.sources import load_data
 from compresspipe.errors import RecipeError, StageConfigError
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
 from compresspipe.run.executor import RunOptions, run_recipe
-from compresspipe.stages.context import StageContext, StageRecord
+from compresspipe.stages.context import StageRecord
 from compresspipe.stages.quantize.layers import pack_int4, quantize_weight, unpack_int4
 from compresspipe.ui import UI
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import stage_context, tiny_recipe, write_recipe
 
 runner = CliRunner()
 CNN = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}, "input_shape": [1, 8, 8]}
@@ -36,10 +35,9 @@ DIGITS = {"dataset": "digits", "batch_size": 64, "max_samples": 400, "eval_batch
 def _context(tmp_path, model_spec, data, stage, accuracy=None):
     """A stage context as the executor builds it; `accuracy`: the previous stage's, as its metrics say."""
     recipe = tiny_recipe(model=model_spec, data=data, evaluate=FAST, stages=[stage])
-    parsed = load_recipe(write_recipe(tmp_path, recipe))
-    splits = load_data(parsed.data, 0, tuple(model_spec["input_shape"]))
-    ctx = StageContext(parsed, 1, "quantize", tmp_path, torch.device("cpu"), 0, splits, UI(quiet=True),
-                       {"train": StageRecord(0, "train", "train", tmp_path, {"accuracy": accuracy})})
+    parsed, ctx = stage_context(tmp_path, recipe, "quantize",
+                                history={"train": StageRecord(0, "train", "train", tmp_path, {})},
+                                input_metrics={"accuracy": accuracy})
     return parsed.stages[0], ctx
 
 
@@ -453,7 +451,7 @@ from compresspipe.ui import UI
 from compresspipe.models.factory import build_model
 from compresspipe.recipe import load_recipe
 from compresspipe.stages.quantize.stage import QuantizeStage
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import stage_context, tiny_recipe, write_recipe
 
 tmp = Path(sys.argv[1])
 spec = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}, "input_shape": [1, 8, 8]}
@@ -467,9 +465,7 @@ with warnings.catch_warnings(record=True) as caught:
         folder = tmp / str(i)
         folder.mkdir()
         stage = {"type": "quantize", "calibration": {"batches": 2}, **options}
-        recipe = load_recipe(write_recipe(folder, tiny_recipe(model=spec, data=data, stages=[stage])))
-        splits = load_data(recipe.data, 0, (1, 8, 8))
-        ctx = StageContext(recipe, 1, "quantize", folder, torch.device("cpu"), 0, splits, UI(quiet=True))
+        recipe, ctx = stage_context(folder, tiny_recipe(model=spec, data=data, stages=[stage]), "quantize")
         torch.manual_seed(0)
         state = ModelState(build_model(spec), spec, (1, 8, 8), 10)
         result = QuantizeStage(recipe.stages[0]).run(state, ctx)

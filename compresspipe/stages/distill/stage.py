@@ -17,7 +17,7 @@ from compresspipe.metrics.modes import eval_mode
 from compresspipe.models.factory import build_from_spec
 from compresspipe.recipe.spec import ModelSpec
 from compresspipe.registry import unknown_message
-from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.distill import DistillConfig, FeatureLoss
 from compresspipe.training.losses import distillation_loss
@@ -98,7 +98,9 @@ def _indexed_train(data: Any) -> tuple[Any, torch.Tensor]:
 
 
 class DistillStage(Stage[DistillConfig]):
-    requires = frozenset({"train_data", "teacher"})
+    def needs(self) -> list[Need]:
+        teacher = self.config.teacher
+        return [Need("train_data"), Need("teacher", teacher=teacher if isinstance(teacher, str) else None)]
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         cfg = self.config

@@ -15,7 +15,7 @@ from torch import nn
 
 from compresspipe.artifacts.files import atomic_write_json, sha256_file
 from compresspipe.errors import StageConfigError, StageError
-from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.export import FORMAT_MODULES, FORMAT_ORDER, ExportConfig
 from compresspipe.stages.export.job import Exporter, ExportJob, dtype_label, input_dtype, torch_runner
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeRecord
@@ -59,18 +59,12 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
     module = state.module.eval().to("cpu")
     float_module, handoff = float_source(state, formats, ctx)
     dtype = input_dtype(module)
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i, (x, y) in enumerate(ctx.data.loader("val", ctx.recipe.data.eval_batch_size)):
-        if verify_batches is not None and i >= verify_batches:
-            break
-        batches.append((x.to(dtype), y))
+    batches = [(x.to(dtype), y) for x, y in ctx.batches("val", verify_batches)]
     run = torch_runner(module)
     reference = [run(x).detach() for x, _ in batches]
 
     def calibration(batch_size: int, count: int):
-        for i, (x, _) in enumerate(ctx.data.loader("calibration", batch_size)):
-            if i >= count:
-                break
+        for x, _ in ctx.batches("calibration", count, batch_size):
             yield x.to(dtype)
 
     return ExportJob(config, state, module, ctx.name, batches, reference, calibration, latency, handoff,
@@ -88,7 +82,9 @@ def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
 
 
 class ExportStage(Stage[ExportConfig]):
-    requires = frozenset({"calibration_data"})
+    def needs(self) -> list[Need]:
+        int8 = [f for f in self.config.formats if f in ("onnx_int8", "executorch_int8")]
+        return [Need("calibration_data", why=f"formats {', '.join(int8)}")] if int8 else []
 
     def formats(self) -> list[str]:
         wanted = set(self.config.formats) | ({SPARSE_FORMAT} if self.config.sparse else set())

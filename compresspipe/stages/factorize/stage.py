@@ -14,7 +14,7 @@ from compresspipe.artifacts.files import atomic_write_json
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import eval_mode, model_device
-from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.factorize import FactorizeConfig, RankRule
 from compresspipe.stages.select import select_layers
@@ -318,7 +318,9 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 class FactorizeStage(Stage[FactorizeConfig]):
-    requires = frozenset({"train_data"})  # for the optional fine-tuning
+    def needs(self) -> list[Need]:
+        finetune = self.config.finetune
+        return [Need("train_data", why="finetune")] if finetune is not None and finetune.epochs > 0 else []
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         new = state.clone()

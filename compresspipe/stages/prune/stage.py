@@ -18,7 +18,7 @@ from compresspipe.artifacts.files import atomic_write_json
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import model_device
-from compresspipe.stages.base import Stage, StageKind, StagePlan, StageResult
+from compresspipe.stages.base import Need, Stage, StageKind, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.prune import MASK_ONLY_NOTE, PruneConfig, PruneFinetune, step_amounts
 from compresspipe.stages.select import classifier_head, matches, select_layers
@@ -104,10 +104,7 @@ def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> Non
     device = model_device(model)
     model.eval()  # batch-norm statistics stay as they are
     model.zero_grad(set_to_none=True)
-    loader = ctx.data.loader("calibration", batch_size=ctx.recipe.data.eval_batch_size)
-    for i, (x, y) in enumerate(loader):
-        if i >= batches:
-            break
+    for x, y in ctx.batches("calibration", batches):
         F.cross_entropy(model(x.to(device)), y.to(device)).backward()
 
 
@@ -128,7 +125,15 @@ def _feeds_output(group: Any) -> bool:
 
 
 class PruneStage(Stage[PruneConfig]):
-    requires = frozenset({"train_data", "calibration_data"})
+    def needs(self) -> list[Need]:
+        cfg, out = self.config, []
+        if cfg.importance == "taylor" and cfg.method != "random":
+            out.append(Need("calibration_data", why="importance: taylor"))
+        if cfg.finetune is not None and cfg.finetune.epochs > 0:
+            out.append(Need("train_data", why="finetune"))
+            if cfg.finetune.distill is not None:
+                out.append(Need("teacher", teacher=cfg.finetune.distill, why="finetune.distill"))
+        return out
 
     # -- shared ----------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from compresspipe.artifacts.edits import set_submodule
 from compresspipe.errors import StageConfigError
-from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
 from compresspipe.stages.quantize.layers import (
@@ -204,7 +204,10 @@ def _bytes(module: nn.Module) -> int:
 
 
 class QuantizeStage(Stage[QuantizeConfig]):
-    requires = frozenset({"calibration_data"})
+    def needs(self) -> list[Need]:
+        method = self.config.method
+        out = [Need("calibration_data", why=f"method: {method}")] if method in ("static", "qat") else []
+        return out + ([Need("train_data", why="method: qat")] if method == "qat" else [])
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         cfg = self.config
@@ -224,7 +227,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             raise StageConfigError(stage, "no quantizable layer left: " + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
         bytes_before, params = _bytes(model), _count_params(model)
         val = ctx.data.loader("val", ctx.recipe.data.eval_batch_size)
-        previous = ctx.history[list(ctx.history)[-1]].metrics.get("accuracy") if ctx.history else None
+        previous = ctx.input_metrics.get("accuracy")  # what the executor measured on the model given to us
         acc_before = float(previous) if isinstance(previous, float) else _accuracy(model, val)
         notes: list[str] = []
         original_types = {n: type(m).__name__ for n, m in model.named_modules() if n}
@@ -302,12 +305,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
             raise StageConfigError(ctx.name, f"method {self.config.method} needs calibration data, but the "
                                              "calibration split is empty; raise data.calibration_samples")
-        out = []
-        for i, (x, _y) in enumerate(ctx.data.loader("calibration", ctx.recipe.data.eval_batch_size)):
-            if i >= self.config.calibration.batches:
-                break
-            out.append(x.float())
-        return out
+        return [x.float() for x, _ in ctx.batches("calibration", self.config.calibration.batches)]
 
     def _qat(self, model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable],
              ranges: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from compresspipe.artifacts.model import ModelState
-from compresspipe.stages.base import Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.train import TrainConfig
 
 
 class TrainStage(Stage[TrainConfig]):
-    requires = frozenset({"train_data"})
+    def needs(self) -> list[Need]:
+        return [Need("train_data")] if self.config.epochs > 0 else []
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         return StagePlan(notes=[f"{self.config.epochs} epoch(s); weights change, structure does not"])
