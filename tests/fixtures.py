@@ -28,6 +28,26 @@ TINY_RECIPE: dict[str, Any] = {
 
 
 SMALL_CNN: dict[str, Any] = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}}
+CNN: dict[str, Any] = {**SMALL_CNN, "input_shape": [1, 8, 8]}  # the small CNN as a recipe's model block
+
+
+def run(folder: Path, recipe: dict[str, Any], out: str = "run", **options: Any) -> Any:
+    """Run a recipe in-process into folder/out (the executor as the CLI calls it); returns its RunResult."""
+    from compresspipe.recipe import load_recipe
+    from compresspipe.run.executor import RunOptions, run_recipe
+    from compresspipe.ui import UI
+
+    path = write_recipe(folder, recipe, f"{out}.yaml")
+    return run_recipe(load_recipe(path), path, RunOptions(out=folder / out, **options), UI(quiet=True))
+
+
+def cli(*args: Any) -> Any:
+    """`compresspipe ARGS` through the real app (typer's CliRunner); returns the click Result."""
+    from typer.testing import CliRunner
+
+    from compresspipe.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @functools.cache

@@ -1,39 +1,151 @@
-"""The example recipes are documentation that cannot rot: each validates, and the quickstart runs."""
+"""The example recipes are documentation that cannot rot: each validates, plans, and runs at a reduced budget.
 
+BUDGET is the one table of what each recipe gives up to run in seconds (epochs, samples, model width) and what
+its finished run must show; a recipe added to recipes/ without a row here fails `test_every_recipe_has_a_budget`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+import torch
+from safetensors.torch import load_file
+from torch import nn
 
-from compresspipe.cli import app
+from compresspipe.artifacts.model import load_model
 from compresspipe.recipe import load_recipe
+from tests.fixtures import cli
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-runner = CliRunner()
-
-
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_example_recipe_validates(path):
-    recipe = load_recipe(path)
-    assert recipe.stages, f"{path.name} has no stages"
+RECIPES = Path(__file__).parent.parent / "recipes"
+SMALL = ["model.kwargs={width: 8, hidden: 32}"]
+FAST = ["evaluate.latency.iters=2", "evaluate.latency.warmup=0", "deploy.rounds=3"]
 
 
-def test_quickstart_runs_at_reduced_budget(tmp_path):
-    quick = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
-    result = runner.invoke(app, ["run", str(quick), "--out", str(tmp_path / "q"), "-q",
-                                 "--set", "stages.0.epochs=2", "--set", "evaluate.latency.iters=2"],
-                           catch_exceptions=False)
+def _quickstart(report: dict[str, Any], run: Path) -> None:
+    final = report["stages"][-1]
+    assert report["deploy"]["runtime"] == "onnxruntime"
+    assert [s["format"] for s in report["stages"]][-2:] == ["onnx_int8", "onnx_int8"]  # quantize and export ship int8
+    assert all(s["format"] == "onnx" for s in report["stages"][:-2])
+    assert final["vs_reference"]["size_reduction"] > 8 and final["files"] == ["06-export/export/model.int8.onnx"]
+
+
+def _prune(report: dict[str, Any], run: Path) -> None:
+    pruned = report["stages"][-1]
+    assert pruned["kind"] == "structural" and pruned["vs_reference"]["mac_reduction"] > 3.5
+
+
+def _distill(report: dict[str, Any], run: Path) -> None:
+    folder = run / "02-distill"
+    desc = json.loads((folder / "model.json").read_text())
+    assert desc["source"] == {"builtin": "digits-cnn", "kwargs": {"width": 16, "hidden": 64}}
+    assert desc["edits"] == []
+    state = load_model(folder)
+    assert set(load_file(str(folder / "model.safetensors"))) == set(state.module.state_dict())  # no adapter
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["kind"] == "structural" and metrics["details"]["student"] == "digits-cnn(width=16, hidden=64)"
+    assert metrics["details"]["tables"]["feature losses"][0]["adapter"] == "Conv2d"
+    assert not metrics["details"]["teacher_cached"] and metrics["details"]["teacher_batches_run"] > 0
+    assert metrics["params"] * 3.5 < json.loads((run / "01-teacher" / "metrics.json").read_text())["params"]
+    assert not (folder / ".checkpoints").exists()
+
+
+def _factorize(report: dict[str, Any], run: Path) -> None:
+    train, fact = report["stages"][-2], report["stages"][-1]
+    assert fact["kind"] == "structural" and fact["params"] < train["params"] and fact["macs"] < train["macs"]
+    folder = run / fact["folder"]
+    layers = json.loads((folder / "factorization.json").read_text())["layers"]
+    assert [r["layer"] for r in layers] == ["fc1", "fc2"]
+    fc1 = layers[0]
+    assert fc1["skipped"] is None and fc1["params after"] == fc1["rank"] * (1024 + 128) + 128
+    assert "## factorize: per layer" in (run / "report.md").read_text()
+    model = load_model(folder)
+    assert isinstance(model.module.fc1, nn.Sequential)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.module(x), load_model(folder).module(x))
+
+
+def _quantize(report: dict[str, Any], run: Path) -> None:
+    quantized = report["stages"][-1]
+    assert quantized["kind"] == "quantized" and quantized["format"] == "onnx_int8"
+    assert quantized["vs_reference"]["size_reduction"] > 2.5 and quantized["torch"]["emulated"]
+
+
+def _export(report: dict[str, Any], run: Path) -> None:
+    folder = run / "02-export" / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"] == "compresspipe.export" and manifest["version"] == 1
+    by_format = {e["format"]: e for e in manifest["files"]}
+    assert set(by_format) == {"onnx", "onnx_int8", "torch_export", "safetensors", "executorch", "executorch_int8"}
+    for entry in manifest["files"]:
+        path = folder / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert entry["bytes"] == path.stat().st_size and len(entry["how_to_load"]) == 2
+        assert entry["num_classes"] == 10 and entry["input"]["shape"][1:] == [1, 8, 8]
+        assert "divided by 16" in entry["preprocessing"]  # what a caller must do to raw digits
+    assert by_format["onnx"]["input"]["shape"][0] == "batch" and by_format["executorch"]["input"]["shape"][0] == 1
+    assert by_format["onnx_int8"]["int8"]["cpu_target"] == "portable"
+    assert not list(folder.glob(".*")), "temporary files left in the export folder"
+    rows = {r["format"]: r for r in report["stages"][-1]["details"]["tables"]["exports"]}
+    assert all(r["check"] == "pass" for r in rows.values())
+    assert rows["onnx"]["max_abs_diff"] < 1e-4 and rows["executorch"]["max_abs_diff"] < 1e-4
+    assert rows["onnx_int8"]["top1_agreement"] >= 0.97 and rows["executorch_int8"]["top1_agreement"] >= 0.97
+    # int8 weights: fewer bytes than float32 (on a model this tiny, graph overhead keeps it near 2x)
+    assert rows["onnx"]["bytes"] / rows["onnx_int8"]["bytes"] > 1.8
+    assert rows["executorch"]["bytes"] / rows["executorch_int8"]["bytes"] > 1.8
+    assert rows["onnx"]["latency b1 ms"] > 0 and rows["onnx"]["latency b64 ms"] > 0
+    assert rows["executorch"]["latency b64 ms"] is None  # a .pte runs batch 1 only
+    assert report["stages"][-1]["format"] == "onnx_int8"  # what the export row ships
+
+
+# recipe -> (--set overrides that bring it down to seconds, what its finished run must show)
+BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
+    "quickstart.yaml": (["stages.0.epochs=2", "stages.1.finetune.epochs=1", "stages.2.epochs=1",
+                         "stages.3.finetune.epochs=1", "stages.4.calibration.batches=2", "gates=null", *FAST],
+                        _quickstart),
+    "prune.yaml": (["data.max_samples=300", "stages.0.epochs=2", "stages.1.finetune.epochs=1",
+                    "gates.max_accuracy_drop=1", *SMALL, *FAST], _prune),
+    "distill.yaml": (["data.max_samples=400", "stages.0.epochs=2", "stages.1.epochs=2",
+                      "evaluate.latency.batch_sizes=[1]", *FAST], _distill),
+    "factorize.yaml": (["stages.0.epochs=2", "stages.1.finetune.epochs=1", "data.max_samples=400", *FAST],
+                       _factorize),
+    "quantize.yaml": (["data.max_samples=400", "stages.0.epochs=3", "stages.1.calibration.batches=2",
+                       "gates.max_accuracy_drop=0.05", "gates.min_size_reduction=2.5", *SMALL, *FAST], _quantize),
+    "export.yaml": (["stages.0.epochs=3", "stages.0.lr=0.01", "data.max_samples=700", "stages.1.verify.batches=1",
+                     "stages.1.int8.calibration_batches=2", *SMALL, *FAST], _export),
+}
+
+
+def test_every_recipe_has_a_budget():
+    assert {p.name for p in RECIPES.glob("*.yaml")} == set(BUDGET)
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET))
+def test_example_recipe_runs_at_reduced_budget(tmp_path, name):
+    sets, check = BUDGET[name]
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.stages and recipe.deploy.runtime != "auto", f"{name}: name a deploy target"
+    out = tmp_path / "run"
+    result = cli("run", RECIPES / name, "--out", out, "-q", *[a for s in sets for a in ("--set", s)])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "q" / "01-train" / "model.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["deploy"]["runtime"] == recipe.deploy.runtime
+    for row in report["stages"]:  # every row's figures come from a file that is there
+        assert row["files"] and all((out / f).is_file() for f in row["files"]), row["name"]
+        assert row["bytes"] == sum((out / f).stat().st_size for f in row["files"])
+    check(report, out)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_plan_runs_on_every_recipe_without_training(path, tmp_path):
-    import json
-    import time
-
+@pytest.mark.parametrize("name", sorted(BUDGET))
+def test_plan_runs_on_every_recipe_without_training(name, tmp_path):
     t0 = time.perf_counter()
-    result = runner.invoke(app, ["plan", str(path), "--json"], catch_exceptions=False)
+    result = cli("plan", RECIPES / name, "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert [s["name"] for s in plan["stages"]][0] == "baseline" and len(plan["stages"]) > 1

@@ -11,16 +11,13 @@ import torch
 from compresspipe.artifacts.model import load_model
 from compresspipe.errors import RunFolderError, StageError
 from compresspipe.recipe import load_recipe
-from compresspipe.run.executor import RunOptions, run_recipe
-from compresspipe.ui import UI
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import run, tiny_recipe, write_recipe
 
 STABLE = ("name", "type", "kind", "accuracy", "loss", "params", "nonzero_params", "sparsity", "bytes", "macs")
 
 
 def _run(tmp_path, recipe=None, out="run", **opts):
-    path = write_recipe(tmp_path, recipe or tiny_recipe())
-    return run_recipe(load_recipe(path), path, RunOptions(out=tmp_path / out, **opts), UI(quiet=True))
+    return run(tmp_path, recipe or tiny_recipe(), out, **opts)
 
 
 def _stable(report):

@@ -1,5 +1,3 @@
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,24 +5,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from compresspipe.artifacts.model import load_model
 from compresspipe.cli import app
 from compresspipe.recipe import load_recipe
 from compresspipe.run.executor import RunOptions, run_recipe
 from compresspipe.stages.distill.stage import labelled_indices
 from compresspipe.training.losses import distillation_loss
 from compresspipe.ui import UI
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import CNN, run, tiny_recipe, write_recipe
 
 runner = CliRunner()
-RECIPE = Path(__file__).parent.parent.parent / "recipes" / "distill.yaml"
-CNN = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}, "input_shape": [1, 8, 8]}
 TEACHER = {"type": "train", "name": "teach", "epochs": 3, "lr": 3e-3}
 
 
 def _run(tmp_path, stages, out="run", **changes):
-    path = write_recipe(tmp_path, tiny_recipe(stages=stages, **changes), f"{out}.yaml")
-    return run_recipe(load_recipe(path), path, RunOptions(out=tmp_path / out), UI(quiet=True)).report
+    return run(tmp_path, tiny_recipe(stages=stages, **changes), out).report
 
 
 def _cli_run(tmp_path, stages, name="recipe.yaml", **changes):
@@ -112,28 +106,6 @@ def test_label_scarce_distillation_uses_the_teacher_and_caches_it(tmp_path):
     assert d["teacher"] == "teach (baseline)" and d["teacher_accuracy"] == teacher["accuracy"]
     assert kd["kind"] == "structural" and kd["params"] == d["student_params"] < teacher["params"]
     assert kd["accuracy"] > 0.6 and kd["accuracy"] > alone["accuracy"] + 0.3, (kd["accuracy"], alone["accuracy"])
-
-
-def test_recipe_runs_at_reduced_budget_and_saves_only_the_student(tmp_path):
-    sets = ["data.max_samples=400", "stages.0.epochs=2", "stages.1.epochs=2", "evaluate.latency.iters=2",
-            "evaluate.latency.batch_sizes=[1]"]
-    args = ["run", str(RECIPE), "--out", str(tmp_path / "d"), "-q"]
-    for s in sets:
-        args += ["--set", s]
-    result = runner.invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    folder = tmp_path / "d" / "02-distill"
-    desc = json.loads((folder / "model.json").read_text())
-    assert desc["source"] == {"builtin": "digits-cnn", "kwargs": {"width": 16, "hidden": 64}}
-    assert desc["edits"] == []
-    state = load_model(folder)
-    assert set(load_file(str(folder / "model.safetensors"))) == set(state.module.state_dict())  # no adapter
-    metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["kind"] == "structural" and metrics["details"]["student"] == "digits-cnn(width=16, hidden=64)"
-    assert metrics["details"]["tables"]["feature losses"][0]["adapter"] == "Conv2d"
-    assert not metrics["details"]["teacher_cached"] and metrics["details"]["teacher_batches_run"] > 0
-    assert metrics["params"] * 3.5 < json.loads((tmp_path / "d" / "01-teacher" / "metrics.json").read_text())["params"]
-    assert not (folder / ".checkpoints").exists()
 
 
 def test_current_student_from_a_checkpoint_teacher(tmp_path):

@@ -1,7 +1,6 @@
 """factorize: rank rules, exact low-rank reconstruction, skip reasons, errors (exit 2), artifacts, the recipe."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +15,9 @@ from compresspipe.metrics import count_macs, count_params
 from compresspipe.models.builtin import digits_cnn
 from compresspipe.stages.factorize import FactorizeConfig, RankRule
 from compresspipe.stages.factorize.stage import choose_rank, factorize_model
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import CNN, tiny_recipe, write_recipe
 
 runner = CliRunner()
-CNN = {"builtin": "digits-cnn", "kwargs": {"width": 8, "hidden": 32}, "input_shape": [1, 8, 8]}
-RECIPE = Path(__file__).parent.parent.parent / "recipes" / "factorize.yaml"
 
 
 def _factorize(module, shape, source=None, **cfg):
@@ -184,25 +181,3 @@ def test_fixed_rank_too_large_exits_2_naming_the_layer(tmp_path):
     assert "layer 'c1' (Conv2d 8x1x3x3): its max rank is 8" in result.output
     assert "Traceback" not in result.output
 
-
-def test_example_recipe_runs_at_reduced_budget(tmp_path):
-    result = runner.invoke(app, [
-        "run", str(RECIPE), "--out", str(tmp_path / "r"), "-q",
-        "--set", "stages.0.epochs=2", "--set", "stages.1.finetune.epochs=1", "--set", "data.max_samples=400",
-        "--set", "evaluate.latency.iters=2", "--set", "evaluate.latency.warmup=0",
-    ], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    train, fact = report["stages"][-2], report["stages"][-1]
-    assert fact["kind"] == "structural" and fact["params"] < train["params"] and fact["macs"] < train["macs"]
-    folder = tmp_path / "r" / fact["folder"]
-    layers = json.loads((folder / "factorization.json").read_text())["layers"]
-    assert [r["layer"] for r in layers] == ["fc1", "fc2"]
-    fc1 = layers[0]
-    assert fc1["skipped"] is None and fc1["params after"] == fc1["rank"] * (1024 + 128) + 128
-    assert "## factorize: per layer" in (tmp_path / "r" / "report.md").read_text()
-    model = load_model(folder)
-    assert isinstance(model.module.fc1, nn.Sequential)
-    x = torch.randn(3, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(model.module(x), load_model(folder).module(x))

@@ -2,14 +2,11 @@ import pytest
 
 from compresspipe.errors import RecipeError
 from compresspipe.recipe import load_recipe
-from compresspipe.run.executor import RunOptions, run_recipe
-from compresspipe.ui import UI
-from tests.fixtures import tiny_recipe, write_recipe
+from tests.fixtures import run, tiny_recipe, write_recipe
 
 
 def _run(tmp_path, stage, out="run"):
-    path = write_recipe(tmp_path, tiny_recipe(stages=[stage]), f"{out}.yaml")
-    return run_recipe(load_recipe(path), path, RunOptions(out=tmp_path / out), UI(quiet=True)).report
+    return run(tmp_path, tiny_recipe(stages=[stage]), out).report
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "step"), ("adamw", "none"), ("adam", "cosine")])
