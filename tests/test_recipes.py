@@ -104,6 +104,12 @@ def _export(report: dict[str, Any], run: Path) -> None:
     assert report["stages"][-1]["format"] == "onnx_int8"  # what the export row ships
 
 
+def _fold_bn(report: dict[str, Any], run: Path) -> None:
+    train, folded = report["stages"][-2:]
+    assert folded["format"] == "torch" and folded["params"] < train["params"]
+    assert folded["accuracy"] == train["accuracy"]
+
+
 # recipe -> (--set overrides that bring it down to seconds, what its finished run must show)
 BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
     "quickstart.yaml": (["stages.0.epochs=2", "stages.1.finetune.epochs=1", "stages.2.epochs=1",
@@ -117,6 +123,7 @@ BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
                        _factorize),
     "quantize.yaml": (["data.max_samples=400", "stages.0.epochs=3", "stages.1.calibration.batches=2",
                        "gates.max_accuracy_drop=0.05", "gates.min_size_reduction=2.5", *SMALL, *FAST], _quantize),
+    "fold_bn.yaml": (["stages.0.epochs=2", "data.max_samples=400", *FAST], _fold_bn),
     "export.yaml": (["stages.0.epochs=3", "stages.0.lr=0.01", "data.max_samples=700", "stages.1.verify.batches=1",
                      "stages.1.int8.calibration_batches=2", *SMALL, *FAST], _export),
 }
