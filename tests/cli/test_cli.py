@@ -1,7 +1,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from compresspipe.cli import app
@@ -35,6 +37,15 @@ def test_validate_in_fresh_interpreter_imports_no_torch_and_exits_2(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert "did you mean 'train'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["schema"], ["stages"], ["validate", "recipes/quickstart.yaml"]])
+def test_start_up_commands_import_no_torch(args):
+    code = ("import sys; from compresspipe.cli import main; sys.argv=['compresspipe', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert 'torch' not in sys.modules, 'torch imported'; raise")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_validate_print_shows_resolved_recipe(tmp_path):
