@@ -64,7 +64,7 @@ def test_reload_is_bit_identical(tmp_path):
     metrics = json.loads((folder / "01-train" / "metrics.json").read_text())
     from compresspipe.data.sources import load_data
 
-    recipe = load_recipe(tmp_path / "recipe.yaml")
+    recipe = load_recipe(tmp_path / "run.yaml")
     data = load_data(recipe.data, recipe.seed, (1, 8, 8))
     from compresspipe.metrics import evaluate
 

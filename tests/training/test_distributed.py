@@ -47,7 +47,7 @@ def test_two_processes_train_and_only_rank_0_writes(tmp_path):
     assert train["accuracy"] > 0.6  # it learned, from shards of the data
     assert train["details"]["samples_per_second"] > 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "00-baseline", "01-train", "recipe.lock.yaml", "report.html", "report.json", "report.md", "run.json"]
+        ".lock", "00-baseline", "01-train", "recipe.lock.yaml", "report.html", "report.json", "report.md", "run.json"]
     assert result.stdout.count("compresspipe: tiny") == 1  # one table: only rank 0 prints
 
 
