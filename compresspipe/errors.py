@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+_INTERRUPTED = False
+
+
+def mark_interrupted() -> None:
+    """A Ctrl-C (SIGINT) arrived: an error raised while it unwinds is the interrupt, not a finding."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+
+
+def interrupted() -> bool:
+    return _INTERRUPTED
+
 
 class CompressPipeError(Exception):
     """Base of every error compresspipe raises on purpose; its message is for the user."""

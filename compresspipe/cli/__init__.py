@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -37,23 +39,34 @@ def handle_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from compresspipe.errors import CompressPipeError
+        from compresspipe.errors import CompressPipeError, interrupted
 
         try:
             return fn(*args, **kwargs)
-        except CompressPipeError as exc:
-            fail(_escape(str(exc)), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted; finished stages are kept, continue with --resume", EXIT_INTERRUPTED)
+        except CompressPipeError as exc:
+            if interrupted():  # e.g. an import probe that Ctrl-C cut short reads as "not installed"
+                fail("interrupted; finished stages are kept, continue with --resume", EXIT_INTERRUPTED)
+            fail(_escape(str(exc)), exc.exit_code)
         return None
 
     return wrapper  # type: ignore[return-value]
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """User text made safe for a terminal: control characters (escape sequences, carriage returns) become
+    visible \\xNN escapes, so a recipe key cannot rewrite what the terminal shows."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 
-    return escape(text)
+    return escape(printable(text))
 
 
 def _version(value: bool) -> None:
@@ -82,7 +95,15 @@ from compresspipe.cli import (  # noqa: E402,F401
 )
 
 
+def _on_sigint(signum: int, frame: object) -> None:
+    from compresspipe.errors import mark_interrupted
+
+    mark_interrupted()
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except KeyboardInterrupt:

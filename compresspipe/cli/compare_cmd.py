@@ -22,6 +22,7 @@ LABELS = {"accuracy": "accuracy", "params": "params", "bytes": "size", "macs": "
 
 def load_report(path: Path) -> dict[str, Any]:
     """A run folder's report.json (or the file itself), checked to be a compresspipe report we can read."""
+    from compresspipe.artifacts.files import read_json
     from compresspipe.errors import InputError
     from compresspipe.report.build import READABLE_VERSIONS, REPORT_FORMAT
 
@@ -31,17 +32,37 @@ def load_report(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise InputError(f"{path}: no report.json (is the run finished? `compresspipe run` writes it at the end)")
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{file}: not a readable report: {exc}") from exc
+        report = read_json(file)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{file}: not a readable report: {str(exc)[:200]}") from None
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise InputError(f"{file}: not a compresspipe report (format {REPORT_FORMAT!r} expected)")
-    if report.get("version") not in READABLE_VERSIONS:
+    if type(report.get("version")) is not int or report["version"] not in READABLE_VERSIONS:
         raise InputError(f"{file}: report version {report.get('version')!r} is not supported "
                          f"(this compresspipe reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(report.get("stages"), list):
         raise InputError(f"{file}: report has no stage list")
+    report["stages"] = [_clean_row(file, i, row) for i, row in enumerate(report["stages"])]
     return report
+
+
+def _number(value: Any) -> float | int | None:
+    """A figure as compare reads it: a finite number, else None (n/a); a tampered string or bool is n/a."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _clean_row(file: Path, index: int, row: Any) -> dict[str, Any]:
+    """One stage row checked: a name, numbers where numbers belong (anything else reads as n/a)."""
+    from compresspipe.errors import InputError
+
+    if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+        raise InputError(f"{file}: stages[{index}] is not a stage row with a name")
+    latency = row.get("latency_ms")
+    return {"name": row["name"], "type": row.get("type") if isinstance(row.get("type"), str) else None,
+            **{m: _number(row.get(m)) for m in METRICS},
+            "latency_ms": {str(k): _number(v) for k, v in latency.items()} if isinstance(latency, dict) else {}}
 
 
 def _delta(a: Any, b: Any) -> float | int | None:
@@ -134,8 +155,9 @@ def compare(
 ) -> None:
     """Compare two runs stage by stage (matched by name): accuracy, params, size, MACs, latency; deltas are B - A."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+
+    from compresspipe.cli import _escape as escape
 
     result = compare_reports(load_report(run_a), load_report(run_b))
     result["a"]["path"], result["b"]["path"] = str(run_a), str(run_b)

@@ -88,8 +88,8 @@ def diff(
 ) -> None:
     """Show what differs between two resolved recipes (defaults filled in), stages matched by name. Exit 0."""
     from rich.console import Console
-    from rich.markup import escape
 
+    from compresspipe.cli import _escape as escape
     from compresspipe.recipe import load_recipe
 
     a, b = load_recipe(recipe_a), load_recipe(recipe_b)

@@ -19,9 +19,9 @@ def plan(
 ) -> None:
     """Dry run: resolve selectors, predict params and MACs per stage, warn about recipes that cannot deliver."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
+    from compresspipe.cli import _escape as escape
     from compresspipe.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_)

@@ -22,9 +22,9 @@ def _default(field: object) -> str:
 def stages() -> None:
     """List the stage types a recipe can use, with their fields."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
+    from compresspipe.cli import _escape as escape
     from compresspipe.stages import STAGES
 
     console = Console(highlight=False)

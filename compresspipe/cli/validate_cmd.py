@@ -20,8 +20,8 @@ def validate(
 ) -> None:
     """Check recipes: every problem is reported with file, line, column and key path."""
     from rich.console import Console
-    from rich.markup import escape
 
+    from compresspipe.cli import _escape as escape
     from compresspipe.errors import RecipeError
     from compresspipe.recipe import load_recipe
     from compresspipe.recipe.yamlio import dump_yaml

@@ -8,12 +8,20 @@ replacement, never evaluation. Errors keep the file and line of the value that c
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from compresspipe.errors import Problem, RecipeError
-from compresspipe.recipe.yamlio import Loc, YamlDocument, format_loc, parse_yaml_text, read_text_file
+from compresspipe.recipe.yamlio import (
+    MAX_EXPANDED_BYTES,
+    Loc,
+    YamlDocument,
+    format_loc,
+    parse_yaml_text,
+    read_text_file,
+)
 
 # Keys whose relative paths are resolved against the file that wrote them, so a shared base recipe
 # can name its own checkpoint or data folder.
@@ -136,6 +144,9 @@ def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> YamlDocument:
         raise RecipeError([Problem(str(path), where[0], where[1], "extends",
                                    f"base recipe not found: {base_path} (extends chain: {names})")])
     base = load_composed(base_path, (*chain, real))
+    if not isinstance(base.data, dict):
+        raise RecipeError([Problem(str(path), where[0], where[1], "extends", f"base {base_path} is not a recipe "
+                                   f"(its top level is a {type(base.data).__name__}, not a mapping of keys)")])
     _absolutise_paths(base, base_path.resolve().parent)
     merged = _Merged(base)
     merged.merge(doc)
@@ -184,4 +195,8 @@ def substitute_vars(data: Any, doc: YamlDocument) -> Any:
     out = sub(data, ())
     if problems:
         raise RecipeError(problems)
+    size = len(json.dumps(out, default=str))
+    if size > MAX_EXPANDED_BYTES:
+        raise RecipeError([Problem(doc.filename, None, None, "vars", f"substituting the variables makes the recipe "
+                                   f"{size} bytes, more than {MAX_EXPANDED_BYTES}; use fewer or shorter values")])
     return out

@@ -208,9 +208,17 @@ def validate_recipe_data(
     recipe = Recipe.model_validate(
         {**recipe.model_dump(exclude={"data", "stages"}), "data": data_cfg, "stages": stages}, context=context
     )
+    lowered: int | None = None  # the first stage that leaves low-precision layers
     for i, stage in enumerate(recipe.stages):
         for sub, message in stage.check(recipe, i):
             rep.add(("stages", i, *sub), message)
+        if lowered is not None and stage.needs_float_model:
+            first = recipe.stages[lowered]
+            rep.add(("stages", i, "type"), f"{stage.type} cannot run after stages[{lowered}] ({first.name}, "
+                                           f"{first.type}): the model then holds low-precision layers it cannot "
+                                           f"change; put {first.type} after it (only export may follow)")
+        if lowered is None and stage.makes_low_precision():
+            lowered = i
         if stage.expect is not None:
             for sub, message in _check_limits(recipe, stage.expect):
                 rep.add(("stages", i, "expect", *sub), message)

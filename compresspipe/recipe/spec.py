@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 RECIPE_VERSION = 1
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # names a folder: at most 100 characters
 
 
 class StrictModel(BaseModel):
@@ -268,6 +268,12 @@ class StageConfig(StrictModel):
     # A small, fast configuration of this stage: shown by `compresspipe stages` and run by the contract
     # tests that every registered stage must pass (save/load round trip, determinism).
     example: ClassVar[dict[str, Any]] = {}
+    # Whether the stage changes float weights or layers (so it cannot follow a stage that made them low precision)
+    needs_float_model: ClassVar[bool] = True
+
+    def makes_low_precision(self) -> bool:
+        """Whether this configured stage leaves int8/fp16 layers that later weight-changing stages cannot edit."""
+        return False
 
     def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
         """Rules that need the whole recipe (e.g. a teacher naming an earlier stage).
@@ -278,8 +284,9 @@ class StageConfig(StrictModel):
 
 
 def _name(value: str) -> str:
-    if not re.match(NAME_PATTERN, value):
-        raise ValueError("use letters, digits, '.', '_' and '-' (it names the run folder)")
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError("use at most 100 letters, digits, '.', '_' and '-', starting with a letter or digit "
+                         "(it names the run folder)")
     return value
 
 
@@ -288,7 +295,7 @@ class Recipe(StrictModel):
 
     compresspipe: Literal[1] = Field(description="recipe format version")
     name: Annotated[str, AfterValidator(_name)]
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**62, description="one seed for data splits, initialisation and training")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
     data: SerializeAsAny[DataConfig]

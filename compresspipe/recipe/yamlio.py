@@ -20,6 +20,8 @@ Pos = tuple[int, int]
 Loc = tuple[str | int, ...]
 
 MAX_NODES = 200_000
+MAX_TEXT_BYTES = 4 * 2**20  # a recipe (or a base it extends, or a lock file) is a few KB; refuse a huge file
+MAX_EXPANDED_BYTES = 16 * 2**20  # scalar text after alias expansion: a 1 MB string used 50,000 times is refused
 
 _STD = "tag:yaml.org,2002:"
 _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
@@ -80,6 +82,7 @@ class _Builder:
         self.key_positions: dict[Loc, Pos] = {}
         self.problems: list[Problem] = []
         self.count = 0
+        self.size = 0
 
     def problem(self, node: yaml.Node, loc: Loc, message: str) -> None:
         mark = node.start_mark
@@ -126,6 +129,12 @@ class _Builder:
         return self.build_scalar(cast(yaml.ScalarNode, node), loc)
 
     def build_scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        self.size += len(node.value)
+        if self.size > MAX_EXPANDED_BYTES:
+            raise RecipeError(
+                [Problem(self.filename, None, None, "", f"document expands to more than {MAX_EXPANDED_BYTES} bytes "
+                                                        "of text (alias bomb?); refusing to read it")]
+            )
         tag = node.tag
         if tag == _PLAIN:  # plain, untagged
             return resolve_plain_scalar(node.value)
@@ -219,7 +228,13 @@ def read_text_file(path: Path, what: str = "recipe") -> str:
         raise RecipeError([Problem(name, None, None, "", f"{what} file not found")])
     if path.is_dir():
         raise RecipeError([Problem(name, None, None, "", f"{what} path is a folder, not a file")])
-    raw = path.read_bytes()
+    if not path.is_file():
+        raise RecipeError([Problem(name, None, None, "", f"{what} path is not a regular file (a device or a pipe?)")])
+    with path.open("rb") as fh:
+        raw = fh.read(MAX_TEXT_BYTES + 1)
+    if len(raw) > MAX_TEXT_BYTES:
+        raise RecipeError([Problem(name, None, None, "", f"{what} file is larger than {MAX_TEXT_BYTES} bytes; a "
+                                                         f"{what} is a few KB of YAML")])
     if b"\x00" in raw[:8192]:
         raise RecipeError([Problem(name, None, None, "", f"{what} file is binary, not UTF-8 text")])
     try:

@@ -23,7 +23,7 @@ from compresspipe.artifacts.files import atomic_write_json, atomic_write_text
 from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.deploy.ship import is_int8, primary_format, ship
 from compresspipe.deploy.timer import DeployTimer
-from compresspipe.errors import CompressPipeError, GateFailed, InputError, StageError
+from compresspipe.errors import CompressPipeError, GateFailed, InputError, StageError, interrupted
 from compresspipe.metrics.measure import measure_model
 from compresspipe.recipe.spec import Recipe
 from compresspipe.recipe.yamlio import dump_yaml
@@ -151,12 +151,17 @@ class Executor:
                     self.rows.append(metrics)
                     self.folder.write_state("running", lock, completed=index + 1, world_size=d.world)
         except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) or interrupted():  # an error raised while Ctrl-C unwinds
+                raise KeyboardInterrupt from exc
             log = self.folder.path / ("error.log" if main else f"error.rank{d.rank}.log")
-            if not isinstance(exc, KeyboardInterrupt):
-                atomic_write_text(log, "".join(traceback.format_exception(exc)))
-            if isinstance(exc, CompressPipeError | KeyboardInterrupt):
+            atomic_write_text(log, "".join(traceback.format_exception(exc)))
+            if isinstance(exc, GateFailed):
                 raise
-            raise StageError(current, f"{type(exc).__name__}: {exc} (traceback in {log})") from exc
+            if isinstance(exc, CompressPipeError) and (exc.exit_code != 2 or current == "baseline"):
+                raise
+            # exit 2 promises that nothing ran; once a stage has written its folder, a failure is exit 3
+            raise StageError(current, f"{exc if isinstance(exc, CompressPipeError) else f'{type(exc).__name__}: {exc}'}"
+                                      f" (traceback in {log})") from exc
         finally:
             if scratch is not None:
                 scratch.cleanup()

@@ -30,9 +30,6 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
             warn(s, "unstructured (magnitude) pruning only zeroes weights: no smaller model and no speedup "
                     "expected" + (", and the export keeps dense weights unless it stores sparsity" if "export" in later
                                   else "") + "; use method: structured to shrink layers")
-        if s.type == "quantize" and any(t in ("prune", "factorize") for t in later):
-            warn(s, "quantize before prune/factorize: the later stage works on a quantized model; "
-                    "compress first, quantize last")
         if s.type == "distill":
             teacher = getattr(s, "teacher", None)
             trained_before = any(t in ("train", "distill") for t in types[:i])

@@ -43,4 +43,15 @@ def test_warnings_for_recipes_that_cannot_deliver():
     messages = {w["stage"]: w["message"] for w in recipe_warnings(recipe)}
     assert "no speedup" in messages["p"] and "export keeps dense weights" in messages["p"]
     assert "random network" in messages["d"]
-    assert "compress first, quantize last" in messages["q"]
+    assert "q" not in messages  # quantize before factorize is a validation error now, not a warning
+
+
+def test_a_weight_changing_stage_after_quantize_is_exit_2_at_validation(tmp_path):
+    stages = [{"type": "train", "epochs": 1}, {"type": "quantize", "method": "dynamic"},
+              {"type": "factorize", "rank": {"ratio": 0.5}}, {"type": "export", "formats": ["onnx"]}]
+    result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, tiny_recipe(stages=stages)))])
+    assert result.exit_code == 2
+    assert "stages[2].type: factorize cannot run after stages[1] (quantize, quantize)" in " ".join(result.output.split())
+    stages[1]["backend"] = "onnxruntime"  # the PyTorch model stays float: factorizing it is fine
+    stages[1]["method"] = "static"
+    assert runner.invoke(app, ["validate", str(write_recipe(tmp_path, tiny_recipe(stages=stages)))]).exit_code == 0

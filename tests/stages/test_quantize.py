@@ -187,7 +187,7 @@ def test_onnxruntime_hands_quantization_to_export(tmp_path, trained):
     assert "export" not in result.details  # the hand-off travels on the model, not in the report
     assert record.onnx_int8.method == "static" and record.method == "static"
     assert record.onnx_int8.calibration_batches == 3 and record.onnx_int8.observer == "histogram"
-    assert record.float_stage == "train"
+    assert record.float_stage is None  # the model stayed float: the export quantizes it as it stands
     assert load_model(folder).get(QuantizeRecord) == record  # saved in model.json, read back typed
     assert json.loads((folder / "model.json").read_text())["records"]["quantize"]["version"] == 1
     assert result.details["emulated"] is False  # nothing quantized in PyTorch

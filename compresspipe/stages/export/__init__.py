@@ -130,6 +130,7 @@ class ExportConfig(StageConfig):
     )
 
     implementation: ClassVar[str] = "compresspipe.stages.export.stage:ExportStage"
+    needs_float_model: ClassVar[bool] = False
     example: ClassVar[dict[str, Any]] = {"type": "export", "formats": ["onnx", "safetensors"], "verify": {"batches": 1}}
 
     @field_validator("formats")

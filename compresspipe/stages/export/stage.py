@@ -44,7 +44,7 @@ def float_source(state: ModelState, formats: list[str], ctx: StageContext,
     record = state.get(QuantizeRecord)
     if record is None:
         return None, None
-    if {"onnx_int8", "executorch_int8"} & set(formats):
+    if {"onnx_int8", "executorch_int8"} & set(formats) and record.float_stage is not None:
         return ctx.load_stage(record.float_stage).module.eval().to("cpu"), record.onnx_int8
     return None, record.onnx_int8
 

@@ -100,6 +100,9 @@ class QuantizeConfig(StageConfig):
     implementation: ClassVar[str] = "compresspipe.stages.quantize.stage:QuantizeStage"
     example: ClassVar[dict[str, Any]] = {"type": "quantize", "method": "static", "calibration": {"batches": 2}}
 
+    def makes_low_precision(self) -> bool:
+        return self.backend != "onnxruntime"  # that backend leaves the PyTorch model float (export quantizes)
+
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
         if self.dtype == "int4" and self.method != "weight_only":
@@ -136,7 +139,7 @@ class QuantizeRecord(Record):
     VERSION: ClassVar[int] = 1
 
     method: Method
-    float_stage: str
+    float_stage: str | None  # None: the model itself stayed float (backend onnxruntime), quantize it as it is
     onnx_int8: OnnxInt8Handoff | None = None
 
     @property

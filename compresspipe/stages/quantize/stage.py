@@ -263,7 +263,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def _handoff(self, state: ModelState, ctx: StageContext, layers: dict[str, nn.Module], notes: list[str],
                  acc: float) -> StageResult:
         cfg = self.config
-        state.put(self._export_record(ctx, cfg.method, list(layers)))
+        state.put(self._export_record(ctx, cfg.method, list(layers)).model_copy(update={"float_stage": None}))
         notes.append(f"backend onnxruntime: the torch model stays float32; the export stage (format onnx_int8) "
                      f"quantizes the ONNX graph with ONNX Runtime ({cfg.method}, {cfg.observer} calibration)")
         table = [{"layer": n, "type": type(m).__name__, "quantized": "at export", "as": f"onnxruntime {cfg.method}",
