@@ -35,6 +35,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def make_readable(path: Path) -> None:
+    """Give a file written by another library the usual mode (0666 minus umask), as our own writes have."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

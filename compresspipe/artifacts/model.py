@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresspipe.artifacts.edits import apply_edit, check_edit
-from compresspipe.artifacts.files import atomic_write_json
+from compresspipe.artifacts.files import atomic_write_json, make_readable
 from compresspipe.artifacts.records import Record, get_record, record_from_json
 from compresspipe.errors import ArtifactError, CompressPipeError
 
@@ -109,6 +109,7 @@ def save_model(state: ModelState, folder: Path) -> list[Path]:
     weights = folder / WEIGHTS_FILE
     tmp = folder / f".{WEIGHTS_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"format": f"{MODEL_FORMAT}/{MODEL_FORMAT_VERSION}"})
+    make_readable(tmp)
     # one metadata key only: safetensors writes a multi-key header in hash order, which breaks byte-identical files
     os.replace(tmp, weights)
     desc = state.describe()

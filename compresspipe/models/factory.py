@@ -120,6 +120,7 @@ def _read_checkpoint(path: Path) -> Any:
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read safetensors checkpoint ({exc})") from None
     if suffix in (".pt", ".pth"):
+        _check_archive(path)
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -136,6 +137,26 @@ def _read_checkpoint(path: Path) -> Any:
         except Exception as exc:  # the restricted unpickler fails in many ways on a corrupt file
             raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
     raise InputError(f"{path}: checkpoint must be .safetensors, .pt or .pth (got {suffix or 'no extension'})")
+
+
+def _check_archive(path: Path) -> None:
+    """A .pt zip archive whose entries expand far beyond the file (a deflate bomb) is refused before reading.
+
+    torch.save stores its entries uncompressed, so a real checkpoint expands to about its own size.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (non-zip) format has no compression
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable checkpoint archive ({exc})") from None
+    size = path.stat().st_size
+    if expanded > 2 * size + 2**20:
+        raise InputError(f"{path}: its entries expand to {expanded} bytes from a {size}-byte file (torch.save "
+                         "stores tensors uncompressed); refusing a compressed archive")
 
 
 def _unwrap(path: Path, obj: Any) -> dict[str, torch.Tensor]:

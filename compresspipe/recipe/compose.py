@@ -171,6 +171,15 @@ def substitute_vars(data: Any, doc: YamlDocument) -> Any:
         if isinstance(value, str) and _ANY_VAR.search(value):
             report(("vars", name), "a variable cannot refer to other variables")
 
+    budget = [MAX_EXPANDED_BYTES]  # bytes of substituted text left: `${vars.x}` used 3,000 times is bounded
+
+    def spend(value: Any, loc: Loc) -> Any:
+        budget[0] -= len(json.dumps(value, default=str)) if not isinstance(value, str) else len(value)
+        if budget[0] < 0:
+            raise RecipeError([Problem(doc.file_of(loc), None, None, format_loc(loc), "substituting the variables "
+                              f"makes the recipe larger than {MAX_EXPANDED_BYTES} bytes; use fewer or shorter values")])
+        return value
+
     def sub(node: Any, loc: Loc) -> Any:
         if isinstance(node, dict):
             return {k: sub(v, (*loc, k)) for k, v in node.items()}
@@ -189,14 +198,10 @@ def substitute_vars(data: Any, doc: YamlDocument) -> Any:
                 return node
         whole = _VAR.fullmatch(node)
         if whole:
-            return copy.deepcopy(variables[whole.group(1)])
-        return _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+            return copy.deepcopy(spend(variables[whole.group(1)], loc))
+        return _VAR.sub(lambda m: str(spend(str(variables[m.group(1)]), loc)), node)
 
     out = sub(data, ())
     if problems:
         raise RecipeError(problems)
-    size = len(json.dumps(out, default=str))
-    if size > MAX_EXPANDED_BYTES:
-        raise RecipeError([Problem(doc.filename, None, None, "vars", f"substituting the variables makes the recipe "
-                                   f"{size} bytes, more than {MAX_EXPANDED_BYTES}; use fewer or shorter values")])
     return out

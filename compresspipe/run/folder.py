@@ -61,6 +61,7 @@ class RunFolder:
         self.path = path
         self.state_file = path / STATE_FILE
         self._lock_fd: int | None = None
+        self._created = False
 
     # -- the lock --------------------------------------------------------------------------------
 
@@ -69,6 +70,7 @@ class RunFolder:
 
     def __enter__(self) -> RunFolder:
         self._check_location()
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -85,6 +87,10 @@ class RunFolder:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._lock_fd is not None:
+            if not self.state_file.exists():  # refused before it started: leave the folder as it was found
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+                if self._created and not any(self.path.iterdir()):
+                    self.path.rmdir()
             os.close(self._lock_fd)
             self._lock_fd = None
 

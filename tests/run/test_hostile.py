@@ -1,0 +1,287 @@
+"""Hostile and broken inputs, one test per family: nothing lost, nothing hung, nothing fetched, clear errors.
+
+Memory tests run in a subprocess under a 2 GB data limit (RLIMIT_DATA: the heap and anonymous maps; torch's
+shared libraries still load): a bound that is missing shows as a MemoryError or a kill, not a slow machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compresspipe.artifacts.files import dumps
+from compresspipe.run.folder import RunFolder
+from tests.fixtures import cli, run, tiny_recipe, write_recipe
+
+CAP = 2 << 30
+
+
+def _capped(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (CAP, CAP))
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, preexec_fn=limit, cwd=cwd,
+                          timeout=timeout)
+
+
+def _cli_capped(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return _capped("-m", "compresspipe", *args, cwd=cwd)
+
+
+# -- data loss and corruption ---------------------------------------------------------------------------------
+
+
+def test_force_removes_only_what_a_run_wrote(tmp_path):
+    recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "-q").exit_code == 0
+    (out / "analysis.md").write_text("my notes")
+    assert cli("run", recipe, "--out", out, "-q", "--force").exit_code == 0
+    assert (out / "analysis.md").read_text() == "my notes"
+    # a run into the working directory, which holds the recipe: refused, with or without --force, nothing removed
+    here = tmp_path / "here"
+    here.mkdir()
+    write_recipe(here, tiny_recipe(stages=[{"type": "train", "epochs": 1}]), "r.yaml")
+    for force in ([], ["--force"]):
+        done = subprocess.run([sys.executable, "-m", "compresspipe", "run", "r.yaml", "--out", ".", "-q", *force],
+                              cwd=here, capture_output=True, text=True)
+        assert done.returncode == 2 and "--force removes only what a run writes" in done.stderr, done.stderr
+    assert sorted(p.name for p in here.iterdir()) == ["r.yaml"]
+
+
+def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder(tmp_path):
+    recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    out = tmp_path / "run"
+    with RunFolder(out):
+        result = cli("run", recipe, "--out", out, "-q")
+    assert result.exit_code == 2
+    assert "a run is in progress there (pid" in result.output and "Traceback" not in result.output
+    assert cli("run", recipe, "--out", out, "-q").exit_code == 0  # released when the holder ends
+
+
+def test_report_json_is_written_on_every_exit_and_stale_ones_go(tmp_path, monkeypatch):
+    from compresspipe.stages.train import stage as train
+
+    recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1},
+                                                        {"type": "train", "epochs": 1, "name": "again"}]))
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "-q").exit_code == 0
+    calls = []
+
+    def boom(self, state, ctx):
+        calls.append(ctx.name)
+        if ctx.name == "again":
+            raise RuntimeError("kaboom")
+        return real(self, state, ctx)
+
+    real = train.TrainStage.run
+    monkeypatch.setattr(train.TrainStage, "run", boom)
+    failed = cli("run", recipe, "--out", out, "-q", "--force", "--json")
+    assert failed.exit_code == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and "kaboom" in report["error"]
+    assert [s["name"] for s in report["stages"]] == ["baseline", "train"]  # the finished stages
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert '"status": "failed"' in failed.stdout  # --json prints the report of a failed run too
+
+    def interrupt(self, state, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.TrainStage, "run", interrupt)
+    stopped = cli("run", recipe, "--out", out, "-q", "--force")
+    assert stopped.exit_code == 130
+    assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_our_json_is_strict_and_our_files_are_readable_by_others(tmp_path):
+    assert json.loads(dumps({"loss": float("nan"), "x": [float("inf"), 1.0]})) == {"loss": None, "x": [None, 1.0]}
+    old = os.umask(0o022)
+    try:
+        run(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    finally:
+        os.umask(old)
+    for name in ("report.json", "report.html", "run.json", "01-train/model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+
+
+# -- memory blow-ups and hangs from small inputs ----------------------------------------------------------------
+
+
+def test_alias_and_variable_bombs_are_refused_under_a_memory_cap(tmp_path):
+    big = "x" * (1 << 20)
+    aliases = "compresspipe: 1\nname: bomb\nbig: &b " + big + "\nrefs: [" + ", ".join(["*b"] * 50_000) + "]\n"
+    (tmp_path / "alias.yaml").write_text(aliases)
+    used = tiny_recipe(vars={"x": "y" * (1 << 20)})
+    used["notes"] = ["${vars.x}"] * 3000
+    write_recipe(tmp_path, used, "vars.yaml")
+    for name in ("alias.yaml", "vars.yaml"):
+        done = _cli_capped("validate", str(tmp_path / name))
+        assert done.returncode == 2, (name, done.stderr[-500:])
+        assert "larger than" in done.stderr or "expands to more than" in done.stderr
+    done = _cli_capped("validate", "/dev/zero")
+    assert done.returncode == 2 and "not a regular file" in done.stderr
+
+
+def test_verify_reads_a_bombed_lock_file_within_bounds(tmp_path):
+    out = run(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}])).folder
+    lock = out / "recipe.lock.yaml"
+    lock.write_text("a: &a [" + ", ".join(["x"] * 100) + "]\n" + "".join(
+        f"{c}: &{c} [" + ", ".join([f"*{p}"] * 100) + "]\n" for p, c in zip("abcdef", "bcdefg", strict=True)))
+    done = _cli_capped("verify", str(out))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "recipe.lock.yaml" in done.stderr
+
+
+def test_a_model_json_that_claims_huge_tensors_is_refused_before_allocating(tmp_path):
+    from compresspipe.artifacts.model import ModelState, save_model
+    from compresspipe.models.factory import build_model
+
+    state = ModelState(build_model({"builtin": "digits-mlp", "kwargs": {"hidden": 8}}),
+                       {"builtin": "digits-mlp", "kwargs": {"hidden": 8}}, (1, 8, 8), 10)
+    save_model(state, tmp_path / "m")
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    desc["edits"] = [{"kind": "resize", "version": 1,
+                      "modules": {"fc1": {"tensors": {"weight": [100000, 100000]}, "attrs": {}}}}]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(desc))
+    code = ("from pathlib import Path; from compresspipe.artifacts.model import load_model\n"
+            f"try:\n    load_model(Path({str(tmp_path / 'm')!r}))\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    done = _capped("-c", code)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.startswith("ArtifactError") and "[100000, 100000]" in done.stdout
+
+
+def test_a_deflate_bomb_checkpoint_is_refused(tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "w.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data/0", "w") as fh:
+            chunk = b"\0" * (1 << 20)
+            for _ in range(256):  # 256 MB of zeros in a few hundred KB
+                fh.write(chunk)
+    recipe = write_recipe(tmp_path, tiny_recipe(model={"builtin": "digits-mlp", "checkpoint": "w.pt",
+                                                       "input_shape": [1, 8, 8]}))
+    done = _cli_capped("run", str(recipe), "--out", str(tmp_path / "run"), "-q")
+    assert done.returncode == 2 and "refusing a compressed archive" in done.stderr
+
+
+# -- our own files, tampered or broken ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda d: d.pop("source"), "source"),
+    (lambda d: d.update(edits={"kind": "resize"}), "edits"),
+    (lambda d: d.update(input_shape=[1, -8, 8]), "input_shape"),
+    (lambda d: d.update(version=True), "version"),
+    (lambda d: d.update(source={"torchvision": "resnet18", "kwargs": {"weights": "DEFAULT"}}),
+     "would download weights"),
+    (lambda d: d.update(edits=[{"kind": "resize", "version": 1,
+                                "modules": {"fc1": {"attrs": {"forward": 3}}}}]), "not an int or int-tuple"),
+    (lambda d: d.update(edits=[{"kind": "replace", "version": 1, "module": "fc1",
+                                "layer": {"type": "Linear", "kwargs": {"in_features": 64, "out_features": 8,
+                                                                       "device": "meta"}}}]), "not device"),
+    (lambda d: d.update(edits=[{"kind": "replace", "version": 1, "module": "fc1",
+                                "layer": {"type": "Sequential", "children": [["a.b", {"type": "ReLU"}]]}}]),
+     "not an identifier"),
+    (lambda d: d.update(edits=[{"kind": "resize", "version": 1, "modules": {"fc1": {"tensors": {}}}}] * 2
+                        + [json.loads("[" * 900 + "]" * 900)]), "edits"),
+])
+def test_a_tampered_model_json_is_a_clear_error_naming_file_and_key(tmp_path, tamper, message):
+    from compresspipe.artifacts.model import load_model
+    from compresspipe.errors import ArtifactError
+
+    folder = run(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}])).folder / "01-train"
+    desc = json.loads((folder / "model.json").read_text())
+    tamper(desc)
+    (folder / "model.json").write_text(json.dumps(desc))
+    with pytest.raises(ArtifactError, match=message) as caught:
+        load_model(folder)
+    assert str(folder / "model.json") in str(caught.value)
+
+
+def test_resume_over_a_tampered_stage_names_the_folder_not_the_next_stage(tmp_path):
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 1}, {"type": "train", "epochs": 1, "name": "again"}])
+    out = run(tmp_path, recipe).folder
+    (out / "02-again").rename(out / ".02-again.partial")  # as if interrupted in the second stage
+    desc = json.loads((out / "01-train" / "model.json").read_text())
+    desc["num_classes"] = "ten"
+    (out / "01-train" / "model.json").write_text(json.dumps(desc))
+    manifest = json.loads((out / "01-train" / "manifest.json").read_text())  # a careful forger fixes the hash
+    import hashlib
+
+    manifest["files"]["model.json"]["sha256"] = hashlib.sha256((out / "01-train" / "model.json").read_bytes()).hexdigest()
+    (out / "01-train" / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("run", tmp_path / "run.yaml", "--out", out, "-q", "--resume")
+    assert result.exit_code in (2, 3) and "Traceback" not in result.output
+    assert "01-train/model.json: num_classes" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("target,content", [
+    ("report.json", "[1, 2]"), ("report.json", '{"format": "compresspipe.report", "stages": [{"folder": "../.."}]}'),
+    ("recipe.lock.yaml", "!!python/object/apply:os.system ['true']"), ("recipe.lock.yaml", "format: nope"),
+    ("01-train/manifest.json", '{"files": {"../../etc/passwd": {"sha256": "0"}}}'),
+    ("01-train/manifest.json", '{"files": []}'),
+])
+def test_verify_on_broken_run_files_is_exit_2_without_a_traceback(tmp_path, target, content):
+    out = run(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}])).folder
+    (out / target).write_text(content)
+    result = cli("verify", out, "--fast")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("content", [
+    "[]", '{"format": "compresspipe.report", "version": true, "stages": []}',
+    '{"format": "compresspipe.report", "version": 2, "stages": [1]}',
+    '{"format": "compresspipe.report", "version": 2, "stages": [{"name": "a", "accuracy": "high", '
+    '"latency_ms": [1]}]}',
+    "NaN" * 10, "\xff\xfe",
+])
+def test_compare_on_a_tampered_report_is_a_clear_error(tmp_path, content):
+    good = run(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}])).folder
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content.encode("utf-8", "surrogateescape") if content != "\xff\xfe" else b"\xff\xfe")
+    result = cli("compare", good, bad)
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
+
+
+def test_output_locations_that_cannot_work_are_exit_2_before_anything_runs(tmp_path):
+    recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, Path("/dev/null")):
+        result = cli("run", recipe, "--out", out, "-q")
+        assert result.exit_code == 2 and "is a file" in result.output, result.output
+    (tmp_path / "junit").mkdir()
+    result = cli("run", recipe, "--out", tmp_path / "r", "-q", "--junit", tmp_path / "junit")
+    assert result.exit_code == 2 and "--junit" in result.output and not (tmp_path / "r").exists()
+    long = write_recipe(tmp_path, tiny_recipe(name="n" * 300), "long.yaml")
+    assert cli("validate", long).exit_code == 2
+
+
+# -- exit codes that keep their promise, and small things ---------------------------------------------------------
+
+
+def test_recipe_values_that_would_crash_later_are_exit_2_now(tmp_path):
+    for bad in (tiny_recipe(seed=2**64), tiny_recipe(name="tiny\n")):
+        result = cli("validate", write_recipe(tmp_path, bad))
+        assert result.exit_code == 2 and "Traceback" not in result.output
+    (tmp_path / "full.yaml").write_text(Path(write_recipe(tmp_path, tiny_recipe(), "base.yaml")).read_text()
+                                        + "extends: /etc/passwd\n")
+    result = cli("validate", tmp_path / "full.yaml")
+    assert result.exit_code == 2 and "is not a recipe" in result.output
+
+
+def test_terminal_escapes_in_a_recipe_key_are_shown_escaped(tmp_path):
+    path = tmp_path / "esc.yaml"
+    path.write_text(Path(write_recipe(tmp_path, tiny_recipe(), "base.yaml")).read_text()
+                    + '"\\e[2K\\rok: fine\\e[8m": 1\n')
+    result = cli("validate", path)
+    assert result.exit_code == 2 and "\x1b" not in result.output and "\\x1b[2K" in result.output
