@@ -21,7 +21,9 @@ class SyntheticData(DataConfig):
     """Random, learnable tensors of any shape: a smoke test for any model, no files needed."""
 
     dataset: Literal["synthetic"]
-    shape: list[PositiveInt] = Field(default_factory=lambda: [3, 32, 32], min_length=1, max_length=4)
+    shape: list[PositiveInt] | None = Field(
+        None, min_length=1, max_length=4, description="one sample's shape; default: model.input_shape, else [3, 32, 32]"
+    )
     num_classes: int = Field(10, ge=2)
     samples: PositiveInt = 512
     noise: float = Field(1.0, ge=0)

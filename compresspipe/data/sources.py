@@ -22,6 +22,7 @@ from compresspipe.recipe.spec import DataConfig
 from compresspipe.registry import import_ref
 
 SPLITS = ("train", "val", "calibration")
+DEFAULT_SYNTHETIC_SHAPE = (3, 32, 32)
 
 # What a builtin loader returns: the whole set as (inputs, labels, num_classes).
 Loaded = tuple[torch.Tensor, torch.Tensor, int]
@@ -150,9 +151,10 @@ def load_digits(config: DataConfig, seed: int, input_shape: tuple[int, ...] | No
 def load_synthetic(config: SyntheticData, seed: int, input_shape: tuple[int, ...] | None = None) -> Loaded:
     """Fixed random class prototypes plus gaussian noise: learnable, so training stages can be tested.
 
-    The config's shape wins over input_shape; the executor reports a mismatch.
+    Samples take the config's shape if it gives one, else the model's input_shape (else 3x32x32); the executor
+    reports a mismatch between the two.
     """
-    shape = tuple(config.shape)
+    shape = tuple(config.shape) if config.shape else tuple(input_shape or DEFAULT_SYNTHETIC_SHAPE)
     generator = torch.Generator().manual_seed(seed)
     prototypes = torch.randn((config.num_classes, *shape), generator=generator)
     labels = torch.arange(config.samples, dtype=torch.int64) % config.num_classes

@@ -22,6 +22,7 @@ from compresspipe.recipe.yamlio import (
     parse_yaml_text,
     read_text_file,
 )
+from compresspipe.registry import closest
 
 # Keys whose relative paths are resolved against the file that wrote them, so a shared base recipe
 # can name its own checkpoint or data folder.
@@ -153,8 +154,12 @@ def load_composed(path: Path, chain: tuple[Path, ...] = ()) -> YamlDocument:
     return merged.document(str(path))
 
 
-def substitute_vars(data: Any, doc: YamlDocument) -> Any:
-    """Replace `${vars.name}` placeholders; `vars` itself is removed from the result."""
+def substitute_vars(data: Any, doc: YamlDocument, set_vars: dict[str, str] | None = None) -> Any:
+    """Replace `${vars.name}` placeholders; `vars` itself is removed from the result.
+
+    `set_vars`: variables set on the command line (name -> the --set text); one that no value uses is an
+    error, since setting it would silently change nothing.
+    """
     if not isinstance(data, dict):
         return data
     variables = data.pop("vars", None) or {}
@@ -171,6 +176,7 @@ def substitute_vars(data: Any, doc: YamlDocument) -> Any:
         if isinstance(value, str) and _ANY_VAR.search(value):
             report(("vars", name), "a variable cannot refer to other variables")
 
+    used: set[str] = set()
     budget = [MAX_EXPANDED_BYTES]  # bytes of substituted text left: `${vars.x}` used 3,000 times is bounded
 
     def spend(value: Any, loc: Loc) -> Any:
@@ -196,12 +202,20 @@ def substitute_vars(data: Any, doc: YamlDocument) -> Any:
                 known = ", ".join(sorted(variables)) or "(none)"
                 report(loc, f"undefined variable {inner[5:]!r}; defined in vars: {known}")
                 return node
+            used.add(inner[5:])
         whole = _VAR.fullmatch(node)
         if whole:
             return copy.deepcopy(spend(variables[whole.group(1)], loc))
         return _VAR.sub(lambda m: str(spend(str(variables[m.group(1)]), loc)), node)
 
     out = sub(data, ())
+    for name, raw in (set_vars or {}).items():
+        if name not in used:
+            hint = closest(name, sorted(used))
+            problems.append(Problem(f"--set {raw}", None, None, f"vars.{name}",
+                                    f"no value uses ${{vars.{name}}}, so setting it changes nothing"
+                                    + (f"; did you mean {hint!r}?" if hint else "")
+                                    + f" used variables: {', '.join(sorted(used)) or '(none)'}"))
     if problems:
         raise RecipeError(problems)
     return out

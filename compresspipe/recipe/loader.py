@@ -278,8 +278,9 @@ def resolve_recipe_data(path: str | Path, overrides: Iterable[str] = ()) -> tupl
     doc = load_composed(path)
     data = copy.deepcopy(doc.data)
     parsed = parse_overrides(list(overrides))
-    data = apply_overrides(data, parsed)
-    data = substitute_vars(data, doc)
+    data, parsed = apply_overrides(data, parsed)
+    set_vars = {str(ov.loc[1]): ov.raw for ov in parsed if len(ov.loc) == 2 and ov.loc[0] == "vars"}
+    data = substitute_vars(data, doc, set_vars)
     return data, doc, parsed
 
 

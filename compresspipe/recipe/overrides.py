@@ -7,6 +7,7 @@ from typing import Any
 
 from compresspipe.errors import Problem, RecipeError
 from compresspipe.recipe.yamlio import Loc, format_loc, parse_yaml_text
+from compresspipe.registry import closest
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,54 @@ def parse_overrides(items: list[str]) -> list[Override]:
     return out
 
 
-def apply_overrides(data: Any, overrides: list[Override]) -> Any:
-    """Set each override's value into data, creating mappings as needed; lists are indexed, not grown."""
+def stage_names(items: list[Any]) -> list[str | None]:
+    """The names a list of stages gets (its own `name`, else its type made unique: prune, prune-2, ...)."""
+    taken = {item["name"] for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)}
+    names: list[str | None] = []
+    for item in items:
+        if not isinstance(item, dict):
+            names.append(None)
+        elif isinstance(item.get("name"), str):
+            names.append(item["name"])
+        elif isinstance(item.get("type"), str):
+            name, n = item["type"], 2
+            while name in taken or name == "baseline":
+                name, n = f"{item['type']}-{n}", n + 1
+            taken.add(name)
+            names.append(name)
+        else:
+            names.append(None)
+    return names
+
+
+def apply_overrides(data: Any, overrides: list[Override]) -> tuple[Any, list[Override]]:
+    """Set each override's value into data, creating mappings as needed; lists are indexed, not grown.
+
+    A list of stages may also be addressed by stage name (`stages.prune.amount`), as `extends` matches them.
+    Returns the data and the overrides with names resolved to indexes (so errors still point at the --set).
+    """
     problems: list[Problem] = []
+    resolved: list[Override] = []
     for ov in overrides:
+        loc = list(ov.loc)
         if not isinstance(data, dict):
             data = {}
         node: Any = data
         for depth, part in enumerate(ov.loc):
             last = depth == len(ov.loc) - 1
             where = format_loc(ov.loc[: depth + 1])
+            if isinstance(node, list) and isinstance(part, str):
+                names = stage_names(node)
+                if part in names:
+                    part = names.index(part)
+                    loc[depth] = part
+                else:
+                    known = [n for n in names if n]
+                    hint = closest(part, known)
+                    problems.append(Problem(f"--set {ov.raw}", None, None, where,
+                                            f"no stage named {part!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                                            + f" stages: {', '.join(known) or '(none)'} (or use an index from 0)"))
+                    break
             if isinstance(node, list):
                 if not isinstance(part, int) or not 0 <= part < len(node):
                     problems.append(
@@ -69,8 +108,9 @@ def apply_overrides(data: Any, overrides: list[Override]) -> Any:
                 break
             if last:
                 node[part] = ov.value
+                resolved.append(Override(ov.raw, tuple(loc), ov.value))
             else:
                 node = node[part]
     if problems:
         raise RecipeError(problems)
-    return data
+    return data, resolved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -34,6 +35,7 @@ def _path_checker(kind: Literal["file", "dir", "any"]):
         path = Path(value).expanduser()
         if not path.is_absolute() and base is not None:
             path = Path(base) / path
+        path = Path(os.path.normpath(path.absolute()))  # one spelling: no `ci/base/../../x` in the lock file
         if (info.context or {}).get("check_paths", True):
             if not path.exists():
                 raise ValueError(f"{kind if kind != 'any' else 'path'} not found: {path}")

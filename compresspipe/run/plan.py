@@ -15,6 +15,9 @@ from compresspipe.stages.context import StageContext
 from compresspipe.ui import UI
 
 
+MIN_CALIBRATION_SAMPLES = 128  # fewer samples than this give noisy activation ranges
+
+
 def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
     """Recipes that run but cannot deliver what they look like."""
     out: list[dict[str, str]] = []
@@ -38,11 +41,12 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
                         "the teacher is a random network")
         calib = getattr(s, "calibration", None)
         batches = getattr(calib, "batches", None)
-        if s.type == "quantize" and getattr(s, "method", None) == "static":
-            n = -(-recipe.data.calibration_samples // recipe.data.eval_batch_size)  # batches available
-            if batches == 1 or n <= 1:
-                warn(s, "static quantization calibrates on a single batch: scales will be noisy; "
-                        "raise calibration.batches or data.calibration_samples")
+        if s.type == "quantize" and getattr(s, "method", None) in ("static", "qat") and batches:
+            samples = min(recipe.data.calibration_samples, batches * recipe.data.eval_batch_size)
+            if samples < MIN_CALIBRATION_SAMPLES:
+                warn(s, f"static quantization calibrates on {samples} samples: activation ranges will be noisy; "
+                        f"use at least {MIN_CALIBRATION_SAMPLES} (calibration.batches x data.eval_batch_size, "
+                        "up to data.calibration_samples)")
     return out
 
 

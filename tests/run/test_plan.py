@@ -55,3 +55,15 @@ def test_a_weight_changing_stage_after_quantize_is_exit_2_at_validation(tmp_path
     stages[1]["backend"] = "onnxruntime"  # the PyTorch model stays float: factorizing it is fine
     stages[1]["method"] = "static"
     assert runner.invoke(app, ["validate", str(write_recipe(tmp_path, tiny_recipe(stages=stages)))]).exit_code == 0
+
+
+def test_default_settings_raise_no_warning_and_a_tiny_calibration_does(tmp_path):
+    from compresspipe.recipe import load_recipe
+
+    quantize = {"type": "quantize", "method": "static"}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}, quantize])))
+    assert recipe_warnings(recipe) == []  # the defaults must not set off the tool's own warnings
+    tiny = tiny_recipe(stages=[quantize | {"calibration": {"batches": 1}}])
+    tiny["data"]["eval_batch_size"] = 32
+    messages = [w["message"] for w in recipe_warnings(load_recipe(write_recipe(tmp_path, tiny)))]
+    assert any("calibrates on 32 samples" in m for m in messages)
