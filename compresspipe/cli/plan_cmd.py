@@ -31,10 +31,11 @@ def plan(
     if json_out:
         print(json.dumps(result, indent=2, default=str))
         return
-    console = Console(highlight=False, width=160)
+    console = Console(highlight=False)  # the terminal's width; long cells wrap instead of being cut
     table = Table(title=f"plan: {escape(parsed.name)} (no weights change, nothing written)", title_justify="left")
     for col in ("#", "stage", "type", "params", "MACs", "layers", "notes"):
-        table.add_column(col)
+        wraps = col in ("layers", "notes", "stage")
+        table.add_column(col, no_wrap=not wraps, overflow="fold", ratio=2 if wraps else None)
     for row in result["stages"]:
         layers = ", ".join(f"{k}: {v}" for k, v in list(row["layers"].items())[:6])
         if len(row["layers"]) > 6:

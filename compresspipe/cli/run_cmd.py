@@ -24,6 +24,7 @@ def run(
     junit: Path | None = typer.Option(None, "--junit", help="Write the quality gates as a JUnit XML file."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout; the table and logs go to stderr."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train data-parallel in N processes (torch.distributed)."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column of the table, whatever the terminal width."),
 ) -> None:
     """Run a recipe: baseline, every stage in order, a reloadable model after each, and a report."""
     from compresspipe.recipe import load_recipe
@@ -36,7 +37,7 @@ def run(
             argv = [str(recipe), *(["--out", str(out)] if out else []), *(["--resume"] if resume else []),
                     *(["--force"] if force else []), *[a for s in set_ for a in ("--set", s)],
                     *(["-q"] if quiet else []), *(["--junit", str(junit)] if junit else []),
-                    *(["--json"] if json_out else [])]
+                    *(["--json"] if json_out else []), *(["--wide"] if wide else [])]
             raise typer.Exit(launch(nproc, argv))
     from compresspipe.run.executor import RunOptions, run_recipe
     from compresspipe.ui import UI
@@ -49,20 +50,23 @@ def run(
     except BaseException as exc:
         report = getattr(exc, "report", None) or _written_report(folder)
         if report and report.get("stages"):
-            _print_table(ui, report, folder)
+            _print_table(ui, report, folder, wide)
         if json_out and report is not None:
             print(_json(report))
         raise
     if result.report:  # other ranks of a data-parallel run have none
-        _print_table(ui, result.report, result.folder)
+        _print_table(ui, result.report, result.folder, wide)
         if json_out:
             print(_json(result.report))
 
 
-def _print_table(ui: Any, report: dict, folder: Path) -> None:
+def _print_table(ui: Any, report: dict, folder: Path, wide: bool = False) -> None:
     from compresspipe.report.build import render_table
 
-    ui.console.print(render_table(report))
+    table, hidden = render_table(report, 10_000 if wide else ui.console.width)
+    ui.console.print(table)
+    if hidden:
+        ui.console.print(f"left out at {ui.console.width} columns: {', '.join(hidden)} (--wide, or report.md)")
     ui.console.print(f"run folder: {folder}")
 
 

@@ -6,15 +6,21 @@ from compresspipe.cli import app, handle_errors
 
 
 def _default(field: object) -> str:
+    """The default as YAML the user could paste into a recipe (nested settings as a flow mapping)."""
+    import yaml
+    from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
     default = getattr(field, "default", PydanticUndefined)
     factory = getattr(field, "default_factory", None)
     if factory is not None:
-        return repr(factory())
-    if default is PydanticUndefined:
+        default = factory()
+    elif default is PydanticUndefined:
         return "(required)"
-    return repr(default)
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    text = yaml.safe_dump(default, default_flow_style=True, sort_keys=False, width=10_000).strip()
+    return text.removesuffix("\n...").strip()
 
 
 @app.command()
@@ -37,9 +43,9 @@ def stages() -> None:
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         src = "" if entry.source == "builtin" else f"  [dim]{escape(entry.source)}[/]"
         table = Table(title=f"{entry.name}: {escape(doc)}{src}", title_justify="left", show_edge=False)
-        table.add_column("field")
-        table.add_column("default")
-        table.add_column("description")
+        table.add_column("field", no_wrap=True)
+        table.add_column("default", overflow="fold")
+        table.add_column("description", overflow="fold")
         for name, field in cls.model_fields.items():
             if name == "type":
                 continue

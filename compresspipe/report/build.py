@@ -113,8 +113,8 @@ def deploy_summary(recipe: Any) -> dict[str, Any]:
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):  # binary units, labelled as such everywhere we print sizes
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
@@ -251,11 +251,58 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def render_table(report: dict[str, Any]) -> Table:
+# Terminal columns in the order they are dropped last: a narrow terminal shows the first ones that fit.
+PRIORITY = ("#", "stage", "accuracy", "size", "latency", "file", "MACs", "params", "kind", "sparsity")
+
+
+def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[str]]:
+    """The stage table for a terminal `width` columns wide: ratios stacked under their values, and columns
+    that do not fit left out (least useful first, as PRIORITY says). Returns the table and what was left out."""
     header, rows = table_rows(report)
-    table = Table(title=f"compresspipe: {report['recipe']} ({report['status']})", title_justify="left")
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i in (1, 2) else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*r)
-    return table
+    kinds = {h: h for h in header}
+    for h in header:
+        if h.startswith("latency"):
+            kinds[h] = "latency"
+    stacked = [[_stack(cell) for cell in row] for row in rows]
+    merged_header = [h for h in header if h != "Δacc"]
+    cells: dict[str, list[str]] = {h: [] for h in merged_header}
+    for row in stacked:
+        values = dict(zip(header, row, strict=True))
+        for h in merged_header:
+            text = values[h]
+            if h == "accuracy" and values["Δacc"]:
+                text = f"{text}\n{values['Δacc']}"
+            cells[h].append(text)
+    need = {h: max(len(h), *(len(line) for c in cells[h] for line in c.split("\n"))) + 3 for h in merged_header}
+    shown, used = [], 1
+    for kind in PRIORITY:
+        for h in merged_header:
+            if kinds[h] == kind and h not in shown and used + need[h] <= width:
+                shown.append(h)
+                used += need[h]
+    shown = [h for h in merged_header if h in shown]  # back in reading order
+    hidden = [h for h in merged_header if h not in shown]
+    table = Table(title=f"compresspipe: {report['recipe']} ({status_line(report)})", title_justify="left",
+                  show_lines=True)
+    for h in shown:
+        table.add_column(h, justify="left" if h in ("stage", "kind", "file") else "right", no_wrap=h != "stage",
+                         overflow="fold")
+    for i in range(len(rows)):
+        table.add_row(*[cells[h][i] for h in shown])
+    return table, hidden
+
+
+def _stack(cell: str) -> str:
+    """`593.4 KiB (17.69x)` -> two lines, value over ratio, so a column needs half the width."""
+    if cell.endswith(")") and " (" in cell:
+        value, _, ratio = cell.rpartition(" (")
+        return f"{value}\n({ratio}"
+    return cell
+
+
+def status_line(report: dict[str, Any]) -> str:
+    """`complete`, or `complete, gates FAILED` when a gate missed: the header never says only complete then."""
+    status = str(report.get("status"))
+    if report.get("gates_passed") is False:
+        return f"{status}, gates FAILED"
+    return status

@@ -297,7 +297,7 @@ def render_html(report: dict[str, Any]) -> str:
 def _size_unit(sizes: list[int]) -> tuple[str, int]:
     """One unit for a whole axis, so ticks are round numbers (0, 50, 100 KB) rather than 97.7 KB."""
     top = max(sizes, default=0)
-    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if top >= 2 * scale:
             return unit, scale
     return "bytes", 1

@@ -161,11 +161,11 @@ def test_a_deflate_bomb_checkpoint_is_refused(tmp_path):
     import zipfile
 
     bomb = tmp_path / "w.pt"
-    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        with archive.open("archive/data/0", "w") as fh:
-            chunk = b"\0" * (1 << 20)
-            for _ in range(256):  # 256 MB of zeros in a few hundred KB
-                fh.write(chunk)
+    chunk = b"\0" * (1 << 20)
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("archive/data/0", "w") as fh:
+        for _ in range(256):  # 256 MB of zeros in a few hundred KB
+            fh.write(chunk)
     recipe = write_recipe(tmp_path, tiny_recipe(model={"builtin": "digits-mlp", "checkpoint": "w.pt",
                                                        "input_shape": [1, 8, 8]}))
     done = _cli_capped("run", str(recipe), "--out", str(tmp_path / "run"), "-q")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -67,3 +68,17 @@ def test_default_settings_raise_no_warning_and_a_tiny_calibration_does(tmp_path)
     tiny["data"]["eval_batch_size"] = 32
     messages = [w["message"] for w in recipe_warnings(load_recipe(write_recipe(tmp_path, tiny)))]
     assert any("calibrates on 32 samples" in m for m in messages)
+
+
+def test_plan_fits_the_terminal_and_stages_prints_pasteable_yaml(tmp_path):
+    import yaml
+
+    quickstart = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
+    result = runner.invoke(app, ["plan", str(quickstart)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80 and "…" not in result.output
+    listing = runner.invoke(app, ["stages"], env={"COLUMNS": "200"}).output
+    assert "Int8Settings(" not in listing and "VerifySettings(" not in listing
+    line = next(x for x in listing.splitlines() if x.strip().startswith("verify "))
+    default = line.split("│")[1].strip()
+    assert yaml.safe_load(default)["batches"] == 8  # the default reads back as YAML
