@@ -14,7 +14,6 @@ from compresspipe.run.setup import prepare
 from compresspipe.stages.context import StageContext
 from compresspipe.ui import UI
 
-
 MIN_CALIBRATION_SAMPLES = 128  # fewer samples than this give noisy activation ranges
 
 
