@@ -325,3 +325,34 @@ def test_torchvision_classifier_after_prune_and_quantize_exports(tmp_path):
     rows = {r["format"]: r for r in report["stages"][-1]["details"]["tables"]["exports"]}
     assert all(r["check"] == "pass" for r in rows.values()), rows
     assert rows["safetensors"]["max_abs_diff"] == 0
+
+
+# -- files people open: no warnings when they load ----------------------------------------------------------
+
+
+def test_every_onnx_file_loads_in_onnxruntime_without_a_warning(tmp_path):
+    """ONNX Runtime warns on every load about, e.g., initializers no node reads; our files give it nothing to say."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    float_state = trained_cnn()
+    save_model(float_state, tmp_path / "01-train")
+    quantized = float_state.clone()
+    quantized.put(QuantizeRecord(method="static", float_stage="train", onnx_int8=OnnxInt8Handoff(
+        method="static", per_channel=True, observer="minmax", calibration_batches=2, batch_size=32)))
+    ctx = _ctx(tmp_path, digits_cnn_recipe(), {"train": StageRecord(1, "train", "train", tmp_path / "01-train", {})})
+    ExportStage(_export_cfg(formats=["onnx", "onnx_int8"], verify={"batches": 1, "min_agreement": 0.8})).run(
+        quantized, ctx)
+    for path in sorted((ctx.stage_dir / "export").glob("*.onnx")):
+        graph = onnx.load(str(path)).graph
+        read = {name for node in graph.node for name in node.input}
+        assert [i.name for i in graph.initializer if i.name not in read] == [], path.name
+        code = ("import onnxruntime as ort, sys; ort.set_default_logger_severity(1); "
+                "o = ort.SessionOptions(); o.log_severity_level = 1; "
+                "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])")
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-1000:]
+        warnings = [line for line in done.stderr.splitlines() if "[W:" in line or " W:" in line]
+        assert warnings == [], (path.name, warnings)
