@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from compresspipe import __version__
-from compresspipe.report.build import _cell, _fmt_bytes, measured_on, table_rows
+from compresspipe.report.build import _cell, _fmt_bytes, measured_on, status_line, table_rows
 
 _CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg: #ffffff; --band: #f6f8fa;
@@ -157,26 +157,48 @@ def _scatter(
 
 
 def _labels(points: list[tuple[int, float, float]], names: list[str], best: list[bool]) -> list[str]:
-    """Stage names above-right of their points (left near the right edge), nudged up or down so they
-    overlap neither each other nor another point; boxes are (left, top, right, bottom)."""
+    """Stage names beside their points, placed where they overlap neither each other nor a point.
+
+    Points drawn on the same spot (a stage that changed nothing measurable) share one label ("quantize, export").
+    Each label tries right of its point, then left, each at growing offsets up and down; boxes are
+    (left, top, right, bottom) in SVG units, with text about 6.6 units per character at 11px.
+    """
     taken = [(px - 7, py - 7, px + 7, py + 7) for _, px, py in points]
+    spots: dict[tuple[int, int], list[int]] = {}
+    where: dict[tuple[int, int], tuple[float, float]] = {}
+    for i, px, py in points:
+        key = (round(px), round(py))
+        spots.setdefault(key, []).append(i)
+        where[key] = (px, py)
     out = []
-    for i, px, py in sorted(points, key=lambda t: (t[2], t[1])):
-        width = 6.2 * len(names[i]) + 2
-        right = px + 8 + width <= _W - 2
-        left = px + 8 if right else px - 8 - width
-        base = py - 7
-        for shift in (0, -12, 12, -24, 24, -36, 36, 0):  # the last one: give up, keep the first place
-            y = base + shift
-            box = (left, y - 10, left + width, y + 2)
-            free = all(box[0] >= t[2] or t[0] >= box[2] or box[1] >= t[3] or t[1] >= box[3] for t in taken)
-            if free and 10 <= y <= _H - _BOTTOM + 4:
+    for key in sorted(spots, key=lambda k: (k[1], k[0])):
+        members = spots[key]
+        px, py = where[key]
+        text = ", ".join(names[i] for i in members)
+        width = 6.6 * len(text) + 4
+        placed = None
+        for shift in (0, -13, 13, -26, 26, -39, 39, -52, 52, -65, 65):
+            for right in (True, False):
+                left = px + 9 if right else px - 9 - width
+                y = py + 4 + shift
+                box = (left, y - 11, left + width, y + 3)
+                inside = left >= 2 and left + width <= _W - 2 and 12 <= y <= _H - _BOTTOM + 4
+                if inside and all(box[0] >= t[2] or t[0] >= box[2] or box[1] >= t[3] or t[1] >= box[3]
+                                  for t in taken):
+                    placed = (left, y, right, box)
+                    break
+            if placed:
                 break
+        if placed is None:  # nowhere free: keep it readable beside its point, even if it touches another
+            right = px + 9 + width <= _W - 2
+            left = px + 9 if right else px - 9 - width
+            placed = (left, py + 4, right, (left, py - 7, left + width, py + 7))
+        left, y, right, box = placed
         taken.append(box)
-        cls = "label pareto" if best[i] else "label"
+        cls = "label pareto" if any(best[i] for i in members) else "label"
         x = left if right else left + width
         out.append(f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{"start" if right else "end"}">'
-                   f"{escape(names[i])}</text>")
+                   f"{escape(text)}</text>")
     return out
 
 
@@ -223,7 +245,7 @@ def render_html(report: dict[str, Any]) -> str:
                                         "pareto" if on_size_front[i] else "") if c)
                    for i, s in enumerate(stages)]
     title = f"compresspipe report: {report.get('recipe', '')}"
-    meta = f"Status: {report.get('status', '?')}. Reference: {report.get('reference', '?')} (ratios in parentheses: " \
+    meta = f"Status: {status_line(report)}. Reference: {report.get('reference', '?')} (ratios in parentheses: " \
            f"reference / stage, > 1 is smaller or faster). {measured_on(report)}"
     if report.get("device"):
         meta += f" Device: {report['device']}."

@@ -123,16 +123,48 @@ def test_without_latency_or_stages_it_still_renders():
     assert "no data" in page
 
 
-@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="chromium is not installed (apt-get install chromium)")
-def test_headless_chromium_screenshot(tmp_path):
+def test_point_labels_do_not_overlap_and_coincident_points_share_one():
+    report = make_report()
+    twin = dict(report["stages"][3], name="export", index=5)  # the export of quantize: same file, same point
+    report["stages"].append(twin)
+    page = render_html(report)
+    svg = ET.fromstring(page.split("\n", 1)[1])
+    for plot in svg.iter(f"{SVG}svg"):
+        boxes = []
+        for label in plot.iter(f"{SVG}text"):
+            if "label" not in (label.get("class") or ""):
+                continue
+            width = 6.6 * len(label.text) + 4
+            x, y = float(label.get("x")), float(label.get("y"))
+            left = x if label.get("text-anchor") == "start" else x - width
+            boxes.append((left, y - 11, left + width, y + 3, label.text))
+        assert any(b[4] == "quantize, export" for b in boxes)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                apart = a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+                assert apart, (a, b)
+
+
+def test_the_header_says_when_gates_failed():
+    report = make_report()
+    report["gates"][0]["passed"] = False
+    report["gates_passed"] = False
+    assert "Status: complete, gates FAILED" in render_html(report)
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="chromium is not installed (the test set-up installs it: "
+                                                       "make system-deps)")
+@pytest.mark.parametrize("width", [1400, 800])
+def test_headless_chromium_screenshot(tmp_path, width):
     page = tmp_path / "report.html"
     page.write_text(render_html(make_report()), encoding="utf-8")
-    png = tmp_path / "shot.png"
+    png = tmp_path / f"shot-{width}.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1400", f"--screenshot={png}",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},1400", f"--screenshot={png}",
            page.as_uri()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-2000:]
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert int.from_bytes(data[16:20], "big") == width  # the page was laid out at that width
