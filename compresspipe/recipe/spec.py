@@ -256,6 +256,13 @@ class Gates(Limits):
     """Run-level gates: the final stage (or `stage`) against the reference. A miss exits 1 after all is written."""
 
     stage: str | None = Field(None, description="stage the gates judge; default: the last stage")
+    min_reference_accuracy: float | None = Field(
+        None, ge=0, le=1, description="the reference itself must reach this accuracy: ratios against a model at "
+                                      "chance say nothing (the report warns below 1.5x chance either way)"
+    )
+
+    def checks(self) -> list[str]:
+        return [c for c in super().checks() if c != "min_reference_accuracy"]
 
 
 class StageConfig(StrictModel):

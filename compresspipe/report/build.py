@@ -230,6 +230,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {g['scope']} | {g['gate']} | {_cell(g['value'])} | {_cell(g['limit'])} | "
                   f"{'pass' if g['passed'] else '**FAIL**'}{' (within noise)' if g.get('within_noise') else ''} |"
                   for g in gates]
+    warnings = report.get("warnings") or []
+    if warnings:
+        lines[3:3] = ["", *[f"> **Warning:** {w}" for w in warnings]]
     notes = [(s["name"], n) for s in report["stages"] for n in (s.get("notes") or [])]
     if notes:
         lines += ["", "## Notes", ""]

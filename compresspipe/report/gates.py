@@ -85,6 +85,14 @@ def evaluate_gates(recipe: Recipe, report: dict[str, Any], remeasured: bool = Fa
         target = recipe.gates.stage or str(recipe.stages[-1].name)
         if target in rows:
             results += judge(recipe.gates, rows[target], default_batch, "gates", remeasured)
+        limit = recipe.gates.min_reference_accuracy
+        ref = rows.get(str(report.get("reference")))
+        if limit is not None and ref is not None:
+            value = ref.get("accuracy")
+            results.append({"scope": "gates", "stage": ref["name"], "gate": "min_reference_accuracy",
+                            "description": "accuracy of the reference every ratio compares with",
+                            "format": ref.get("format"), "value": value, "limit": limit,
+                            "passed": value is not None and value >= limit - 1e-12})
     return results
 
 

@@ -262,6 +262,7 @@ def render_html(report: dict[str, Any]) -> str:
         "<body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{escape(meta)}</p>',
+        *[f'<p class="fail">Warning: {escape(str(w))}</p>' for w in report.get("warnings") or []],
         '<h2 id="stages">Stages</h2>',
         _html_table(header, rows, {1, 2}, row_classes, "stages"),
         '<p class="meta">\u2605 Pareto-optimal in accuracy vs size. Bold row: the reference.</p>',

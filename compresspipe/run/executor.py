@@ -52,6 +52,9 @@ class RunResult:
     report: dict[str, Any]
 
 
+CHANCE_FACTOR = 1.5  # a reference below 1.5x chance accuracy has not learned
+
+
 class Executor:
     def __init__(self, recipe: Recipe, recipe_path: Path | None, options: RunOptions, ui: UI):
         self.recipe, self.recipe_path, self.options, self.ui = recipe, recipe_path, options, ui
@@ -219,19 +222,37 @@ class Executor:
 
     def _extra(self, setup: RunSetup) -> dict[str, Any]:
         return {"device": str(setup.device), "run_folder": str(self.folder.path), "world_size": self.dist.world,
-                "deploy": deploy_summary(self.recipe)}
+                "deploy": deploy_summary(self.recipe), "num_classes": setup.data.num_classes,
+                "warnings": self._warnings(setup)}
+
+    def _warnings(self, setup: RunSetup) -> list[str]:
+        """What makes the whole report doubtful, said loudly in the terminal and the report."""
+        out = []
+        ref = next((r for r in self.rows if r.get("name") == self.reference), None)
+        classes = setup.data.num_classes
+        if ref is not None and classes and isinstance(ref.get("accuracy"), float):
+            chance = 1 / classes
+            if ref["accuracy"] < CHANCE_FACTOR * chance:
+                out.append(f"the reference '{self.reference}' is at {100 * ref['accuracy']:.1f}% accuracy, near chance "
+                           f"({100 * chance:.1f}% for {classes} classes): every ratio compares with a model that has "
+                           "not learned; train it longer (or give a checkpoint), and require it with "
+                           "gates.min_reference_accuracy")
+        return out
 
     def _finish(self, setup: RunSetup, lock: dict[str, Any]) -> RunResult:
         timer = DeployTimer(self.recipe, self.folder.path, self.rows, self.reference)
         with self.ui.progress(f"timing every file in {self.recipe.deploy_runtime()}, interleaved", None):
             timer.measure()
-        report = build_report(self.recipe.name, self.rows, self.reference, "complete", self._extra(setup))
+        extra = self._extra(setup)
+        for warning in extra["warnings"]:
+            self.ui.log(f"[bold yellow]warning:[/] {warning}")
+        report = build_report(self.recipe.name, self.rows, self.reference, "complete", extra)
         gates = evaluate_gates(self.recipe, report)
         noisy = [g for g in gates if g.get("within_noise")]
         if noisy:  # a speed limit inside the noise band: time those files again, longer, then judge
             with self.ui.progress("re-timing the files whose speed gate is within noise", None):
                 timer.remeasure([(g["stage"], g.get("format"), g["batch"]) for g in noisy])
-            report = build_report(self.recipe.name, self.rows, self.reference, "complete", self._extra(setup))
+            report = build_report(self.recipe.name, self.rows, self.reference, "complete", extra)
             gates = evaluate_gates(self.recipe, report, remeasured=True)
         report["gates"] = gates
         report["gates_passed"] = all(g["passed"] for g in gates)

@@ -14,7 +14,7 @@ from compresspipe.data.sources import DataSplits
 from compresspipe.errors import StageConfigError
 from compresspipe.recipe.spec import Recipe
 from compresspipe.recipe.training import TrainSettings
-from compresspipe.training.loop import FitResult, LossFn, fit
+from compresspipe.training.loop import BN_RECALIBRATION_BATCHES, FitResult, LossFn, fit, recalibrate_batchnorm
 from compresspipe.ui import UI
 
 CHECKPOINTS = ".checkpoints"
@@ -77,6 +77,12 @@ class StageContext:
             if count is not None and i >= count:
                 break
             yield batch
+
+    def recalibrate_batchnorm(self, module: torch.nn.Module) -> int:
+        """Re-estimate every BatchNorm's running statistics on training batches (after pruning or factorizing,
+        every layer's input moved); returns how many layers were re-estimated."""
+        batches = self.batches("train", BN_RECALIBRATION_BATCHES, self.recipe.data.batch_size)
+        return recalibrate_batchnorm(module, batches, self.device, only_slow=False)
 
     def fit(
         self,

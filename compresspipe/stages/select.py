@@ -25,14 +25,19 @@ def select_layers(
     exclude: Iterable[str],
     candidates: tuple[type, ...],
     stage: str,
+    allow_empty: bool = False,
 ) -> dict[str, nn.Module]:
     """Modules of the candidate types matched by include and not by exclude, in model order.
 
-    A selector that matches no module at all is an error naming it; so is a selection that ends empty.
+    A name selector that matches no module at all is an error naming it (a typo, most likely); a `type:`
+    selector may match nothing, since a recipe shared across architectures names kinds of layers some models
+    lack. A selection that ends empty is an error unless `allow_empty` (the stage then leaves the model as is).
     """
     include, exclude = list(include), list(exclude)
     named: list[tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules() if n]
     for pattern in include + exclude:
+        if pattern.startswith("type:"):
+            continue
         if not any(matches(n, m, pattern) for n, m in named):
             layer_names = [n for n, m in named if isinstance(m, candidates)]
             shown = ", ".join(layer_names[:12]) + (" ..." if len(layer_names) > 12 else "")
@@ -43,7 +48,7 @@ def select_layers(
         and any(matches(n, m, p) for p in include)
         and not any(matches(n, m, p) for p in exclude)
     }
-    if not chosen:
+    if not chosen and not allow_empty:
         kinds = ", ".join(c.__name__ for c in candidates)
         raise StageConfigError(stage, f"include {include} / exclude {exclude} leave no {kinds} layer to work on")
     return chosen

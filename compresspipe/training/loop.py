@@ -122,6 +122,45 @@ def _train_loader(data: DataSplits, bs: int, seed: int, epoch: int, d: Dist) -> 
     return DataLoader(data.train, batch_size=bs, sampler=sampler, num_workers=0)
 
 
+SLOW_BN_MOMENTUM = 0.1  # below this a BatchNorm's running statistics trail its weights for many steps
+BN_RECALIBRATION_BATCHES = 32
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device,
+                          batches: int = BN_RECALIBRATION_BATCHES, only_slow: bool = True) -> int:
+    """Re-estimate BatchNorm running statistics as exact averages over training batches.
+
+    torchvision's MobileNetV3 and EfficientNet use momentum 0.01: after a short training their running
+    statistics still describe the initial weights, so the model evaluates near chance although it learned
+    (`only_slow`: just those layers). After pruning or factorizing, every layer's input distribution moved, so
+    every BatchNorm is re-estimated (`only_slow=False`). Momenta are restored; returns how many were re-estimated.
+    """
+    slow: list[nn.modules.batchnorm._BatchNorm] = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        and (not only_slow or (m.momentum is not None and m.momentum < SLOW_BN_MOMENTUM))]
+    if not slow:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in slow]
+    model.eval()
+    for m in slow:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    try:
+        with torch.no_grad():
+            for i, (x, _y) in enumerate(loader):
+                if i >= batches:
+                    break
+                model(x.to(device))
+    finally:
+        for bn, momentum in momenta:
+            bn.momentum = momentum
+        for module, training in modes:
+            module.training = training
+    return len(slow)
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -209,6 +248,7 @@ def fit(
         if sched is not None:
             sched.step()
         total, count = d.all_sum(total), int(d.all_sum(count))
+        recalibrate_batchnorm(model, _train_loader(data, bs, seed + 1, epoch, d), device)
         acc, val_loss = evaluate(model, val_loader, device)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_accuracy": acc})
         ui.log(f"  {label} epoch {epoch:>3}/{settings.epochs}  loss {total / max(count, 1):.4f}  "

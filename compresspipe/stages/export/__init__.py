@@ -80,6 +80,12 @@ class VerifySettings(StrictModel):
         description="smallest allowed top-1 agreement with PyTorch for int8 formats and float16/bfloat16 models, "
                     "which are judged by agreement because atol on logits is meaningless after rounding",
     )
+    max_accuracy_drop: float = Field(
+        0.05, ge=0, le=1,
+        description="a low-precision file that agrees less than min_agreement still passes when its accuracy is "
+                    "at most this far below PyTorch's, give or take one sample (models with small margins flip close "
+                    "calls under rounding); a file that loses more is broken. Gates judge smaller drops",
+    )
 
 
 class Int8Settings(StrictModel):

@@ -155,10 +155,16 @@ class ExportStage(Stage[ExportConfig]):
         quantized = any(e.get("kind") == "quantize" for e in job.state.edits)
         exact_runtime = fmt in ("safetensors", "torch_export")
         if ex.int8 or job.dtype in (torch.float16, torch.bfloat16) or (quantized and not exact_runtime):
-            if metrics["top1_agreement"] < v.min_agreement:
-                return (f"top-1 agreement with PyTorch {metrics['top1_agreement']:.4f} < "
-                        f"verify.min_agreement {v.min_agreement}")
-            return "pass"
+            if metrics["top1_agreement"] >= v.min_agreement:
+                return "pass"
+            # a model with small margins flips many close calls under rounding: then the file must be as
+            # accurate as the PyTorch model instead
+            drop = metrics["pytorch_accuracy"] - metrics["accuracy"]
+            if drop <= v.max_accuracy_drop + 1 / max(metrics["samples"], 1):  # one sample of slack
+                return "pass"
+            return (f"top-1 agreement with PyTorch {metrics['top1_agreement']:.4f} < verify.min_agreement "
+                    f"{v.min_agreement}, and its accuracy is {100 * drop:.2f} points below PyTorch's "
+                    f"(verify.max_accuracy_drop {v.max_accuracy_drop})")
         if not metrics["max_abs_diff"] <= v.atol:  # also catches NaN
             return f"max |diff| from PyTorch {metrics['max_abs_diff']:.3g} > verify.atol {v.atol:g}"
         return "pass"

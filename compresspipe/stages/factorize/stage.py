@@ -263,7 +263,7 @@ def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list
     """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer."""
 
     model = state.module
-    chosen = select_layers(model, cfg.include, cfg.exclude, _candidates(), stage)
+    chosen = select_layers(model, cfg.include, cfg.exclude, _candidates(), stage, allow_empty=True)
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
@@ -302,6 +302,9 @@ def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
     done = [r for r in rows if r["skipped"] is None]
+    if not rows:
+        return ["no layer matches include/exclude in this model (its type: selectors name layers it lacks): "
+                "the model is unchanged"]
     if not done:
         return [f"no layer factorized: all {len(rows)} selected layer(s) were skipped (see the per-layer table)"]
     before = sum(r["params before"] for r in done)
@@ -335,6 +338,8 @@ class FactorizeStage(Stage[FactorizeConfig]):
         cfg = self.config
         rows = factorize_model(state, cfg, ctx.name)
         notes = _summary(rows)
+        if ctx.recalibrate_batchnorm(state.module):
+            notes.append("BatchNorm statistics re-estimated on training batches after factorizing")
         history: dict[str, Any] | None = None
         factorized = any(r["skipped"] is None for r in rows)
         if cfg.finetune is not None and cfg.finetune.epochs > 0:

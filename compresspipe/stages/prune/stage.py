@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,25 @@ def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
     return loss
 
 
+def _border_layers(scope: nn.Module, example: Any) -> list[nn.Module]:
+    """Layers of a submodule whose output channels cannot change on their own: they reach its outputs, or their
+    pruning would also cut the channels of its inputs (a depthwise conv reading the input directly)."""
+    graph = tp.DependencyGraph().build_dependency(scope, example_inputs=example)
+    first = {node.module for node in graph.module2node.values() if not node.inputs}
+    border: list[nn.Module] = []
+    for group in graph.get_all_groups(root_module_types=_candidates()):
+        touches = _feeds_output(group) or any(dep.target.module in first and graph.is_in_channel_pruning_fn(dep.handler)
+                                              for dep, _ in group)
+        if touches:
+            border += [cast(nn.Module, dep.target.module) for dep, _ in group
+                       if isinstance(dep.target.module, _candidates()) and graph.is_out_channel_pruning_fn(dep.handler)]
+    return border
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
 def _feeds_output(group: Any) -> bool:
     return any(isinstance(dep.target.module, tp.ops._OutputOp) for dep, _ in group)
 
@@ -169,8 +189,8 @@ class PruneStage(Stage[PruneConfig]):
         if cfg.method == "magnitude":
             return StagePlan(layers=dict(sel.amounts), notes=[MASK_ONLY_NOTE])
         new = state.clone()
-        self._structured(new, ctx, sel, finetune=False)
         notes = [f"shapes after {cfg.steps} pruning step(s); fine-tuning is skipped in the plan"]
+        self._structured(new, ctx, sel, finetune=False, notes=notes)
         return StagePlan(state=new, layers=dict(sel.amounts), notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
@@ -185,11 +205,12 @@ class PruneStage(Stage[PruneConfig]):
             notes = [MASK_ONLY_NOTE, f"{100 * zeroed / max(total, 1):.1f}% of the selected layers' weights are zero"]
         else:
             params_before = sum(p.numel() for p in state.module.parameters())
-            rows, history = self._structured(state, ctx, sel, finetune=True)
+            found: list[str] = []
+            rows, history = self._structured(state, ctx, sel, finetune=True, notes=found)
             params_after = sum(p.numel() for p in state.module.parameters())
             kind = "structural"
             notes = [f"structural: {len(sel.amounts)} layer(s) selected; parameters {params_before} -> {params_after}"
-                     f" ({params_before / max(params_after, 1):.2f}x fewer)"]
+                     f" ({params_before / max(params_after, 1):.2f}x fewer)", *found]
         if cfg.steps > 1 and (cfg.finetune is None or cfg.finetune.epochs == 0):
             notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
         self._write_resolved(ctx, sel, schedule, rows)
@@ -271,22 +292,59 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
-    def _pruner(self, model: nn.Module, example: torch.Tensor, sel: _Selection, stage: str) -> Any:
+    def _metapruner(self, scope: nn.Module, example: Any, sel: _Selection, prefix: str) -> Any:
+        """Torch-Pruning's pruner for `scope` (the model, or one submodule named `prefix`, whose inputs and outputs
+        must keep their channels: the rest of the model reads and writes them)."""
         cfg = self.config
-        names = {m: n for n, m in model.named_modules()}
-        ignored = [m for n, m in model.named_modules() if isinstance(m, _candidates()) and n not in sel.amounts]
-        ratio_dict = {model.get_submodule(n): a for n, a in sel.amounts.items() if n in sel.overridden}
+        ignored = [m for n, m in scope.named_modules()
+                   if isinstance(m, _candidates()) and _join(prefix, n) not in sel.amounts]
+        if prefix:
+            ignored += [m for m in _border_layers(scope, example) if m not in ignored]
+        ratio_dict = {scope.get_submodule(n[len(prefix) + 1:] if prefix else n): a for n, a in sel.amounts.items()
+                      if n in sel.overridden and (not prefix or n.startswith(prefix + "."))}
+        return tp.pruner.MetaPruner(
+            scope, example, importance=self._importance().group(), global_pruning=cfg.scope == "global",
+            pruning_ratio=cfg.amount, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
+            iterative_steps=cfg.steps, round_to=cfg.round_to,
+            iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
+        )
+
+    def _pruners(self, model: nn.Module, example: torch.Tensor, sel: _Selection, stage: str,
+                 notes: list[str]) -> list[Any]:
+        """One pruner over the whole model; where Torch-Pruning cannot trace it (a channel shuffle, say), one
+        per submodule it can trace, pruning channels inside each (what crosses its border stays), with the
+        parts it skips named in `notes`. Only when nothing at all can be pruned is it an error."""
         try:
-            pruner = tp.pruner.MetaPruner(
-                model, example, importance=self._importance().group(), global_pruning=cfg.scope == "global",
-                pruning_ratio=cfg.amount, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
-                iterative_steps=cfg.steps, round_to=cfg.round_to,
-                iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
-            )
-        except Exception as exc:  # the tracer meets an op it cannot follow (e.g. a channel shuffle)
-            raise StageConfigError(stage, f"Torch-Pruning cannot build the dependency graph of this model "
-                                          f"({type(exc).__name__}: {exc}); structured pruning is not available for "
-                                          "it, use method: magnitude") from None
+            pruner = self._metapruner(model, example, sel, "")
+        except Exception as exc:  # the tracer meets an op it cannot follow
+            why = f"{type(exc).__name__}: {str(exc)[:120]}"
+            pruners, skipped = self._submodule_pruners(model, example, sel, why)
+            if not pruners:
+                raise StageConfigError(stage, f"Torch-Pruning cannot build the dependency graph of this model, nor of "
+                                              f"any part of it ({why}); structured pruning is not available for it, "
+                                              "use method: magnitude") from None
+            notes.append(f"Torch-Pruning cannot trace the whole model ({why}): pruned inside "
+                         f"{len(pruners)} part(s) it can trace, channels crossing their borders kept"
+                         + (f"; skipped: {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}"
+                            if skipped else ""))
+            return [p for _, p in pruners]
+        stuck = self._stuck(pruner, model, sel)
+        outputs = [n for n in stuck if self._why_stuck(pruner, model, n, sel).endswith("the model's output")]
+        if outputs and self.config.protect_head:  # like the classifier head: whatever its type, keep it
+            for n in outputs:
+                sel.amounts.pop(n)
+            notes.append(f"kept {', '.join(outputs)} whole: its output channels are the model's output "
+                         "(protect_head)")
+            pruner = self._metapruner(model, example, sel, "")
+            stuck = self._stuck(pruner, model, sel)
+        if stuck:
+            raise StageConfigError(stage, "; ".join(self._why_stuck(pruner, model, n, sel) for n in stuck[:5])
+                                   + ". Exclude these layers, or select the layers they are tied to as well")
+        return [pruner]
+
+    def _stuck(self, pruner: Any, model: nn.Module, sel: _Selection) -> list[str]:
+        """Selected layers whose output channels Torch-Pruning will not remove."""
+        names = {m: n for n, m in model.named_modules()}
         prunable: set[str] = set()
         for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                               root_module_types=pruner.root_module_types):
@@ -295,11 +353,66 @@ class PruneStage(Stage[PruneConfig]):
             for dep, _ in group:
                 if pruner.DG.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names:
                     prunable.add(names[dep.target.module])
-        stuck = [n for n, a in sel.amounts.items() if a > 0 and n not in prunable]
-        if stuck:
-            raise StageConfigError(stage, "; ".join(self._why_stuck(pruner, model, n, sel) for n in stuck[:5])
-                                   + ". Exclude these layers, or select the layers they are tied to as well")
-        return pruner
+        return [n for n, a in sel.amounts.items() if a > 0 and n not in prunable]
+
+    def _prunes_cleanly(self, module: nn.Module, args: tuple, sel: _Selection, name: str) -> bool:
+        """Whether pruning this part on its own, all steps, leaves a part that still takes its inputs and gives
+        outputs of the same shapes (tried on a copy: a tracer that misses a coupling must not break the model)."""
+        inside = _Selection({k[len(name) + 1:]: v for k, v in sel.amounts.items() if k.startswith(name + ".")}, None)
+        trial = copy.deepcopy(module).eval()
+        example = args if len(args) > 1 else args[0]
+        try:
+            with torch.no_grad():
+                before = trial(*args)
+            pruner = self._metapruner(trial, example, sel, name)
+            if len(self._stuck(pruner, trial, inside)) >= len(inside.amounts):
+                return False  # nothing in it can be pruned
+            with torch.random.fork_rng(devices=[]):
+                for _ in range(self.config.steps):
+                    pruner.step()
+            with torch.no_grad():
+                after = trial(*args)
+        except Exception:  # it does not trace, or pruning broke it: its children may do better
+            return False
+        shapes = [tuple(t.shape) for t in (before if isinstance(before, tuple | list) else [before])]
+        return shapes == [tuple(t.shape) for t in (after if isinstance(after, tuple | list) else [after])]
+
+    def _submodule_pruners(self, model: nn.Module, example: torch.Tensor, sel: _Selection,
+                           why: str) -> tuple[list[tuple[str, Any]], list[str]]:
+        """Pruners for the largest submodules Torch-Pruning can trace on their own (their inputs captured from
+        one forward pass); returns them and the names of selected parts that could not be traced."""
+        inputs: dict[str, tuple] = {}
+        hooks = []
+        for name, module in model.named_modules():
+            if name and any(n == name or n.startswith(name + ".") for n in sel.amounts):
+                def keep(_m: nn.Module, args: tuple, name: str = name) -> None:
+                    inputs.setdefault(name, tuple(a.detach() for a in args if isinstance(a, torch.Tensor)))
+                hooks.append(module.register_forward_pre_hook(keep))
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        pruners: list[tuple[str, Any]] = []
+        skipped: list[str] = []
+
+        def visit(name: str, module: nn.Module) -> None:
+            if not any(n == name or n.startswith(name + ".") for n in sel.amounts):
+                return
+            args = inputs.get(name)
+            if args and not isinstance(module, _candidates()) and self._prunes_cleanly(module, args, sel, name):
+                pruners.append((name, self._metapruner(module, args if len(args) > 1 else args[0], sel, name)))
+                return
+            children = list(module.named_children())
+            if not children:
+                skipped.append(name)
+            for child, sub in children:
+                visit(_join(name, child), sub)
+
+        for child, sub in model.named_children():
+            visit(child, sub)
+        return pruners, skipped
 
     @staticmethod
     def _why_stuck(pruner: Any, model: nn.Module, name: str, sel: _Selection) -> str:
@@ -321,8 +434,8 @@ class PruneStage(Stage[PruneConfig]):
                 else "layers outside the selection")
         return f"cannot prune {name!r} structurally: its output channels are tied to {what}"
 
-    def _structured(self, state: ModelState, ctx: StageContext, sel: _Selection,
-                    finetune: bool) -> tuple[list[dict], list[dict]]:
+    def _structured(self, state: ModelState, ctx: StageContext, sel: _Selection, finetune: bool,
+                    notes: list[str] | None = None) -> tuple[list[dict], list[dict]]:
         cfg, model = self.config, state.module
         model.eval()
         before = shape_snapshot(model)
@@ -330,14 +443,15 @@ class PruneStage(Stage[PruneConfig]):
         example = torch.zeros((1, *state.input_shape), device=model_device(model))
         with torch.no_grad():
             out_shape = tuple(model(example).shape)
-        pruner = self._pruner(model, example, sel, ctx.name)
+        pruners = self._pruners(model, example, sel, ctx.name, notes if notes is not None else [])
         history: list[dict[str, Any]] = []
         for step in range(1, cfg.steps + 1):
             if cfg.method != "random" and cfg.importance == "taylor":
                 _calibration_grads(model, ctx, cfg.calibration_batches)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(ctx.seed + step)
-                pruner.step()
+                for pruner in pruners:
+                    pruner.step()
             model.zero_grad(set_to_none=True)
             model.eval()
             with torch.no_grad():
@@ -346,7 +460,8 @@ class PruneStage(Stage[PruneConfig]):
                 raise StageConfigError(ctx.name, f"pruning changed the model's output from {list(out_shape)} to "
                                                  f"{list(new_shape)}: a selected layer feeds the output directly; "
                                                  "exclude it")
-            if finetune:
+            if finetune:  # a real run (the plan only predicts shapes)
+                ctx.recalibrate_batchnorm(model)
                 record = self._finetune(model, ctx, step)
                 if record is not None:
                     history.append(record)
