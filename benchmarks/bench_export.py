@@ -136,7 +136,7 @@ def resnet18_pruned_recipe() -> dict[str, Any]:
 
 
 def run() -> list[dict[str, Any]]:
-    # the full quickstart pipeline: train, prune, distill, factorize, quantize, then export
+    # the full quickstart pipeline: train, prune, distill, quantize, then export
     rows = compare_exports(quickstart_recipe(), "quickstart pipeline", ["onnx", "onnx_int8", "executorch_int8"])
     trained = quickstart_recipe()
     trained["stages"] = [s for s in trained["stages"] if s["type"] == "train"]
