@@ -32,7 +32,7 @@ def _quickstart(report: dict[str, Any], run: Path) -> None:
     assert report["deploy"]["runtime"] == "onnxruntime"
     assert [s["format"] for s in report["stages"]][-2:] == ["onnx_int8", "onnx_int8"]  # quantize and export ship int8
     assert all(s["format"] == "onnx" for s in report["stages"][:-2])
-    assert final["vs_reference"]["size_reduction"] > 8 and final["files"] == ["06-export/export/model.int8.onnx"]
+    assert final["vs_reference"]["size_reduction"] > 8 and final["files"] == ["05-export/export/model.int8.onnx"]
 
 
 def _prune(report: dict[str, Any], run: Path) -> None:
@@ -112,9 +112,8 @@ def _fold_bn(report: dict[str, Any], run: Path) -> None:
 
 # recipe -> (--set overrides that bring it down to seconds, what its finished run must show)
 BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
-    "quickstart.yaml": (["stages.0.epochs=2", "stages.1.finetune.epochs=1", "stages.2.epochs=1",
-                         "stages.3.finetune.epochs=1", "stages.4.calibration.batches=2", "gates=null", *FAST],
-                        _quickstart),
+    "quickstart.yaml": (["stages.train.epochs=2", "stages.prune.finetune.epochs=1", "stages.distill.epochs=1",
+                         "stages.quantize.calibration.batches=2", "gates=null", *FAST], _quickstart),
     "prune.yaml": (["data.max_samples=300", "stages.0.epochs=2", "stages.1.finetune.epochs=1",
                     "gates.max_accuracy_drop=1", *SMALL, *FAST], _prune),
     "distill.yaml": (["data.max_samples=400", "stages.0.epochs=2", "stages.1.epochs=2",

@@ -474,3 +474,23 @@ def test_quantize_and_reload_emit_no_torch_quantization_deprecation(tmp_path):
            or re.search(r"torch\.ao|quantized tensor|quint8|qint8|torch\.ops\.quantized", w["message"])]
     assert not bad, "deprecated torch quantization used:\n" + "\n".join(
         f"{w['file']}:{w['line']}: {w['category']}: {w['message'][:300]}" for w in bad)
+
+
+def test_qat_weights_reach_the_int8_onnx_file(tmp_path, trained):
+    """After QAT the int8 runtimes quantize the trained weights (dequantized), not the float model before QAT."""
+    from compresspipe.stages.export.stage import float_source
+    from compresspipe.stages.quantize import QuantizeRecord
+    from compresspipe.stages.quantize.layers import dequantized
+
+    result, folder, _ = _quantize(tmp_path, trained, {"type": "quantize", "method": "qat", "calibration": {"batches": 2},
+                                                       "qat": {"epochs": 1}})
+    record = result.state.get(QuantizeRecord)
+    assert record.method == "qat" and record.float_stage is None
+    _, ctx = _context(tmp_path / "ctx", CNN, DIGITS, {"type": "export", "formats": ["onnx_int8"]})
+    source, handoff = float_source(result.state, ["onnx_int8"], ctx)
+    assert handoff is not None and source is not None
+    x = trained[1]
+    with torch.no_grad():  # the float copy computes the int layers' weights in float: close to the emulation
+        assert (source(x).argmax(1) == result.state.module(x).argmax(1)).float().mean() > 0.95
+    fc2 = result.state.module.fc2
+    assert torch.equal(dequantized(result.state.module).fc2.weight, fc2.weight())

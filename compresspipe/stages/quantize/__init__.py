@@ -139,7 +139,9 @@ class QuantizeRecord(Record):
     VERSION: ClassVar[int] = 1
 
     method: Method
-    float_stage: str | None  # None: the model itself stayed float (backend onnxruntime), quantize it as it is
+    # the stage whose float model the int8 runtimes quantize; None: the model itself (float with backend
+    # onnxruntime; after qat its int8 layers dequantized, so the trained weights reach the file)
+    float_stage: str | None
     onnx_int8: OnnxInt8Handoff | None = None
 
     @property

@@ -175,6 +175,19 @@ class _QuantLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.fbias
 
+    def _float_layer(self) -> nn.Linear | nn.Conv2d:
+        raise NotImplementedError
+
+    def to_float(self) -> nn.Module:
+        """The float layer with this layer's dequantized weights (and its fused ReLU after it): what an int8
+        runtime re-quantizes when the weights themselves were trained for int8 (QAT)."""
+        layer = self._float_layer()
+        with torch.no_grad():
+            layer.weight.copy_(self.weight())
+            if self.fbias is not None and layer.bias is not None:
+                layer.bias.copy_(self.fbias)
+        return nn.Sequential(layer, nn.ReLU()) if self.relu else layer
+
     # -- forward: the float emulation of the int8 arithmetic -----------------------------------------
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -248,6 +261,9 @@ class QuantLinear(_QuantLayer):
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
 
+    def _float_layer(self) -> nn.Linear | nn.Conv2d:
+        return nn.Linear(self.in_features, self.out_features, self.fbias is not None)
+
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "in_features": self.in_features, "out_features": self.out_features}
 
@@ -272,6 +288,10 @@ class QuantConv2d(_QuantLayer):
         q, scale = quantizer(layer.weight, bits, per_channel)
         new.set_weight(q, scale, layer.bias)
         return new
+
+    def _float_layer(self) -> nn.Linear | nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.fbias is not None)
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -379,6 +399,17 @@ class QuantizeEdit(EditModel):
 def quantize_edit(method: str, layers: dict[str, nn.Module], folded: list[tuple[str, str]]) -> dict[str, Any]:
     return {"kind": "quantize", "version": QUANTIZE.version, "method": method, "folded": [list(p) for p in folded],
             "layers": {name: layer_spec(layer) for name, layer in layers.items()}}
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """A float copy of a quantized model: every int8 layer back to a float layer with its dequantized weights."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, layer in list(out.named_modules()):
+        if isinstance(layer, _QuantLayer):
+            out = set_submodule(out, name, layer.to_float())
+    return out.eval()
 
 
 def _apply_quantize(model: nn.Module, edit: QuantizeEdit) -> nn.Module:

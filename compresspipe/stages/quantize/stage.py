@@ -284,7 +284,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                                       per_channel=cfg.per_channel, observer=cfg.observer,
                                       calibration_batches=max(cfg.calibration.batches, 1),
                                       batch_size=ctx.recipe.data.eval_batch_size, layers=layers)
-        return QuantizeRecord(method=method, float_stage=previous, onnx_int8=handoff)
+        return QuantizeRecord(method=method, float_stage=None if method == "qat" else previous, onnx_int8=handoff)
 
     @staticmethod
     def _table(types: dict[str, str], new: dict[str, nn.Module], folds: dict[str, str], skipped: dict[str, str],
