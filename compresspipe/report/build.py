@@ -90,6 +90,7 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         if row.get("details"):
             out["details"] = row["details"]
         stages.append(out)
+    _int8_slower_notes(stages)
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -99,6 +100,29 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         "stages": stages,
         **(extra or {}),
     }
+
+
+INT8_FORMATS = ("onnx_int8", "executorch_int8")
+
+
+def _int8_slower_notes(stages: list[dict[str, Any]]) -> None:
+    """An int8 file slower than the float file of the stage before it says so: int8 does not pay there."""
+    last_float: dict[str, Any] | None = None
+    for row in stages:
+        if row.get("format") not in INT8_FORMATS:
+            if row.get("format") is not None and row.get("latency_ms"):
+                last_float = row
+            continue
+        if last_float is None:
+            continue
+        slower = [bs for bs, ms in (row.get("latency_ms") or {}).items()
+                  if isinstance(ms, float) and isinstance(last_float["latency_ms"].get(bs), float)
+                  and ms > last_float["latency_ms"][bs]]
+        if slower:
+            at = ", ".join(f"batch {bs} ({row['latency_ms'][bs]:.3f} ms vs {last_float['latency_ms'][bs]:.3f} ms)"
+                           for bs in slower)
+            row["notes"].append(f"int8 does not pay here: at {at} the int8 file is slower than the float file of "
+                                f"'{last_float['name']}'")
 
 
 def deploy_summary(recipe: Any) -> dict[str, Any]:
