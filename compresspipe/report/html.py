@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from compresspipe import __version__
-from compresspipe.report.build import _cell, _fmt_bytes, measured_on, status_line, table_rows
+from compresspipe.report.build import _cell, _fmt_bytes, _stack, measured_on, status_line, table_rows
 
 _CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg: #ffffff; --band: #f6f8fa;
@@ -223,7 +223,7 @@ def _html_table(header: list[str], rows: list[list[str]], text_cols: set[int], r
             classes = ["text" if i in text_cols else "", (cell_classes or {}).get(cell, "")]
             if row_classes is not None and i == 1:
                 classes.append("name")
-            out.append(f"<td{attr(classes)}>{escape(cell)}</td>")
+            out.append(f"<td{attr(classes)}>{escape(cell).replace(chr(10), '<br/>')}</td>")
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "\n".join(out)
@@ -241,6 +241,7 @@ def render_html(report: dict[str, Any]) -> str:
 
     unit, scale = _size_unit([b for b in sizes if b is not None])
     header, rows = table_rows(report, spread=True)
+    rows = [[_stack(cell) for cell in row] for row in rows]  # ratios under their values: a narrower table
     row_classes = [" ".join(c for c in ("reference" if s["name"] == report.get("reference") else "",
                                         "pareto" if on_size_front[i] else "") if c)
                    for i, s in enumerate(stages)]
