@@ -160,9 +160,9 @@ class Executor:
             atomic_write_text(log, "".join(traceback.format_exception(exc)))
             if isinstance(exc, GateFailed):
                 raise
-            if isinstance(exc, CompressPipeError) and (exc.exit_code != 2 or current == "baseline"):
+            if isinstance(exc, CompressPipeError):  # bad input found while running (exit 2) stays bad input
                 raise
-            # exit 2 promises that nothing ran; once a stage has written its folder, a failure is exit 3
+            # anything else is a failure of the stage (exit 3); finished stages are kept for --resume
             raise StageError(current, f"{exc if isinstance(exc, CompressPipeError) else f'{type(exc).__name__}: {exc}'}"
                                       f" (traceback in {log})") from exc
         finally:
@@ -189,10 +189,10 @@ class Executor:
                  seconds: float, ctx: StageContext) -> dict[str, Any]:
         """Save the stage's model, measure it in PyTorch and as the file that ships, and finish its folder."""
         files = save_model(result.state, partial)
-        with self.ui.progress(f"evaluating {self.dirnames[index]}", None):
-            val = setup.data.loader("val", self.recipe.data.eval_batch_size)
+        val = setup.data.loader("val", self.recipe.data.eval_batch_size)
+        with self.ui.progress(f"evaluating {self.dirnames[index]}", len(val)) as bar:
             measured = measure_model(result.state.module, result.state.input_shape, files, val, setup.device,
-                                     self.recipe.evaluate.latency)
+                                     self.recipe.evaluate.latency, lambda: bar.advance(1))
         runtime = self.recipe.deploy_runtime()
         primary = primary_format(runtime, result.state, result.files)
         formats: dict[str, Any] = {}
@@ -241,8 +241,9 @@ class Executor:
 
     def _finish(self, setup: RunSetup, lock: dict[str, Any]) -> RunResult:
         timer = DeployTimer(self.recipe, self.folder.path, self.rows, self.reference)
-        with self.ui.progress(f"timing every file in {self.recipe.deploy_runtime()}, interleaved", None):
-            timer.measure()
+        with self.ui.progress(f"timing every file in {self.recipe.deploy_runtime()}, interleaved rounds",
+                              self.recipe.deploy.rounds) as bar:
+            timer.measure(bar=bar)
         extra = self._extra(setup)
         for warning in extra["warnings"]:
             self.ui.log(f"[bold yellow]warning:[/] {warning}")
@@ -250,8 +251,9 @@ class Executor:
         gates = evaluate_gates(self.recipe, report)
         noisy = [g for g in gates if g.get("within_noise")]
         if noisy:  # a speed limit inside the noise band: time those files again, longer, then judge
-            with self.ui.progress("re-timing the files whose speed gate is within noise", None):
-                timer.remeasure([(g["stage"], g.get("format"), g["batch"]) for g in noisy])
+            with self.ui.progress("re-timing the files whose speed gate is within noise",
+                                  2 * self.recipe.deploy.rounds) as bar:
+                timer.remeasure([(g["stage"], g.get("format"), g["batch"]) for g in noisy], bar)
             report = build_report(self.recipe.name, self.rows, self.reference, "complete", extra)
             gates = evaluate_gates(self.recipe, report, remeasured=True)
         report["gates"] = gates

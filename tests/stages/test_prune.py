@@ -100,16 +100,34 @@ def test_classifier_head_outputs_are_never_pruned(tmp_path):
     assert result.exit_code == 2 and "classifier head 'fc2'" in result.output
 
 
-def test_layer_feeding_the_output_directly_is_refused():
+def test_layer_feeding_the_output_directly_stays_whole():
+    """A conv whose output channels are the logits is protected by default (any layer type, not just Linear)."""
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(StageConfigError, match="cannot prune '2' structurally: its output channels are the model's"):
-        _prune(model, (1, 8, 8), amount=0.5)
-    state, rows = _prune(model, (1, 8, 8), amount=0.5, exclude=["2"])
+    state, rows = _prune(model, (1, 8, 8), amount=0.5)
     assert [r["shape after"] for r in rows] == ["4x1x3x3", "10x4x1x1"]
+    assert rows[1]["requested"] is None and rows[1]["channels removed"] == 0.0
+    assert state.module(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
-def test_model_the_graph_cannot_trace_is_a_config_error():
-    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)  # channel shuffle defeats the tracer
+def test_model_the_graph_cannot_trace_is_pruned_part_by_part():
+    """shufflenet's channel shuffle defeats the tracer: the parts it can trace are pruned, borders kept."""
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    before = sum(p.numel() for p in model.parameters())
+    config = PruneConfig(type="prune", amount=0.5)
+    state = ModelState(model, {}, (3, 16, 16), 10)
+    notes: list[str] = []
+    PruneStage(config)._structured(state, SimpleNamespace(name="prune", seed=0, stage_dir=None),
+                                   resolve_selection(config, model, "prune"), finetune=False, notes=notes)
+    after = sum(p.numel() for p in state.module.parameters())
+    assert after < 0.9 * before
+    assert state.module(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert any("cannot trace the whole model" in n and "part(s)" in n for n in notes), notes
+
+
+def test_model_nothing_of_which_can_be_traced_is_a_config_error(monkeypatch):
+    import compresspipe.stages.prune.stage as prune_stage
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    monkeypatch.setattr(prune_stage.PruneStage, "_prunes_cleanly", lambda *a, **k: False)
     with pytest.raises(StageConfigError, match="structured pruning is not available for it, use method: magnitude"):
         _prune(model, (3, 16, 16), amount=0.5)
 
