@@ -1,14 +1,63 @@
-"""Terminal output: rich tables and progress bars; quiet when not on a terminal or asked to be."""
+"""Terminal output: progress while work runs, logs, and the console the CLI prints tables to.
+
+On a terminal, every step shows a live bar (with the time left when its total is known); steps nest (the
+export of one format inside a stage, the calibration inside it) and share one display. Without a terminal
+(CI logs, files), nothing is redrawn: a plain line says what started, and while anything runs a line says
+where it is at least every 30 seconds, so a CI log never stays silent for long.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+HEARTBEAT_S = 30.0  # without a terminal: the longest silence while work runs
+
+
+class _Bar:
+    """One step of work: `advance(n, info)` moves it, `update(description, info)` relabels it."""
+
+    def __init__(self, ui: UI, task: TaskID | None, description: str, total: int | None):
+        self.ui, self.task, self.description, self.total = ui, task, description, total
+        self.done, self.info, self.started = 0, "", time.monotonic()
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.done += n
+        self.info = info or self.info
+        if self.task is not None and self.ui.live is not None:
+            self.ui.live.update(self.task, advance=n, info=info)
+
+    def update(self, description: str | None = None, info: str | None = None) -> None:
+        self.description = description or self.description
+        self.info = self.info if info is None else info
+        if self.task is not None and self.ui.live is not None:
+            self.ui.live.update(self.task, description=self.description, info=self.info)
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        text = f"{self.description}: "
+        if self.total:
+            text += f"{self.done}/{self.total}"
+            if self.done:
+                text += f", about {elapsed / self.done * (self.total - self.done):.0f}s left"
+        else:
+            text += "working"
+        return text + f" ({elapsed:.0f}s){' ' + self.info if self.info else ''}"
 
 
 class UI:
@@ -19,31 +68,54 @@ class UI:
         if not self.console.is_terminal:
             self.console.width = 200  # files and CI logs: never squeeze the table
         self.err = Console(file=sys.stderr, quiet=quiet, highlight=False)
+        self.live: Progress | None = None
+        self.bars: list[_Bar] = []
+        self._heartbeat: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def log(self, message: str) -> None:
         self.err.print(message)
 
     @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Any]:
-        """A progress bar; `advance(n, **fields)` moves it. Transient: the table stays clean."""
-        progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-            console=self.err, transient=True, disable=self.quiet or not self.err.is_terminal,
-        )
-        with progress:
-            task = progress.add_task(description, total=total, info="")
+    def progress(self, description: str, total: int | None) -> Iterator[_Bar]:
+        """A step of work for as long as the block runs; nested steps share one display."""
+        terminal = not self.quiet and self.err.is_terminal
+        task = None
+        with self._lock:
+            if terminal and self.live is None:
+                self.live = Progress(
+                    TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=self.err, transient=True,
+                )
+                self.live.start()
+            if self.live is not None:
+                task = self.live.add_task(description, total=total, info="")
+            bar = _Bar(self, task, description, total)
+            self.bars.append(bar)
+            if not terminal and not self.quiet and self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._beat, daemon=True)
+                self._heartbeat.start()
+        try:
+            yield bar
+        finally:
+            with self._lock:
+                self.bars.remove(bar)
+                if self.live is not None and task is not None:
+                    self.live.remove_task(task)
+                    if not self.bars:
+                        self.live.stop()
+                        self.live = None
 
-            class _Bar:
-                def advance(self, n: int = 1, info: str = "") -> None:
-                    progress.update(task, advance=n, info=info)
-
-                def update(self, description: str | None = None, info: str | None = None) -> None:
-                    kw: dict[str, Any] = {}
-                    if description is not None:
-                        kw["description"] = description
-                    if info is not None:
-                        kw["info"] = info
-                    progress.update(task, **kw)
-
-            yield _Bar()
+    def _beat(self) -> None:
+        """Without a terminal: while any step runs, say where the innermost one is every HEARTBEAT_S."""
+        last = time.monotonic()
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                if not self.bars:
+                    self._heartbeat = None
+                    return
+                if time.monotonic() - last >= HEARTBEAT_S:
+                    self.err.print(self.bars[-1].status())
+                    last = time.monotonic()

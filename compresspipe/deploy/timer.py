@@ -34,7 +34,7 @@ class DeployTimer:
     def targets(self) -> list[Target]:
         return [(i, fmt) for i, row in enumerate(self.rows) for fmt in row.get("formats", {})]
 
-    def measure(self, targets: list[Target] | None = None, rounds: int | None = None) -> None:
+    def measure(self, targets: list[Target] | None = None, rounds: int | None = None, bar: Any = None) -> None:
         """Time `targets` (default: every row's every format) with the reference, in the same rounds."""
         targets = list(targets or self.targets())
         if (self.ref, self._primary(self.ref)) not in targets:
@@ -60,21 +60,22 @@ class DeployTimer:
                             continue
                         calls[key] = call
                     key_of[(i, fmt, bs)] = key
-            samples = interleaved(calls, rounds or self.recipe.deploy.rounds, spec.warmup, spec.iters)
+            samples = interleaved(calls, rounds or self.recipe.deploy.rounds, spec.warmup, spec.iters,
+                                  None if bar is None else lambda: bar.advance(1))
         finally:
             torch.set_num_threads(previous)
         for target, key in key_of.items():
             self.samples[target] = samples[key]
         self._summarise(targets)
 
-    def remeasure(self, wanted: list[tuple[str, str | None, str]]) -> None:
+    def remeasure(self, wanted: list[tuple[str, str | None, str]], bar: Any = None) -> None:
         """Time again, with twice the rounds, the (stage name, format or None: the shipped one, batch) given."""
         by_name = {r["name"]: i for i, r in enumerate(self.rows)}
         targets = []
         for name, fmt, _batch in wanted:
             i = by_name[name]
             targets.append((i, fmt or self._primary(i)))
-        self.measure(list(dict.fromkeys(targets)), rounds=2 * self.recipe.deploy.rounds)
+        self.measure(list(dict.fromkeys(targets)), rounds=2 * self.recipe.deploy.rounds, bar=bar)
 
     def _summarise(self, targets: list[Target]) -> None:
         ref_fmt = self._primary(self.ref)

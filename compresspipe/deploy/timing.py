@@ -73,7 +73,7 @@ def set_threads(threads: int, executorch: bool = False) -> int:
 
 
 def interleaved(calls: dict[Hashable, Callable[[], Any]], rounds: int, warmup: int,
-                max_iters: int) -> dict[Hashable, list[float]]:
+                max_iters: int, on_round: Callable[[], object] | None = None) -> dict[Hashable, list[float]]:
     """Per-round median milliseconds of each call; the calls take turns within every round."""
     iters: dict[Hashable, int] = {}
     for key, call in calls.items():
@@ -94,6 +94,8 @@ def interleaved(calls: dict[Hashable, Callable[[], Any]], rounds: int, warmup: i
                 call()
                 times.append(time.perf_counter() - t0)
             samples[key].append(statistics.median(times) * 1000.0)
+        if on_round is not None:
+            on_round()
     return samples
 
 

@@ -15,9 +15,9 @@ from compresspipe.recipe.spec import LatencySpec
 
 
 def measure_model(module: torch.nn.Module, input_shape: tuple[int, ...], files: list[Path], val: DataLoader,
-                  device: torch.device, latency: LatencySpec) -> dict[str, Any]:
+                  device: torch.device, latency: LatencySpec, on_batch: Any = None) -> dict[str, Any]:
     """Accuracy and loss on `val`, parameters, sparsity, bytes of `files`, MACs and eager CPU latency."""
-    acc, loss = evaluate(module.to(device), val, device)
+    acc, loss = evaluate(module.to(device), val, device, on_batch)
     module.to("cpu")
     timed: dict[str, float] = {}
     if latency.enabled:

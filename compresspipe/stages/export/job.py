@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from compresspipe.recipe.spec import LatencySpec
     from compresspipe.stages.export import ExportConfig
     from compresspipe.stages.quantize import OnnxInt8Handoff
+    from compresspipe.ui import UI
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -42,6 +43,7 @@ class ExportJob:
     handoff: OnnxInt8Handoff | None = None  # what a quantize stage asked the ONNX int8 export to do
     float_module: nn.Module | None = None  # the float model int8 formats quantize (after a quantize stage)
     cpu: str = "portable"  # deploy.cpu, resolved: the CPUs int8 files must be exact on (deploy.cpu module)
+    ui: UI | None = None  # progress of long steps (calibration)
     notes: list[str] = field(default_factory=list)
     shared: dict[str, Path] = field(default_factory=dict)  # files one format leaves for another (float onnx)
 

@@ -30,6 +30,7 @@ import numpy as np
 from compresspipe.deploy.cpu import WEIGHT_BITS, WEIGHT_LIMIT
 from compresspipe.stages.export.job import Exporter, ExportJob
 from compresspipe.stages.export.onnx_float import available, strip_debug_info, verify_onnx, write_onnx
+from compresspipe.ui import UI
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 # A conv summing over fewer inputs per output than this runs faster in float than in int8 in ONNX Runtime:
@@ -58,8 +59,9 @@ def settings(job: ExportJob) -> dict[str, Any]:
 class _Calibration:
     """ONNX Runtime's CalibrationDataReader over the calibration split (batch 1 when the graph is fixed)."""
 
-    def __init__(self, job: ExportJob, name: str, batch_size: int, batches: int):
+    def __init__(self, job: ExportJob, name: str, batch_size: int, batches: int, bar: Any = None):
         self.items = self._items(job, name, batch_size, batches)
+        self.bar = bar
 
     @staticmethod
     def _items(job: ExportJob, name: str, batch_size: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
@@ -72,7 +74,10 @@ class _Calibration:
                     yield {name: arr[i : i + 1]}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.items, None)
+        item = next(self.items, None)
+        if item is not None and self.bar is not None:
+            self.bar.advance(1)
+        return item
 
 
 def export(job: ExportJob, folder: Path) -> list[Path]:
@@ -118,14 +123,17 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
         if method == "static":
             reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
             name = graph_model.graph.input[0].name
-            quantize_static(
-                str(prepared), str(out), reader_cls(job, name, opts["batch_size"], opts["calibration_batches"]),
-                quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                  "percentile": CalibrationMethod.Percentile}[opts["calibrate_method"]],
-                nodes_to_exclude=excluded or None, reduce_range=reduce_range,
-            )
+            ui = job.ui or UI(quiet=True)
+            with ui.progress(f"{job.stage}: calibrating model.int8.onnx", opts["calibration_batches"]) as bar:
+                quantize_static(
+                    str(prepared), str(out),
+                    reader_cls(job, name, opts["batch_size"], opts["calibration_batches"], bar),
+                    quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                      "percentile": CalibrationMethod.Percentile}[opts["calibrate_method"]],
+                    nodes_to_exclude=excluded or None, reduce_range=reduce_range,
+                )
             if job.config.int8.float_output:
                 float_outputs(out)
         else:

@@ -73,7 +73,7 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
             yield x.to(dtype)
 
     return ExportJob(config, state, module, ctx.name, batches, reference, calibration, latency, handoff,
-                     float_module, cpu=resolve(ctx.recipe.deploy.cpu))
+                     float_module, cpu=resolve(ctx.recipe.deploy.cpu), ui=ctx.ui)
 
 
 def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
@@ -112,24 +112,25 @@ class ExportStage(Stage[ExportConfig]):
         folder = ctx.stage_dir / EXPORT_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
 
-        rows, entries, failures = [], [], []
+        rows: list[dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
+        failures: list[str] = []
         written: dict[str, list[str]] = {}
         sizes = [str(b) for b in job.latency.batch_sizes] if job.latency is not None else []
-        for fmt in formats:
-            ex = exporter(fmt)
-            files: list[Path] = []
-            try:
-                with ctx.ui.progress(f"export {fmt}", None):
+        with ctx.ui.progress(f"{ctx.name}: exporting", len(formats)) as bar:
+            for fmt in formats:
+                ex = exporter(fmt)
+                files: list[Path] = []
+                bar.update(info=f"{fmt}: writing")
+                try:
                     files = ex.export(job, folder)
+                    bar.update(info=f"{fmt}: verifying in its runtime")
                     metrics = ex.verify(files, job)
-            except Exception as exc:  # keep going: every format gets its verdict, then the stage fails
-                metrics = {"error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
-            verdict = self._judge(fmt, ex, metrics, job)
-            if verdict != "pass":
-                failures.append(f"{fmt}: {verdict}")
-            rows.append(self._row(fmt, files, folder, metrics, verdict, sizes))
-            written[fmt] = [f.relative_to(ctx.stage_dir).as_posix() for f in files]
-            entries += [self._entry(fmt, ex, f, folder, state, ctx, job) for f in files]
+                except Exception as exc:  # keep going: every format gets its verdict, then the stage fails
+                    metrics = {"error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+                bar.advance(1, info=fmt)
+                self._record(fmt, ex, files, folder, metrics, job, ctx, state, rows, entries, failures, written,
+                             sizes)
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": state.source,
                     "edits": len(state.edits), "files": entries, "checks": rows}
         atomic_write_json(folder / "manifest.json", manifest)
@@ -150,6 +151,17 @@ class ExportStage(Stage[ExportConfig]):
                                     **({"handoff": handoff.model_dump()} if handoff else {})})
 
     # -- pieces ---------------------------------------------------------------------------------------
+
+    def _record(self, fmt: str, ex: Exporter, files: list[Path], folder: Path, metrics: dict[str, Any],
+                job: ExportJob, ctx: StageContext, state: ModelState, rows: list, entries: list, failures: list,
+                written: dict[str, list[str]], sizes: list[str]) -> None:
+        """One format's verdict, table row, manifest entries and written files."""
+        verdict = self._judge(fmt, ex, metrics, job)
+        if verdict != "pass":
+            failures.append(f"{fmt}: {verdict}")
+        rows.append(self._row(fmt, files, folder, metrics, verdict, sizes))
+        written[fmt] = [f.relative_to(ctx.stage_dir).as_posix() for f in files]
+        entries += [self._entry(fmt, ex, f, folder, state, ctx, job) for f in files]
 
     def _judge(self, fmt: str, ex: Exporter, metrics: dict[str, Any], job: ExportJob) -> str:
         if "error" in metrics:

@@ -53,7 +53,7 @@ EMULATION_NOTE = ("emulated int8: the PyTorch model is a float emulation of the 
 
 
 def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable], batches: list[torch.Tensor],
-              observer: str, percentile: float) -> dict[str, tuple[tuple[float, int], tuple[float, int]]]:
+              observer: str, percentile: float, bar: Any = None) -> dict[str, tuple[tuple[float, int], tuple[float, int]]]:
     """Input and output (after a fused activation) quantization parameters of each layer."""
     observers = {n: (RangeObserver(observer, percentile), RangeObserver(observer, percentile)) for n in layers}
     hooks = []
@@ -69,6 +69,8 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Ca
         with torch.no_grad():
             for x in batches:
                 model(x)
+                if bar is not None:
+                    bar.advance(1)
     finally:
         for h in hooks:
             h.remove()
@@ -201,7 +203,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 notes.append(f"weight_only: int{bits} weights in the file, dequantized once at first use; compute stays "
                              "float32 (smaller file, no CPU speedup)")
         else:
-            ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile)
+            with ctx.ui.progress(f"{stage}: calibrating", len(batches)) as bar:
+                ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile, bar)
             if cfg.method == "qat":
                 model, ranges = self._qat(model, layers, acts, ranges, ctx)
             for n, m in layers.items():
