@@ -31,6 +31,7 @@ from compresspipe.report.build import build_report, deploy_summary, render_markd
 from compresspipe.report.gates import describe_failures, evaluate_gates, write_junit
 from compresspipe.report.html import render_html
 from compresspipe.run.folder import RunFolder, stage_dirname
+from compresspipe.run.plan import preflight
 from compresspipe.run.setup import RunSetup, prepare, reference_name, seed_everything
 from compresspipe.stages.base import StageResult
 from compresspipe.stages.context import CHECKPOINTS, StageContext, StageRecord
@@ -69,6 +70,8 @@ class Executor:
         if self.options.junit is not None and self.options.junit.is_dir():
             raise InputError(f"--junit {self.options.junit}: is a folder; give a file name")
         setup = prepare(self.recipe)
+        with self.ui.progress("checking every stage's plan on the model", None):
+            preflight(self.recipe, setup)
         self.dist = init_from_env(setup.device)
         if not self.dist.is_main:  # only rank 0 prints and writes the run folder
             self.ui = UI(quiet=True, stream=io.StringIO())
@@ -160,9 +163,10 @@ class Executor:
             atomic_write_text(log, "".join(traceback.format_exception(exc)))
             if isinstance(exc, GateFailed):
                 raise
-            if isinstance(exc, CompressPipeError):  # bad input found while running (exit 2) stays bad input
+            if isinstance(exc, CompressPipeError) and (exc.exit_code != 2 or current == "baseline"):
                 raise
-            # anything else is a failure of the stage (exit 3); finished stages are kept for --resume
+            # exit 2 promises that nothing ran (preflight checks every stage's plan first); once a stage has
+            # written its folder, a failure is exit 3, and the finished stages are kept for --resume
             raise StageError(current, f"{exc if isinstance(exc, CompressPipeError) else f'{type(exc).__name__}: {exc}'}"
                                       f" (traceback in {log})") from exc
         finally:

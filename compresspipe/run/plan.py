@@ -7,10 +7,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compresspipe.artifacts.model import ModelState
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.recipe.spec import Recipe
 from compresspipe.report.build import deploy_summary
-from compresspipe.run.setup import prepare
+from compresspipe.run.setup import RunSetup, prepare, reference_name
 from compresspipe.stages.context import StageContext
 from compresspipe.ui import UI
 
@@ -49,17 +50,18 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
     return out
 
 
-def plan_recipe(recipe: Recipe) -> dict[str, Any]:
-    setup = prepare(recipe, fingerprint=False)
-    state = setup.baseline()
-    rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
-                                   "params": count_params(state.module),
-                                   "macs": count_macs(state.module, state.input_shape), "layers": {}, "notes": []}]
+def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState) -> list[dict[str, Any]]:
+    """Every stage's plan in order on the untrained model: selectors, ranks, shapes and stage order checked.
+
+    A stage that finds its configuration cannot apply raises StageConfigError here, before anything ran."""
+    rows: list[dict[str, Any]] = []
     ui = UI(quiet=True)
+    planned = {"baseline": state}
     with tempfile.TemporaryDirectory(prefix="compresspipe-plan-") as tmp:
         for i, (cfg, stage) in enumerate(zip(recipe.stages, setup.stages, strict=True), start=1):
             ctx = StageContext(recipe=recipe, index=i, name=str(cfg.name), stage_dir=Path(tmp), device=setup.device,
-                               seed=recipe.seed + i, data=setup.data, ui=ui)
+                               seed=recipe.seed + i, data=setup.data, ui=ui, reference=reference_name(recipe),
+                               planned=dict(planned))
             prediction = stage.plan(state.clone(), ctx)
             row: dict[str, Any] = {"index": i, "name": cfg.name, "type": cfg.type, "predicted": prediction is not None,
                                    "layers": {}, "notes": []}
@@ -71,5 +73,21 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
             row["params"] = count_params(state.module) if prediction is not None else None
             row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
             rows.append(row)
+            planned[str(cfg.name)] = state
+    return rows
+
+
+def preflight(recipe: Recipe, setup: RunSetup) -> None:
+    """What `run` checks before it writes anything: the plan of every stage (exit 2 on a config error)."""
+    replay_plans(recipe, setup, setup.baseline())
+
+
+def plan_recipe(recipe: Recipe) -> dict[str, Any]:
+    setup = prepare(recipe, fingerprint=False)
+    state = setup.baseline()
+    rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
+                                   "params": count_params(state.module),
+                                   "macs": count_macs(state.module, state.input_shape), "layers": {}, "notes": []}]
+    rows += replay_plans(recipe, setup, state)
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
             "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}

@@ -53,6 +53,8 @@ class StageContext:
     # what the executor measured on the model this stage receives (accuracy, loss, ... of the previous row)
     input_metrics: dict[str, Any] = field(default_factory=dict)
     _fit_calls: int = 0
+    # in a plan (and the run's preflight): the planned model after "baseline" and each earlier stage, by name
+    planned: dict[str, ModelState] = field(default_factory=dict)
 
     @property
     def checkpoints(self) -> Path:
@@ -63,8 +65,10 @@ class StageContext:
         if name == "baseline":
             name = self.reference
         record = self.history.get(name)
+        if record is None and name in self.planned:
+            return self.planned[name].clone()
         if record is None:
-            raise StageConfigError(self.name, f"no finished stage named {name!r}; known: {', '.join(self.history)}")
+            raise StageConfigError(self.name, f"no finished stage named {name!r}; known: {', '.join(self.history or self.planned)}")
         if name not in self._cache:
             self._cache[name] = load_model(record.folder)
         return self._cache[name].clone()

@@ -241,3 +241,26 @@ def test_what_each_configured_stage_needs_is_checked_before_anything_runs(tmp_pa
         check([{"type": "train", "epochs": 1}], no_training)
     with pytest.raises(InputError, match=r"needs train data \(finetune\)"):
         check([{"type": "prune", "amount": 0.5, "finetune": {"epochs": 1}}], no_training)
+
+
+def test_config_errors_are_found_by_the_preflight_plan_and_exit_2_before_anything_runs(tmp_path):
+    from tests.fixtures import cli
+
+    stages = [{"type": "train", "epochs": 1}, {"type": "factorize", "rank": {"fixed": 999}}]
+    result = cli("run", write_recipe(tmp_path, tiny_recipe(stages=stages)), "--out", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert "max rank is" in result.output and not (tmp_path / "r").exists()
+
+
+def test_a_config_error_only_the_run_finds_is_exit_3_and_keeps_finished_stages(tmp_path, monkeypatch):
+    """A stage whose plan cannot see the problem (a plugin without plan(), say): once stages ran, exit 3."""
+    from compresspipe.stages.factorize.stage import FactorizeStage
+    from tests.fixtures import cli
+
+    monkeypatch.setattr(FactorizeStage, "plan", lambda self, state, ctx: None)
+    stages = [{"type": "train", "epochs": 1}, {"type": "factorize", "rank": {"fixed": 999}}]
+    result = cli("run", write_recipe(tmp_path, tiny_recipe(stages=stages)), "--out", tmp_path / "r")
+    assert result.exit_code == 3, result.output
+    assert "max rank is" in result.output
+    assert (tmp_path / "r" / "01-train" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["status"] == "failed"

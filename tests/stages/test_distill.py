@@ -79,7 +79,7 @@ def test_student_with_other_output_size_exits_2(tmp_path):
     result = _cli_run(tmp_path, [{"type": "distill", "student": student, "epochs": 1}])
     assert result.exit_code == 2, result.output
     assert "output size [7] differs from the teacher's [10]" in result.output
-    assert (tmp_path / "r" / "00-baseline" / "model.safetensors").exists()  # finished stages kept
+    assert not (tmp_path / "r").exists()  # found by the preflight plan, before anything ran
 
 
 def test_unknown_feature_module_exits_2_with_suggestion(tmp_path):

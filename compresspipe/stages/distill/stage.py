@@ -105,10 +105,18 @@ class DistillStage(Stage[DistillConfig]):
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         cfg = self.config
         notes = [f"{cfg.epochs} epoch(s) from teacher {cfg.teacher_label()}, T={cfg.temperature}, alpha={cfg.alpha}"]
+        student = state if isinstance(cfg.student, str) else self._new_student(cfg.student, state, ctx)
+        teacher, _ = self._teacher(ctx)
+        captures = (_Capture(student.module, [f.student for f in cfg.features], ctx.name, "student"),
+                    _Capture(teacher, [f.teacher for f in cfg.features], ctx.name, "teacher"))
+        try:  # the checks the run makes first, on the planned shapes
+            self._check_shapes(student.module, teacher.eval(), *captures, student.input_shape, ctx)
+        finally:
+            for capture in captures:
+                capture.remove()
         if isinstance(cfg.student, str):
             return StagePlan(notes=[*notes, "weights change, structure does not"])
-        return StagePlan(state=self._new_student(cfg.student, state, ctx),
-                         notes=[*notes, f"new student {cfg.student_label()}"])
+        return StagePlan(state=student, notes=[*notes, f"new student {cfg.student_label()}"])
 
     @staticmethod
     def _new_student(spec: ModelSpec, state: ModelState, ctx: StageContext) -> ModelState:
