@@ -43,6 +43,31 @@ def parse_overrides(items: list[str]) -> list[Override]:
     return out
 
 
+def join_dotted_keys(data: Any, overrides: list[Override]) -> list[Override]:
+    """Overrides whose key path reaches a key that itself holds dots (a search space's `vars.width`) by joining the
+    parts that name it: `search.space.vars.width.high` sets `high` of the key `vars.width`."""
+    out = []
+    for ov in overrides:
+        node, parts, loc, i = data, list(ov.loc), [], 0
+        while i < len(parts):
+            part = parts[i]
+            if isinstance(node, dict):
+                for j in range(len(parts), i + 1, -1):
+                    joined = ".".join(str(p) for p in parts[i:j])
+                    if joined in node:
+                        part, i = joined, j - 1
+                        break
+                node = node.get(str(part)) if isinstance(node, dict) else None
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                node = None
+            loc.append(part)
+            i += 1
+        out.append(Override(ov.raw, tuple(loc), ov.value))
+    return out
+
+
 def apply_overrides(data: Any, overrides: list[Override]) -> Any:
     """Set each override's value into data, creating mappings as needed; lists are indexed, not grown."""
     problems: list[Problem] = []
