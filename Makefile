@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev,torchao,mobile
+EXTRAS ?= dev,torchao,mobile,search
 
 .PHONY: install system-deps demo test acceptance lint bench clean
 
@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # System packages some tests use: qemu-user emulates an AVX2-only CPU (int8 files must be exact there too).
 # Installed where apt-get runs as root; elsewhere the tests that need them skip and say why.
-SYSTEM_PACKAGES := qemu-user
+SYSTEM_PACKAGES := qemu-user postgresql
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
