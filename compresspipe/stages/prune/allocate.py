@@ -110,7 +110,8 @@ def groups(model: nn.Module, example: torch.Tensor, selected: list[str]) -> dict
                    if dg.is_out_channel_pruning_fn(d.handler) and isinstance(d.target.module, _candidates())
                    and d.target.module in names]
         out[names[root]] = Group(names[root], list(dict.fromkeys(members)), int(dg.get_out_channels(root)))
-    return out
+    order = {n: i for i, n in enumerate(names.values())}
+    return {k: out[k] for k in sorted(out, key=lambda n: order.get(n, 0))}  # in model order
 
 
 def kept(channels: int, ratio: float, round_to: int | None) -> int:
