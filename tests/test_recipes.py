@@ -136,10 +136,10 @@ BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
     "export.yaml": (["stages.0.epochs=3", "stages.0.lr=0.01", "data.max_samples=700", "stages.1.verify.batches=1",
                      "stages.1.int8.calibration_batches=2", *SMALL, *FAST], _export),
     # a search runs as `compresspipe search`: two tiny trials, every stage at the quickstart's reduced budget
-    "search.yaml": (["stages.0.epochs=2", "stages.1.finetune.epochs=1", "vars.distill_epochs=1",
-                     "stages.3.finetune.epochs=1", "stages.4.calibration.batches=2", "data.max_samples=500", "gates=null", "stages.0.expect=null",
-                     "search.n_trials=2", "search.space={vars.amount: {choices: [0.5, 0.6]}}", "search.sampler=grid",
-                     "search.pick=null", "search.early_stop=null", *FAST], _search),
+    "search.yaml": (["stages.train.epochs=2", "stages.train.expect=null", "stages.prune.finetune.epochs=1",
+                     "vars.distill_epochs=1", "stages.quantize.calibration.batches=2", "data.max_samples=500",
+                     "gates=null", "search.n_trials=2", "search.space={vars.amount: {choices: [0.5, 0.625]}}",
+                     "search.sampler=grid", "search.pick=null", "search.early_stop=null", *FAST], _search),
 }
 
 
