@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compresspipe.artifacts.files import atomic_write_text
-from compresspipe.errors import CompressPipeError, InputError
+from compresspipe.errors import CompressPipeError, InputError, mark_interrupted
 from compresspipe.recipe.compose import PATH_KEYS
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.run.workers import child_env
@@ -136,7 +136,8 @@ def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.Ba
         for t in trials:
             if t.user_attrs.get("host") != host or t.number in done:
                 continue
-            if t.state == TrialState.RUNNING and _abandoned(setup.folder / str(t.user_attrs.get("folder") or "")):
+            if t.state == TrialState.RUNNING and not _alive(t.user_attrs.get("pid")) \
+                    and _abandoned(setup.folder / str(t.user_attrs.get("folder") or "")):
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
                 try:
                     storage.set_trial_user_attr(trial_id, "interrupted", True)
@@ -149,6 +150,26 @@ def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.Ba
                 storage.get_trial_id_from_study_id_trial_number(study_id, t.number)))
             retried.append(t.number)
     return retried
+
+
+def _alive(pid: object) -> bool:
+    """Whether the worker process that runs a trial on this machine still lives (a zombie does not).
+
+    Between starting a trial and locking its run folder a worker spends seconds (seeding the folder, loading the
+    data, building the model): a worker that starts meanwhile must not take that trial for abandoned."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def _abandoned(folder: Path) -> bool:
@@ -175,6 +196,7 @@ class _Stop:
     @classmethod
     def handler(cls, signum: int, frame: Any) -> None:
         cls.asked = True
+        mark_interrupted()  # the run in progress then reads an error raised while this unwinds as the interrupt
         raise KeyboardInterrupt
 
     @classmethod
