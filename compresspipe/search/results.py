@@ -124,7 +124,9 @@ def _fmt(name: str, value: Any) -> str:
     if value is None:
         return "n/a"
     if name == "bytes":
-        return f"{value / 1024:.1f} KB"
+        from compresspipe.report.build import _fmt_bytes
+
+        return _fmt_bytes(int(value))  # KiB/MiB, as every size compresspipe prints
     if name in ("accuracy", "accuracy_drop", "sparsity"):
         return f"{100 * value:.2f}%"
     if name.startswith("latency_b"):
