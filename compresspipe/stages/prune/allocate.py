@@ -298,7 +298,12 @@ def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: _Sele
     target: PruneTarget = stage.config.target  # type: ignore[assignment]
     selected = list(sel.amounts)
     example = example_input(state)
-    found = groups(state.module, example, selected)
+    try:
+        found = groups(state.module, example, selected)
+    except Exception as exc:  # the tracer meets an op it cannot follow (a channel shuffle, say)
+        raise StageConfigError(ctx.name, f"a target needs Torch-Pruning's dependency graph of the whole model, "
+                                         f"which it cannot build ({type(exc).__name__}: {str(exc)[:120]}); give "
+                                         "amount: instead (the model is then pruned part by part)") from None
     if not found:
         raise StageConfigError(ctx.name, "no prunable group among the selected layers")
     settings = {"target": target.model_dump(mode="json"), "selected": selected,
