@@ -118,3 +118,22 @@ def test_plan_shows_the_allocation(tmp_path):
     row = json.loads(result.stdout)["stages"][1]
     assert row["notes"][0].startswith("target params 0.5:") and set(row["layers"]) >= {"c1", "c2", "fc1"}
     assert row["params"] <= 0.5 * json.loads(result.stdout)["stages"][0]["params"]
+
+
+def test_a_target_on_a_model_the_graph_cannot_trace_is_a_config_error():
+    """amount: prunes such a model part by part; a target's allocation needs the whole graph, and says so."""
+    from types import SimpleNamespace
+
+    import torchvision
+
+    from compresspipe.artifacts.model import ModelState
+    from compresspipe.stages.prune import PruneConfig
+    from compresspipe.stages.prune.allocate import allocate
+    from compresspipe.stages.prune.stage import resolve_selection
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    config = PruneConfig(type="prune", target={"macs": 0.5})
+    state = ModelState(model, {}, (3, 16, 16), 10)
+    with pytest.raises(StageConfigError, match="cannot build .* give amount: instead"):
+        allocate(PruneStage(config), state, SimpleNamespace(name="prune"),  # type: ignore[arg-type]
+                 resolve_selection(config, model, "prune"))
