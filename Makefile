@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev,torchao,mobile
+EXTRAS ?= dev,torchao,mobile,search
 
 .PHONY: install system-deps demo test acceptance lint bench clean
 
@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# System packages some tests use: qemu-user emulates an AVX2-only CPU (int8 files must be exact there too).
+# System packages some tests use: qemu-user emulates an AVX2-only CPU (int8 files must be exact there too),
+# chromium takes report.html screenshots, postgresql serves the two-worker search's shared study.
 # Installed where apt-get runs as root; elsewhere the tests that need them skip and say why.
-SYSTEM_PACKAGES := qemu-user chromium
+SYSTEM_PACKAGES := qemu-user chromium postgresql
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

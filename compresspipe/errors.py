@@ -87,6 +87,12 @@ class StageConfigError(CompressPipeError):
         super().__init__(f"stage '{stage}': {message}")
 
 
+class RunStopped(CompressPipeError):
+    """The caller stopped a run after a stage (a search's hopeless trial); the finished stages are kept."""
+
+    exit_code = 1
+
+
 class GateFailed(CompressPipeError):
     """A quality gate in the recipe was not met; every artifact was still written."""
 

@@ -104,6 +104,16 @@ def _export(report: dict[str, Any], run: Path) -> None:
     assert report["stages"][-1]["format"] == "onnx_int8"  # what the export row ships
 
 
+def _search(doc: dict[str, Any], out: Path) -> None:
+    assert doc["format"] == "compresspipe.search" and [t["state"] for t in doc["trials"]] == ["complete"] * 2
+    assert doc["trials"][1]["reused"]["stages"] >= 2  # the second trial starts from the first one's train stage
+    best = load_recipe(out / "best.yaml")
+    assert best.search is None and [s.type for s in best.stages][-2:] == ["quantize", "export"]
+    for trial in doc["trials"]:
+        report = json.loads((out / trial["folder"] / "report.json").read_text())
+        assert report["status"] == "complete" and report["stages"][-1]["format"] == "onnx_int8"
+
+
 def _fold_bn(report: dict[str, Any], run: Path) -> None:
     train, folded = report["stages"][-2:]
     assert folded["format"] == "torch" and folded["params"] < train["params"]
@@ -125,6 +135,11 @@ BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
     "fold_bn.yaml": (["stages.0.epochs=2", "data.max_samples=400", *FAST], _fold_bn),
     "export.yaml": (["stages.0.epochs=3", "stages.0.lr=0.01", "data.max_samples=700", "stages.1.verify.batches=1",
                      "stages.1.int8.calibration_batches=2", *SMALL, *FAST], _export),
+    # a search runs as `compresspipe search`: two tiny trials, every stage at the quickstart's reduced budget
+    "search.yaml": (["stages.train.epochs=2", "stages.train.expect=null", "stages.prune.finetune.epochs=1",
+                     "vars.distill_epochs=1", "stages.quantize.calibration.batches=2", "data.max_samples=500",
+                     "gates=null", "search.n_trials=2", "search.space={vars.amount: {choices: [0.5, 0.625]}}",
+                     "search.sampler=grid", "search.pick=null", "search.early_stop=null", *FAST], _search),
 }
 
 
@@ -138,6 +153,11 @@ def test_example_recipe_runs_at_reduced_budget(tmp_path, name):
     recipe = load_recipe(RECIPES / name)
     assert recipe.stages and recipe.deploy.runtime != "auto", f"{name}: name a deploy target"
     out = tmp_path / "run"
+    if recipe.search is not None:  # a search example runs as a search, with a few tiny trials
+        result = cli("search", RECIPES / name, "--out", out, "-q", *[a for s in sets for a in ("--set", s)])
+        assert result.exit_code == 0, result.output
+        check(json.loads((out / "search.json").read_text()), out)
+        return
     result = cli("run", RECIPES / name, "--out", out, "-q", *[a for s in sets for a in ("--set", s)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

@@ -89,6 +89,8 @@ from compresspipe.cli import (  # noqa: E402,F401
     plan_cmd,
     run_cmd,
     schema_cmd,
+    search_cmd,
+    sensitivity_cmd,
     stages_cmd,
     validate_cmd,
     verify_cmd,

@@ -43,6 +43,9 @@ def run(
     from compresspipe.ui import UI
 
     ui = UI(quiet=quiet, stream=sys.stderr if json_out else None)
+    if parsed.search is not None:
+        ui.log("the recipe has a search: block; run runs it as written (the variables' own values), "
+               "`compresspipe search` runs the search")
     options = RunOptions(out=out, resume=resume, force=force, junit=junit)
     folder = out or Path("runs") / parsed.name
     try:

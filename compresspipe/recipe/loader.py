@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import typing
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from compresspipe.errors import Problem, RecipeError
 from compresspipe.recipe.compose import load_composed, substitute_vars
-from compresspipe.recipe.overrides import Override, apply_overrides, parse_overrides
+from compresspipe.recipe.overrides import Override, apply_overrides, join_dotted_keys, parse_overrides
 from compresspipe.recipe.spec import (
     FORMAT_RUNTIME,
     RECIPE_VERSION,
@@ -272,20 +273,76 @@ def _name_stages(rep: _Reporter, raw_stages: list, stages: list[StageConfig]) ->
             taken[name] = i
 
 
+def _resolve(path: Path, overrides: Iterable[str]) -> tuple[Any, Any, YamlDocument, list[Override]]:
+    """(data before variables are substituted, recipe data, document, overrides) in the documented order."""
+    doc = load_composed(path)
+    parsed = join_dotted_keys(doc.data, parse_overrides(list(overrides)))
+    raw, parsed = apply_overrides(copy.deepcopy(doc.data), parsed)
+    set_vars = {str(ov.loc[1]): ov.raw for ov in parsed if len(ov.loc) == 2 and ov.loc[0] == "vars"}
+    data = substitute_vars(copy.deepcopy(raw), doc, set_vars)
+    return raw, data, doc, parsed
+
+
 def resolve_recipe_data(path: str | Path, overrides: Iterable[str] = ()) -> tuple[Any, YamlDocument, list[Override]]:
     """Recipe data in the documented order: `extends` merged, then `--set` overrides, then `${vars.x}`."""
-    path = Path(path)
-    doc = load_composed(path)
-    data = copy.deepcopy(doc.data)
-    parsed = parse_overrides(list(overrides))
-    data, parsed = apply_overrides(data, parsed)
-    set_vars = {str(ov.loc[1]): ov.raw for ov in parsed if len(ov.loc) == 2 and ov.loc[0] == "vars"}
-    data = substitute_vars(data, doc, set_vars)
+    _, data, doc, parsed = _resolve(Path(path), overrides)
     return data, doc, parsed
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with what it was read from: the data before `${vars.x}` substitution (what a search
+    varies), the document (lines and columns) and the `--set` overrides, to point at a value later."""
+
+    recipe: Recipe
+    raw: dict[str, Any]
+    doc: YamlDocument
+    overrides: list[Override]
+    base_dir: Path
+
+    def error(self, loc: Loc, message: str) -> RecipeError:
+        """A problem found after validation (e.g. a storage that cannot be reached), at the value's line."""
+        rep = _Reporter(self.doc, self.overrides)
+        rep.add(loc, message)
+        return RecipeError(rep.problems)
+
+
+def load_recipe_source(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> LoadedRecipe:
+    """Read, compose, override and validate a recipe file, its search block included."""
+    path = Path(path)
+    raw, data, doc, parsed = _resolve(path, overrides)
+    base_dir = path.resolve().parent
+    recipe = validate_recipe_data(data, doc, base_dir=base_dir, overrides=parsed, check_paths=check_paths)
+    if recipe.search is not None:
+        _check_search(raw, recipe, doc, parsed, base_dir, check_paths)
+    return LoadedRecipe(recipe, raw, doc, parsed, base_dir)
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> Recipe:
     """Read, compose, override and validate a recipe file."""
-    data, doc, parsed = resolve_recipe_data(path, overrides)
-    return validate_recipe_data(data, doc, base_dir=Path(path).resolve().parent, overrides=parsed,
-                                check_paths=check_paths)
+    return load_recipe_source(path, overrides, check_paths).recipe
+
+
+def _check_search(raw: Any, recipe: Recipe, doc: YamlDocument, overrides: Sequence[Override], base_dir: Path,
+                  check_paths: bool) -> None:
+    """The search block's rules that need the whole recipe: each space value gives a valid recipe, objectives and
+    pick name figures the report has, early_stop names an intermediate stage."""
+    from compresspipe.recipe.search import search_problems
+
+    spec = recipe.search
+    if spec is None:
+        return
+
+    def validate(data: dict[str, Any]) -> list[str]:
+        try:
+            validate_recipe_data(data, None, base_dir=base_dir, check_paths=check_paths)
+        except RecipeError as exc:
+            return [f"{p.path}: {p.message}" if p.path else p.message for p in exc.problems]
+        return []
+
+    rep = _Reporter(doc, overrides)
+    for loc, message in search_problems(raw, spec, recipe.stage_names(), recipe.deploy_batch_sizes(), validate,
+                                        recipe.evaluate.latency.enabled):
+        rep.add(("search", *loc), message, key=len(loc) == 2 and loc[0] in ("space", "objectives", "pick"))
+    if rep.problems:
+        raise RecipeError(rep.problems)

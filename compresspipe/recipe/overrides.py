@@ -44,6 +44,33 @@ def parse_overrides(items: list[str]) -> list[Override]:
     return out
 
 
+def join_dotted_keys(data: Any, overrides: list[Override]) -> list[Override]:
+    """Overrides whose key path reaches a key that itself holds dots (a search space's `vars.width`) by joining the
+    parts that name it: `search.space.vars.width.high` sets `high` of the key `vars.width`."""
+    out = []
+    for ov in overrides:
+        node, parts, loc, i = data, list(ov.loc), [], 0
+        while i < len(parts):
+            part = parts[i]
+            if isinstance(node, dict):
+                for j in range(len(parts), i + 1, -1):
+                    joined = ".".join(str(p) for p in parts[i:j])
+                    if joined in node:
+                        part, i = joined, j - 1
+                        break
+                node = node.get(str(part)) if isinstance(node, dict) else None
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, str) and part in (names := stage_names(node)):
+                node = node[names.index(part)]  # a stage by name; apply_overrides turns it into its index
+            else:
+                node = None
+            loc.append(part)
+            i += 1
+        out.append(Override(ov.raw, tuple(loc), ov.value))
+    return out
+
+
 def stage_names(items: list[Any]) -> list[str | None]:
     """The names a list of stages gets (its own `name`, else its type made unique: prune, prune-2, ...)."""
     taken = {item["name"] for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)}

@@ -9,8 +9,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     PositiveInt,
     SerializeAsAny,
@@ -19,14 +17,10 @@ from pydantic import (
     model_validator,
 )
 
+from compresspipe.recipe.base import NAME_PATTERN, StrictModel
+from compresspipe.recipe.search import SearchSpec
+
 RECIPE_VERSION = 1
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # names a folder: at most 100 characters
-
-
-class StrictModel(BaseModel):
-    """Unknown keys are errors; values are validated on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _path_checker(kind: Literal["file", "dir", "any"]):
@@ -312,6 +306,10 @@ class Recipe(StrictModel):
     deploy: DeploySpec = Field(default_factory=lambda: DeploySpec(), description="what ships, and where it runs")
     stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
     gates: Gates | None = None
+    search: SearchSpec | None = Field(
+        None, description="`compresspipe search`: the values to search, the objectives and the study; `run` ignores "
+                          "it and runs the recipe as written"
+    )
 
     def stage_names(self) -> list[str]:
         return [str(s.name) for s in self.stages]

@@ -41,6 +41,13 @@ def _value(check: str, row: dict[str, Any], fig: dict[str, Any], batch: str) -> 
     return vs[check.removeprefix("min_")]
 
 
+def gate_name(limits: Limits, check: str, recipe: Recipe) -> str:
+    """How the report names a gate: the check, and for min_speedup the batch size it is judged at."""
+    if check == "min_speedup":
+        return f"{check}@b{limits.latency_batch_size or recipe.deploy_batch_sizes()[0]}"
+    return check
+
+
 def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str,
           remeasured: bool = False) -> list[dict[str, Any]]:
     """One result per set limit. A speed limit inside the interquartile range of the per-round speedups is

@@ -325,3 +325,83 @@ def _size_unit(sizes: list[int]) -> tuple[str, int]:
         if top >= 2 * scale:
             return unit, scale
     return "bytes", 1
+
+
+# -- pieces other pages share (the search's Pareto page, the sensitivity curves) ------------------------------------
+
+_SERIES = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#6e7781", "#d4a72c", "#a475f9",
+           "#e16f24")
+
+
+def scatter(title: str, x_label: str, names: list[str], xs: list[float | None], accs: list[float | None],
+            x_fmt: Callable[[float], str] = _fmt_ms, x_tip: Callable[[float], str] | None = None) -> str:
+    """An accuracy-vs-cost scatter plot (lower cost is better) with its Pareto front, as an inline <svg>."""
+    return _scatter(title, x_label, names, xs, accs, x_fmt, x_tip or (lambda v: f"{v:g}"))
+
+
+def table(header: list[str], rows: list[list[str]], text_cols: set[int], row_classes: list[str] | None = None,
+          cell_classes: dict[str, str] | None = None) -> str:
+    """A plain <table> in the report's style; with `row_classes`, rows marked `pareto` get a star by their name."""
+    return _html_table(header, rows, text_cols, row_classes, cell_classes=cell_classes)
+
+
+def line_plot(title: str, x_label: str, y_label: str, series: list[tuple[str, list[tuple[float, float]]]],
+              y_percent: bool = True) -> str:
+    """Curves (one per named series, points joined in x order) as an inline <svg>, with a legend."""
+    pts = [p for _, s in series for p in s]
+    out = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H + 16 * len(series)}" '
+           f'viewBox="0 0 {_W} {_H + 16 * len(series)}" role="img" aria-label="{escape(title)}">',
+           f"<title>{escape(title)}</title>"]
+    if not pts:
+        out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" class="tick">no data</text></svg>')
+        return "\n".join(out)
+    scale = 100.0 if y_percent else 1.0
+    x0, x1 = _domain([p[0] for p in pts], from_zero=True)
+    y0, y1 = _domain([p[1] * scale for p in pts], from_zero=False, clamp=(0.0, 100.0) if y_percent else None)
+    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+
+    def sx(v: float) -> float:
+        return _LEFT + (v - x0) / (x1 - x0) * pw
+
+    def sy(v: float) -> float:
+        return _TOP + ph - (v * scale - y0) / (y1 - y0) * ph
+
+    for t in _nice_ticks(x0, x1):
+        out.append(f'<line class="grid" x1="{sx(t):.1f}" y1="{_TOP}" x2="{sx(t):.1f}" y2="{_TOP + ph}"/>')
+        out.append(f'<text class="tick" x="{sx(t):.1f}" y="{_TOP + ph + 15}" text-anchor="middle">{t:g}</text>')
+    for t in _nice_ticks(y0, y1):
+        y = _TOP + ph - (t - y0) / (y1 - y0) * ph
+        out.append(f'<line class="grid" x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + pw}" y2="{y:.1f}"/>')
+        out.append(f'<text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
+    out.append(f'<line class="axis" x1="{_LEFT}" y1="{_TOP + ph}" x2="{_LEFT + pw}" y2="{_TOP + ph}"/>')
+    out.append(f'<line class="axis" x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + ph}"/>')
+    out.append(f'<text x="{_LEFT + pw / 2}" y="{_H - 10}" text-anchor="middle">{escape(x_label)}</text>')
+    out.append(f'<text x="14" y="{_TOP + ph / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {_TOP + ph / 2})">{escape(y_label)}</text>')
+    for i, (name, points) in enumerate(series):
+        color = _SERIES[i % len(_SERIES)]
+        ordered = sorted(points)
+        if len(ordered) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in ordered)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        for x, y in ordered:
+            tip = f"{name}: {x:g} -> {y * scale:.2f}{'%' if y_percent else ''}"
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"><title>{escape(tip)}'
+                       "</title></circle>")
+        ly = _H + 16 * i + 4
+        out.append(f'<line x1="{_LEFT}" y1="{ly:.1f}" x2="{_LEFT + 18}" y2="{ly:.1f}" stroke="{color}" '
+                   'stroke-width="2"/>')
+        out.append(f'<text x="{_LEFT + 24}" y="{ly + 4:.1f}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def page(title: str, meta: str, body: list[str]) -> str:
+    """A whole self-contained page (inline CSS, no scripts, no network) around already-escaped body parts."""
+    head = ['<!DOCTYPE html>', '<html lang="en">', "<head>", '<meta charset="utf-8"/>',
+            '<meta name="viewport" content="width=device-width, initial-scale=1"/>',
+            f'<meta name="generator" content="compresspipe {escape(__version__)}"/>',
+            f"<title>{escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+            f"<h1>{escape(title)}</h1>", f'<p class="meta">{escape(meta)}</p>']
+    tail = [f'<p class="meta">Written by compresspipe {escape(__version__)}.</p>', "</body>", "</html>"]
+    return "\n".join(head + body + tail) + "\n"

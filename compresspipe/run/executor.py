@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from compresspipe.artifacts.files import atomic_write_json, atomic_write_text
 from compresspipe.artifacts.model import ModelState, load_model, save_model
 from compresspipe.deploy.ship import is_int8, primary_format, ship
 from compresspipe.deploy.timer import DeployTimer
-from compresspipe.errors import CompressPipeError, GateFailed, InputError, StageError, interrupted
+from compresspipe.errors import CompressPipeError, GateFailed, InputError, RunStopped, StageError, interrupted
 from compresspipe.metrics.measure import measure_model
 from compresspipe.recipe.spec import Recipe
 from compresspipe.recipe.yamlio import dump_yaml
@@ -45,6 +46,8 @@ class RunOptions:
     resume: bool = False
     force: bool = False
     junit: Path | None = None
+    # called with (stage name, the rows so far) after each stage, finished or resumed; it may raise RunStopped
+    after_stage: Callable[[str, list[dict[str, Any]]], None] | None = None
 
 
 @dataclass
@@ -101,6 +104,9 @@ class Executor:
                 except GateFailed:
                     status = "complete"
                     raise
+                except RunStopped as exc:
+                    status, error = "stopped", str(exc)
+                    raise
                 except BaseException as exc:
                     status, error = "failed", f"{type(exc).__name__}: {exc}"
                     raise
@@ -156,10 +162,14 @@ class Executor:
                 if main:
                     self.rows.append(metrics)
                     self.folder.write_state("running", lock, completed=index + 1, world_size=d.world)
+                    if self.options.after_stage is not None:
+                        self.options.after_stage(name, list(self.rows))
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt) or interrupted():  # an error raised while Ctrl-C unwinds
                 raise KeyboardInterrupt from exc
             log = self.folder.path / ("error.log" if main else f"error.rank{d.rank}.log")
+            if isinstance(exc, RunStopped):  # the caller stopped the run after a stage: no failure to log
+                raise
             atomic_write_text(log, "".join(traceback.format_exception(exc)))
             if isinstance(exc, GateFailed):
                 raise

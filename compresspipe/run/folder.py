@@ -50,6 +50,14 @@ def diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path or '(root)'}: {a!r} -> {b!r}"]
 
 
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def stage_dirname(index: int, name: str) -> str:
     return f"{index:02d}-{name}"
 
@@ -155,6 +163,27 @@ class RunFolder:
                 break
             n += 1
         return n
+
+    def seed_from(self, donor: Path, dirnames: list[str], recipe: dict[str, Any], inputs: dict[str, Any]) -> int:
+        """Start this (empty) folder from the leading finished stages of another run of the same recipe prefix.
+
+        The stage folders are hard-linked (copied where links cannot be made: our files are replaced, never
+        rewritten, so a link is safe) and run.json says `interrupted` after them, so `--resume` continues from
+        there: it still refuses if the recipe or the inputs it fingerprints differ. Call with the lock held;
+        returns the stages taken."""
+        taken = 0
+        for name in dirnames:
+            if not intact(donor / name):
+                break
+            shutil.copytree(donor / name, self.path / name, copy_function=_link_or_copy)
+            taken += 1
+        if taken:
+            atomic_write_json(self.state_file, {
+                "format": RUN_FORMAT, "version": RUN_VERSION, "status": "interrupted", "pid": os.getpid(),
+                "host": socket.gethostname(), "recipe": recipe, "inputs": inputs,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "completed": taken, "seeded_from": str(donor),
+            })
+        return taken
 
     # -- claiming it -------------------------------------------------------------------------------
 

@@ -98,6 +98,8 @@ class RunSetup:
             "inputs": self.inputs,
             "seed": self.recipe.seed,
             "device": str(self.device),
+            # training sums in a different order with another thread count: verify re-runs with this many
+            "torch_threads": torch.get_num_threads(),
             "packages": package_versions(),
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -133,14 +133,22 @@ def _check_files(run_dir: Path, recipe: Any, lock: dict[str, Any], report: dict[
 
 
 def _compare(run_dir: Path, recipe: Any, lock: dict, original: dict, out: Path, tol: Tolerances) -> dict[str, Any]:
+    import torch
+
     from compresspipe.run.executor import RunOptions, run_recipe
     from compresspipe.ui import UI
 
+    previous = torch.get_num_threads()
+    threads = lock.get("torch_threads")
+    if isinstance(threads, int) and threads > 0:
+        torch.set_num_threads(threads)  # the run's own thread count: CPU training is bit-exact only with it
     try:
         rerun = run_recipe(recipe, None, RunOptions(out=out / "rerun", force=True),
                            UI(quiet=True, stream=io.StringIO())).report
     except GateFailed as exc:  # reproducing a run that missed its gates is still a reproduction
         rerun = exc.report or {"stages": []}
+    finally:
+        torch.set_num_threads(previous)
     deterministic = str(lock.get("device", "cpu")) == "cpu"
     rows = []
     new_rows = {s["name"]: s for s in rerun["stages"]}

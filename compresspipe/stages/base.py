@@ -7,14 +7,20 @@ and returns a `StageResult` with the new model state and what the report should 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from compresspipe.recipe.spec import StageConfig
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from compresspipe.artifacts.model import ModelState
     from compresspipe.stages.context import StageContext
+
+# (model) -> (accuracy, loss) on the sensitivity's validation samples
+Score = Callable[["nn.Module"], tuple[float, float]]
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -76,5 +82,24 @@ class Stage(ABC, Generic[C]):
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         """Transform the model; write any extra files into ctx.stage_dir."""
 
+    # -- sensitivity: the task metric after a one-shot change of one layer (`compresspipe sensitivity`) ----------
 
-__all__ = ["C", "Need", "Requirement", "Stage", "StageConfig", "StageKind", "StagePlan", "StageResult"]
+    def sensitivity_settings(self, ratios: list[float] | None = None) -> dict[str, Any] | None:
+        """Everything a layer's sensitivity curve depends on besides the model and the data (the settings measured
+        and the config fields that shape the change), JSON-serialisable: it keys the cache. None: this stage kind
+        has no sensitivity."""
+        return None
+
+    def sensitivity_layers(self, state: ModelState, ctx: StageContext) -> dict[str, dict[str, Any]]:
+        """The layers (or coupled groups, named by one layer) this configured stage would change, each with what
+        the table says about it (type, parameters, coupled layers)."""
+        raise NotImplementedError
+
+    def sensitivity(self, state: ModelState, ctx: StageContext, layer: str, settings: dict[str, Any],
+                    score: Score) -> list[dict[str, Any]]:
+        """One point per setting: `layer` alone changed one-shot (no fine-tuning) on a copy of the model, scored.
+        Each point has `setting` (a number or a label), `accuracy`, `loss` and anything else worth a column."""
+        raise NotImplementedError
+
+
+__all__ = ["C", "Need", "Requirement", "Score", "Stage", "StageConfig", "StageKind", "StagePlan", "StageResult"]

@@ -113,6 +113,13 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
                              "dynamically quantized Conv; used static QDQ")
             method = "static"
         excluded = list(opts["nodes_to_exclude"])
+        keep = list(job.handoff.keep_float) if job.handoff is not None else []
+        if keep:
+            mapped, missing = layer_nodes(job.float_module or job.module, graph_model, keep, job.input_shape)
+            excluded += [n for n in mapped if n not in excluded]
+            job.notes.append(f"model.int8.onnx: {len(mapped)} layer(s) stay float (the quantize stage's keep_float: "
+                             f"{', '.join(keep)})" + (f"; no ONNX node found for {', '.join(missing)}, quantized"
+                                                      if missing else ""))
         if method == "static" and job.config.int8.float_small_convs:
             small = small_convs(graph_model)
             if small:
@@ -173,6 +180,45 @@ def weight_abs_max(path: Path) -> int | None:
             if values.size:
                 widest = max(widest or 0, int(np.abs(values).max()))
     return widest
+
+
+def layer_nodes(module: Any, model: Any, names: list[str], input_shape: tuple[int, ...],
+                ) -> tuple[list[str], list[str]]:
+    """(ONNX node names of the torch layers `names`, the names not found).
+
+    The exporter's names are gone by now (the graph is compacted and pre-processed), so layers and nodes are paired
+    by order: torch's Conv2d/Linear layers in the order a forward pass calls them, the graph's Conv/Gemm/MatMul
+    nodes with a constant weight in graph order, and each pair must agree on the weight's shape (BatchNorm folding
+    keeps it; MatMul holds it transposed). Any disagreement maps nothing rather than the wrong layer."""
+    import torch
+    from torch import nn
+
+    order: list[tuple[str, tuple[int, ...]]] = []
+    hooks = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            def record(_m: Any, _i: Any, _o: Any, name: str = name, layer: Any = layer) -> None:
+                if name not in {n for n, _ in order}:
+                    order.append((name, tuple(layer.weight.shape)))
+            hooks.append(layer.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            module(torch.zeros((1, *input_shape)))
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+             and (n.input[1] in weights or n.input[0] in weights)]
+    if len(nodes) != len(order):
+        return [], list(names)
+    found: dict[str, str] = {}
+    for (name, shape), node in zip(order, nodes, strict=True):
+        dims = weights.get(node.input[1]) or weights.get(node.input[0])
+        if dims is None or (tuple(dims) != shape and tuple(reversed(dims)) != shape):
+            return [], list(names)
+        found[name] = node.name
+    return [found[n] for n in names if n in found], [n for n in names if n not in found]
 
 
 def small_convs(model: Any) -> list[str]:

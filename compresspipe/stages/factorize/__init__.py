@@ -25,17 +25,23 @@ from compresspipe.recipe.training import FinetuneSettings
 from compresspipe.stages.base import StageConfig
 from compresspipe.stages.common import SELECTOR_HELP, Selector
 
-RULES = ("energy", "ratio", "fixed")
+RULES = ("energy", "ratio", "fixed", "max_accuracy_drop")
+# rank ratios a layer's sensitivity is measured at (`compresspipe sensitivity`, rank: {max_accuracy_drop: ...})
+SENSITIVITY_RATIOS = (0.1, 0.25, 0.5, 0.75)
 
 
 class RankRule(StrictModel):
-    """How many ranks a layer keeps: exactly one of energy, ratio or fixed."""
+    """How many ranks a layer keeps: exactly one of energy, ratio, fixed or max_accuracy_drop."""
 
     energy: float | None = Field(
         None, gt=0, le=1, description="smallest rank keeping this fraction of the sum of squared singular values"
     )
     ratio: float | None = Field(None, gt=0, le=1, description="ceil(ratio x full rank) of each layer")
     fixed: PositiveInt | None = Field(None, description="this rank in every layer (must not exceed its full rank)")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="each layer gets the smallest rank ratio (of 0.1, 0.25, 0.5, 0.75) that keeps "
+                                      "the accuracy drop of the factorized model, before fine-tuning, within this; "
+                                      "layers that cannot stay whole")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RankRule:
@@ -43,7 +49,8 @@ class RankRule(StrictModel):
         if len(given) != 1:
             raise ValueError(
                 "give exactly one rank rule: {energy: 0.9} (keep 90% of the squared singular values), "
-                "{ratio: 0.25} (a quarter of each layer's full rank) or {fixed: 64}"
+                "{ratio: 0.25} (a quarter of each layer's full rank), {fixed: 64} or {max_accuracy_drop: 0.01} (the "
+                "smallest ranks within that accuracy drop)"
                 + (f" (got {' and '.join(given)})" if given else "")
             )
         return self
@@ -62,7 +69,8 @@ class FactorizeConfig(StageConfig):
         description="svd: Linear as two Linears, Conv2d as a k x k conv of r filters then a 1x1 conv; "
         "tucker: Conv2d as Tucker-2 (1x1 -> k x k -> 1x1), Linear and 1x1 convs still by svd",
     )
-    rank: RankRule = Field(description="rank rule: {energy: 0.9}, {ratio: 0.25} or {fixed: 64}")
+    rank: RankRule = Field(description="rank rule: {energy: 0.9}, {ratio: 0.25}, {fixed: 64} or "
+                                       "{max_accuracy_drop: 0.01}")
     include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
     min_saving: float = Field(

@@ -14,9 +14,9 @@ from compresspipe.artifacts.files import atomic_write_json
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import eval_mode, model_device
-from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
-from compresspipe.stages.factorize import FactorizeConfig, RankRule
+from compresspipe.stages.factorize import SENSITIVITY_RATIOS, FactorizeConfig, RankRule
 from compresspipe.stages.select import select_layers
 
 
@@ -95,8 +95,11 @@ def _rank_error(stage: str, name: str, module: nn.Module, asked: int, full: int,
     )
 
 
-def plan_layer(name: str, module: nn.Module, cfg: FactorizeConfig, stage: str, shared: bool = False) -> LayerPlan:
-    """Choose the rank of one layer and compute its factors; decide whether it is worth it."""
+def plan_layer(name: str, module: nn.Module, cfg: FactorizeConfig, stage: str, shared: bool = False,
+               rule: RankRule | None = None) -> LayerPlan:
+    """Choose the rank of one layer (by `rule`, default the config's) and compute its factors; decide whether it is
+    worth it."""
+    rule = rule or cfg.rank
 
     weight, bias_tensor = _weight(module), _bias(module)
     bias = 0 if bias_tensor is None else int(bias_tensor.numel())
@@ -123,11 +126,11 @@ def plan_layer(name: str, module: nn.Module, cfg: FactorizeConfig, stage: str, s
         in_ch = shape[1]
         u0, s0, _ = _svd(w.reshape(out_ch, -1))
         u1, s1, _ = _svd(w.transpose(0, 1).reshape(in_ch, -1))
-        r_out, r_in = choose_rank(s0, cfg.rank), choose_rank(s1, cfg.rank)
+        r_out, r_in = choose_rank(s0, rule), choose_rank(s1, rule)
         full = (int(s1.numel()), int(s0.numel()))
-        if cfg.rank.fixed is not None and r_in > full[0]:
+        if rule.fixed is not None and r_in > full[0]:
             raise _rank_error(stage, name, module, r_in, full[0], " (input channels)")
-        if cfg.rank.fixed is not None and r_out > full[1]:
+        if rule.fixed is not None and r_out > full[1]:
             raise _rank_error(stage, name, module, r_out, full[1], " (output channels)")
         kk = int(math.prod(kernel))
         after = in_ch * r_in + r_in * r_out * kk + r_out * out_ch + bias
@@ -142,7 +145,7 @@ def plan_layer(name: str, module: nn.Module, cfg: FactorizeConfig, stage: str, s
     else:
         u, s, vh = _svd(w.reshape(out_ch, n))
         full_rank = int(s.numel())
-        r = choose_rank(s, cfg.rank)
+        r = choose_rank(s, rule)
         if r > full_rank:
             raise _rank_error(stage, name, module, r, full_rank)
         after = r * (out_ch + n) + bias
@@ -259,16 +262,29 @@ def layer_macs(plan: LayerPlan, io: tuple[int, int] | None) -> tuple[int | None,
     return before, rows_out * r * (n + out_ch)
 
 
-def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list[dict[str, Any]]:
-    """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer."""
+def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str,
+                    ranks: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
+    """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer.
+
+    `ranks`: a rank ratio per layer instead of the config's rule (None, or a layer left out: the layer stays whole).
+    """
 
     model = state.module
     chosen = select_layers(model, cfg.include, cfg.exclude, _candidates(), stage, allow_empty=True)
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
-    plans = [plan_layer(n, m, cfg, stage, shared=owners.get(id(_weight(m)), 0) > 1)
-             for n, m in chosen.items()]
+    plans = []
+    for n, m in chosen.items():
+        if ranks is not None and ranks.get(n) is None:
+            weight, bias = _weight(m), _bias(m)
+            before = int(weight.numel()) + (0 if bias is None else int(bias.numel()))
+            plans.append(LayerPlan(n, type(m).__name__, tuple(int(d) for d in weight.shape), "-", None, None, before,
+                                   before, skipped="kept whole: at no rank ratio does the accuracy drop stay within "
+                                                   "max_accuracy_drop"))
+            continue
+        rule = RankRule(ratio=ranks[n]) if ranks is not None else None
+        plans.append(plan_layer(n, m, cfg, stage, shared=owners.get(id(_weight(m)), 0) > 1, rule=rule))
     io = _io_sizes(model, list(chosen), tuple(state.input_shape))
     rows: list[dict[str, Any]] = []
     for plan in plans:
@@ -325,19 +341,87 @@ class FactorizeStage(Stage[FactorizeConfig]):
         finetune = self.config.finetune
         return [Need("train_data", why="finetune")] if finetune is not None and finetune.epochs > 0 else []
 
+    # -- sensitivity, and ranks from an accuracy limit -------------------------------------------------------
+
+    def sensitivity_settings(self, ratios: list[float] | None = None) -> dict[str, Any] | None:
+        return {"kind": "low-rank factorization", "setting": "rank / full rank",
+                "ratios": sorted(ratios or SENSITIVITY_RATIOS), "method": self.config.method}
+
+    def sensitivity_layers(self, state: ModelState, ctx: StageContext) -> dict[str, dict[str, Any]]:
+        cfg = self.config
+        chosen = select_layers(state.module, cfg.include, cfg.exclude, _candidates(), ctx.name,
+                               allow_empty=True)
+        return {n: {"type": type(m).__name__, "shape": "x".join(str(d) for d in _weight(m).shape),
+                    "params": sum(p.numel() for p in m.parameters())}
+                for n, m in chosen.items() if type(m) in (nn.Linear, nn.Conv2d)
+                and not (isinstance(m, nn.Conv2d) and m.groups != 1)}
+
+    def sensitivity(self, state: ModelState, ctx: StageContext, layer: str, settings: dict[str, Any],
+                    score: Score) -> list[dict[str, Any]]:
+        one = self.config.model_copy(update={"include": [layer], "exclude": [], "min_saving": 0.0})
+        points = []
+        for ratio in settings["ratios"]:
+            copy = state.clone()
+            row = factorize_model(copy, one, ctx.name, ranks={layer: ratio})[0]
+            if row["skipped"] is not None:
+                points.append({"setting": ratio, "accuracy": None, "loss": None, "rank": row["rank"],
+                               "skipped": row["skipped"]})
+                continue
+            acc, loss = score(copy.module)
+            points.append({"setting": ratio, "accuracy": acc, "loss": loss, "rank": row["rank"],
+                           "params": row["params after"]})
+        return points
+
+    def _ranks(self, state: ModelState, ctx: StageContext) -> tuple[dict[str, float | None], list[dict], list[str]]:
+        """rank: {max_accuracy_drop}: each layer's smallest rank ratio whose own drop fits, then larger ratios for
+        the layers that hurt most until the drop of the whole factorized model (before fine-tuning) fits."""
+        from compresspipe.sensitivity.measure import Scorer, measure
+
+        limit = float(self.config.rank.max_accuracy_drop or 0.0)
+        settings = self.sensitivity_settings() or {}
+        result = measure(self, state, ctx, settings, samples=10**9)
+        ratios = list(settings["ratios"])
+        curves = {r["layer"]: {p["setting"]: p["drop"] for p in r["points"] if p.get("drop") is not None}
+                  for r in result["layers"]}
+        ranks: dict[str, float | None] = {
+            n: next((r for r in ratios if r in c and c[r] <= limit), None) for n, c in curves.items()}
+        scorer = Scorer(ctx, 10**9)
+        base, _ = scorer(state.module)
+        rows: list[dict[str, Any]] = []
+        while True:
+            trial = state.clone()
+            factorize_model(trial, self.config, ctx.name, ranks=ranks)
+            acc, _ = scorer(trial.module)
+            rows.append({"ranks": ", ".join(f"{n}: {r}" for n, r in ranks.items() if r is not None) or "(none)",
+                         "accuracy": acc, "drop": base - acc, "fits": "yes" if base - acc <= limit + 1e-12 else "no"})
+            active = [n for n, r in ranks.items() if r is not None]
+            if base - acc <= limit + 1e-12 or not active:
+                break
+            worst = max(active, key=lambda n: curves[n].get(ranks[n], 1.0))  # type: ignore[arg-type]
+            larger = [r for r in ratios if r > ranks[worst] and r in curves[worst]]  # type: ignore[operator]
+            ranks[worst] = larger[0] if larger else None
+        notes = [f"rank max_accuracy_drop {limit}: {sum(r is not None for r in ranks.values())} of {len(ranks)} "
+                 f"layer(s) factorized, drop {rows[-1]['drop']:.4f} before fine-tuning (ranks from each layer's "
+                 f"sensitivity at ratios {ratios}, {result['samples']} validation samples)"]
+        return ranks, rows, notes
+
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         new = state.clone()
-        rows = factorize_model(new, self.config, ctx.name)
+        ranks, _, rank_notes = self._ranks(state, ctx) if self.config.rank.max_accuracy_drop is not None \
+            else (None, [], [])
+        rows = factorize_model(new, self.config, ctx.name, ranks=ranks)
         layers = {r["layer"]: (r["rank"] if r["skipped"] is None else f"skipped: {r['skipped']}") for r in rows}
-        notes = [*_summary(rows), "fine-tuning is skipped in the plan"]
-        if self.config.rank.energy is not None:
+        notes = [*rank_notes, *_summary(rows), "fine-tuning is skipped in the plan"]
+        if self.config.rank.energy is not None or ranks is not None:
             notes.append("energy ranks depend on the weights: the plan sees them before any training runs")
         return StagePlan(state=new, layers=layers, notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         cfg = self.config
-        rows = factorize_model(state, cfg, ctx.name)
-        notes = _summary(rows)
+        ranks, allocation, rank_notes = self._ranks(state, ctx) if cfg.rank.max_accuracy_drop is not None \
+            else (None, [], [])
+        rows = factorize_model(state, cfg, ctx.name, ranks=ranks)
+        notes = [*rank_notes, *_summary(rows)]
         if ctx.recalibrate_batchnorm(state.module):
             notes.append("BatchNorm statistics re-estimated on training batches after factorizing")
         history: dict[str, Any] | None = None
@@ -356,5 +440,5 @@ class FactorizeStage(Stage[FactorizeConfig]):
             state=state, kind="structural" if factorized else "weights",
             notes=notes,
             details={"method": cfg.method, "rank": cfg.rank.describe(), "finetune": history,
-                     "tables": {"per layer": rows}},
+                     "tables": {"per layer": rows, **({"rank search": allocation} if allocation else {})}},
         )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
+from compresspipe.recipe.base import StrictModel
 from compresspipe.recipe.training import FinetuneSettings
 from compresspipe.stages.base import StageConfig
 from compresspipe.stages.common import SELECTOR_HELP, Selector
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     from compresspipe.recipe.spec import Recipe
 
 Amount = Annotated[float, Field(ge=0, lt=1)]
+Share = Annotated[float, Field(gt=0, lt=1)]
+TARGETS = ("macs", "params", "latency_b1")
+# structured pruning ratios a layer's sensitivity curve is measured at (`compresspipe sensitivity`, target allocation)
+SENSITIVITY_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 MASK_ONLY_NOTE = ("mask-only: parameters and bytes unchanged, no latency gain expected; "
                   "use method: structured for a smaller/faster model")
@@ -35,6 +40,44 @@ class PruneFinetune(FinetuneSettings):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss; 1 - alpha goes to the labels")
 
 
+class PruneTarget(StrictModel):
+    """What the pruned model must reach instead of an amount: the share of the unpruned model's MACs, parameters or
+    batch-1 latency that remains (macs: 0.25 = a quarter of the MACs, 4x fewer). The per-layer amounts follow from
+    it and are reported (pruning.json, the per-layer table, `compresspipe plan`)."""
+
+    macs: Share | None = Field(None, description="share of the MACs that remains")
+    params: Share | None = Field(None, description="share of the parameters that remains")
+    latency_b1: Share | None = Field(
+        None, description="share of the batch-1 latency that remains, timed in the deploy runtime (its float file), "
+                          "interleaved with the unpruned model")
+    allocate: Literal["sensitivity", "global"] = Field(
+        "sensitivity", description="sensitivity: every layer loses what keeps its own accuracy drop (one-shot, "
+                                   "measured per layer) under one common threshold, raised until the target is met; "
+                                   "global: Torch-Pruning's global ranking of channels across the selected layers")
+    max_amount: Share = Field(0.9, description="no layer loses more than this fraction of its channels")
+    ratios: list[Share] = Field(default_factory=lambda: list(SENSITIVITY_RATIOS), min_length=1,
+                                description="allocate: sensitivity: the pruning ratios each layer is measured at")
+    samples: PositiveInt = Field(512, description="validation samples the sensitivity is measured on (at most)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneTarget:
+        given = [k for k in TARGETS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one target: {macs: 0.25} (a quarter of the MACs remains), {params: 0.5} "
+                             "or {latency_b1: 0.5}" + (f" (got {' and '.join(given)})" if given else ""))
+        if sorted(set(self.ratios)) != self.ratios:
+            raise ValueError(f"ratios must be increasing and distinct (got {self.ratios})")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(k for k in TARGETS if getattr(self, k) is not None)
+
+    @property
+    def share(self) -> float:
+        return float(getattr(self, self.metric))
+
+
 class PruneConfig(StageConfig):
     """Pruning: magnitude (zeroes weights, mask-only) or structured/random (removes channels, model shrinks)."""
 
@@ -44,7 +87,11 @@ class PruneConfig(StageConfig):
         description="structured: remove the least important channels (smaller, faster model); random: the same "
                     "with random importance (an ablation baseline); magnitude: zero the smallest weights (mask-only)",
     )
-    amount: Amount = Field(description="fraction to remove: of channels (structured/random) or weights (magnitude)")
+    amount: Amount | None = Field(
+        None, description="fraction to remove: of channels (structured/random) or weights (magnitude); or give a target")
+    target: PruneTarget | None = Field(
+        None, description="instead of amount: what the pruned model must reach, {macs: 0.25}, {params: 0.5} or "
+                          "{latency_b1: 0.5}; the per-layer amounts are allocated to meet it")
     scope: Literal["layer", "global"] = Field(
         "layer", description="layer: remove `amount` of every layer; global: rank all selected layers together"
     )
@@ -72,6 +119,22 @@ class PruneConfig(StageConfig):
     implementation: ClassVar[str] = "compresspipe.stages.prune.stage:PruneStage"
     example: ClassVar[dict[str, Any]] = {"type": "prune", "method": "structured", "amount": 0.5,
                                          "finetune": {"epochs": 1}}
+
+    @model_validator(mode="after")
+    def _amount_or_target(self) -> PruneConfig:
+        if (self.amount is None) == (self.target is None):
+            raise ValueError("give amount (the fraction to remove) or target (what the model must reach), "
+                             + ("not both" if self.amount is not None else "e.g. amount: 0.5 or target: {macs: 0.25}"))
+        if self.target is not None:
+            if self.method == "magnitude":
+                raise ValueError("a target needs method structured or random: magnitude pruning zeroes weights and "
+                                 "changes neither MACs, parameters nor latency")
+            if self.per_layer:
+                raise ValueError("a target allocates the per-layer amounts itself: remove per_layer")
+            if self.scope == "global":
+                raise ValueError("a target allocates the per-layer amounts itself: remove scope: global (for "
+                                 "Torch-Pruning's global ranking use target.allocate: global)")
+        return self
 
     def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
         from compresspipe.registry import unknown_message

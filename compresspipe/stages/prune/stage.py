@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,20 @@ from compresspipe.artifacts.files import atomic_write_json
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import model_device
-from compresspipe.stages.base import Need, Stage, StageKind, StagePlan, StageResult
+from compresspipe.stages.base import Need, Score, Stage, StageKind, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
-from compresspipe.stages.prune import MASK_ONLY_NOTE, PruneConfig, PruneFinetune, step_amounts
+from compresspipe.stages.prune import (
+    MASK_ONLY_NOTE,
+    SENSITIVITY_RATIOS,
+    PruneConfig,
+    PruneFinetune,
+    step_amounts,
+)
 from compresspipe.stages.select import classifier_head, matches, select_layers
 from compresspipe.training.losses import distillation_loss
+
+if TYPE_CHECKING:
+    from compresspipe.stages.prune.allocate import Allocation
 
 
 @dataclass
@@ -82,7 +91,7 @@ def resolve_selection(cfg: PruneConfig, model: nn.Module, stage: str) -> _Select
             raise StageConfigError(stage, f"per_layer selector {pattern!r} matches no selected layer; selected: "
                                           + ", ".join(list(chosen)[:12]) + (" ..." if len(chosen) > 12 else ""))
     for name, module in chosen.items():
-        amounts[name] = cfg.amount
+        amounts[name] = cfg.amount if cfg.amount is not None else 0.0  # a target's amounts are allocated later
         for pattern, value in cfg.per_layer.items():
             if matches(name, module, pattern):
                 amounts[name] = value
@@ -173,9 +182,10 @@ class PruneStage(Stage[PruneConfig]):
                 "history": result.history}
 
     def _write_resolved(self, ctx: StageContext, sel: _Selection, schedule: list[float],
-                        rows: list[dict[str, Any]]) -> None:
+                        rows: list[dict[str, Any]], alloc: Allocation | None = None) -> None:
         cfg = self.config
         atomic_write_json(ctx.stage_dir / "pruning.json", {
+            "target": None if alloc is None else alloc.to_json(),
             "format": "compresspipe.pruning", "version": 1, "method": cfg.method, "scope": cfg.scope,
             "importance": "random" if cfg.method == "random" else cfg.importance, "steps": cfg.steps,
             "schedule": schedule, "protected_head": sel.head if (cfg.protect_head or cfg.method != "magnitude") else None,
@@ -183,20 +193,43 @@ class PruneStage(Stage[PruneConfig]):
             "result": rows,
         })
 
+    def _allocate(self, state: ModelState, ctx: StageContext, sel: _Selection) -> Allocation | None:
+        """A target's per-group amounts, written into the selection (group roots rank their channels)."""
+        if self.config.target is None:
+            return None
+        from compresspipe.stages.prune.allocate import allocate
+
+        alloc = allocate(self, state, ctx, sel)
+        for root, amount in alloc.amounts.items():
+            for member in alloc.members.get(root, [root]):
+                if member in sel.amounts:
+                    sel.amounts[member] = amount
+            if amount > 0:
+                sel.overridden.add(root)
+        return alloc
+
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         cfg = self.config
         sel = resolve_selection(cfg, state.module, ctx.name)
         if cfg.method == "magnitude":
             return StagePlan(layers=dict(sel.amounts), notes=[MASK_ONLY_NOTE])
+        alloc = self._allocate(state, ctx, sel)
         new = state.clone()
         notes = [f"shapes after {cfg.steps} pruning step(s); fine-tuning is skipped in the plan"]
+        if alloc is not None:
+            from compresspipe.stages.prune.allocate import summary
+
+            notes = [summary(alloc), *alloc.notes, "allocated on the weights the plan sees (before any training "
+                     "the recipe does)", *notes]
         self._structured(new, ctx, sel, finetune=False, notes=notes)
         return StagePlan(state=new, layers=dict(sel.amounts), notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         cfg = self.config
         sel = resolve_selection(cfg, state.module, ctx.name)
-        schedule = step_amounts(cfg.amount, cfg.steps, cfg.schedule)
+        alloc = self._allocate(state, ctx, sel) if cfg.method != "magnitude" else None
+        final = cfg.amount if cfg.amount is not None else max(sel.amounts.values(), default=0.0)
+        schedule = step_amounts(final, cfg.steps, cfg.schedule)
         if cfg.method == "magnitude":
             rows, history = self._magnitude(state, ctx, sel)
             kind: StageKind = "mask-only"
@@ -213,18 +246,51 @@ class PruneStage(Stage[PruneConfig]):
                      f" ({params_before / max(params_after, 1):.2f}x fewer)", *found]
         if cfg.steps > 1 and (cfg.finetune is None or cfg.finetune.epochs == 0):
             notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
-        self._write_resolved(ctx, sel, schedule, rows)
-        return StageResult(state=state, kind=kind, notes=notes, details={
-            "method": cfg.method, "schedule": schedule, "finetune": history, "tables": {"per layer": rows},
-        })
+        details: dict[str, Any] = {"method": cfg.method, "schedule": schedule, "finetune": history,
+                                   "tables": {"per layer": rows}}
+        if alloc is not None:
+            from compresspipe.stages.prune.allocate import summary
+
+            notes = [summary(alloc), *alloc.notes, *notes]
+            details["allocation"] = alloc.to_json()
+            details["tables"]["allocation"] = [
+                {"group": g, "amount": a, "layers": ", ".join(alloc.members.get(g, [g]))}
+                for g, a in alloc.amounts.items()]
+        self._write_resolved(ctx, sel, schedule, rows, alloc)
+        return StageResult(state=state, kind=kind, notes=notes, details=details)
+
+    # -- sensitivity: one group pruned alone at several ratios -------------------------------------
+
+    def sensitivity_settings(self, ratios: list[float] | None = None) -> dict[str, Any] | None:
+        cfg = self.config
+        if cfg.method == "magnitude":
+            return None  # zeroed weights change no size or speed: the sensitivity of structured pruning is what helps
+        return {"kind": "structured pruning", "setting": "ratio of channels removed",
+                "ratios": sorted(ratios or (cfg.target.ratios if cfg.target else SENSITIVITY_RATIOS)),
+                "method": cfg.method, "importance": "random" if cfg.method == "random" else cfg.importance,
+                "round_to": cfg.round_to, "calibration_batches": cfg.calibration_batches}
+
+    def sensitivity_layers(self, state: ModelState, ctx: StageContext) -> dict[str, dict[str, Any]]:
+        from compresspipe.stages.prune.allocate import example_input, groups
+
+        sel = resolve_selection(self.config, state.module, ctx.name)
+        found = groups(state.module, example_input(state), list(sel.amounts))
+        return {g.root: {"type": type(state.module.get_submodule(g.root)).__name__, "channels": g.channels,
+                         "coupled": [m for m in g.members if m != g.root]} for g in found.values()}
+
+    def sensitivity(self, state: ModelState, ctx: StageContext, layer: str, settings: dict[str, Any],
+                    score: Score) -> list[dict[str, Any]]:
+        from compresspipe.stages.prune.allocate import group_curve
+
+        return group_curve(self, state, ctx, layer, list(settings["ratios"]), score)
 
     # -- magnitude: unstructured, masks folded into the weights ------------------------------------
 
-    def _importance(self) -> Importance:
+    def importance(self) -> Importance:
         return IMPORTANCE["random" if self.config.method == "random" else self.config.importance]
 
     def _scores(self, model: nn.Module, ctx: StageContext, names: list[str]) -> dict[str, torch.Tensor]:
-        weights, importance = _weights(model), self._importance()
+        weights, importance = _weights(model), self.importance()
         if importance.needs_grad:
             _calibration_grads(model, ctx, self.config.calibration_batches)
         scores = {}
@@ -267,7 +333,7 @@ class PruneStage(Stage[PruneConfig]):
         pooled = [n for n in names if n not in sel.overridden] if cfg.scope == "global" else []
         for step in range(1, cfg.steps + 1):
             targets = {n: step_amounts(a, cfg.steps, cfg.schedule)[step] for n, a in sel.amounts.items()}
-            pooled_amount = step_amounts(cfg.amount, cfg.steps, cfg.schedule)[step]
+            pooled_amount = step_amounts(cfg.amount or 0.0, cfg.steps, cfg.schedule)[step]
             masks = self._masks(self._scores(model, ctx, names), targets, pooled, pooled_amount)
             with torch.no_grad():
                 for n in names:
@@ -303,8 +369,8 @@ class PruneStage(Stage[PruneConfig]):
         ratio_dict = {scope.get_submodule(n[len(prefix) + 1:] if prefix else n): a for n, a in sel.amounts.items()
                       if n in sel.overridden and (not prefix or n.startswith(prefix + "."))}
         return tp.pruner.MetaPruner(
-            scope, example, importance=self._importance().group(), global_pruning=cfg.scope == "global",
-            pruning_ratio=cfg.amount, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
+            scope, example, importance=self.importance().group(), global_pruning=cfg.scope == "global",
+            pruning_ratio=cfg.amount or 0.0, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
             iterative_steps=cfg.steps, round_to=cfg.round_to,
             iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
         )

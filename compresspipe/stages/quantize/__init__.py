@@ -29,7 +29,7 @@ onnxruntime cannot produce a torch module and records what the export stage (onn
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -38,6 +38,9 @@ from compresspipe.recipe.spec import StrictModel
 from compresspipe.recipe.training import FinetuneSettings
 from compresspipe.stages.base import StageConfig
 from compresspipe.stages.common import SELECTOR_HELP, Selector
+
+if TYPE_CHECKING:
+    from compresspipe.recipe.spec import Recipe
 
 Method = Literal["dynamic", "static", "qat", "weight_only", "fp16", "bf16"]
 Backend = Literal["auto", "torch", "torchao", "onnxruntime"]
@@ -69,6 +72,14 @@ class QatSettings(FinetuneSettings):
     lr: float = Field(1e-4, gt=0)
 
 
+class KeepFloat(StrictModel):
+    """Mixed precision: the most sensitive layers stay float, one more at a time, until the drop fits."""
+
+    max_accuracy_drop: float = Field(
+        ge=0, le=1, description="largest accuracy drop against the float model (0.003 = 0.3 points), judged on the "
+                                "deploy runtime's int8 file (onnxruntime), else on PyTorch's int8 emulation")
+
+
 class QuantizeConfig(StageConfig):
     """Quantization: int8 weights (and activations), int4 weight-only, or fp16/bf16; smaller files.
 
@@ -96,6 +107,9 @@ class QuantizeConfig(StageConfig):
     include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
     qat: QatSettings = Field(default_factory=QatSettings, description="method qat: the fake-quant training")
+    keep_float: KeepFloat | None = Field(
+        None, description="mixed precision: {max_accuracy_drop: 0.003} keeps the most sensitive layers float until "
+                          "the accuracy drop fits")
 
     implementation: ClassVar[str] = "compresspipe.stages.quantize.stage:QuantizeStage"
     example: ClassVar[dict[str, Any]] = {"type": "quantize", "method": "static", "calibration": {"batches": 2}}
@@ -113,7 +127,17 @@ class QuantizeConfig(StageConfig):
                              f"{WHY_NOT.get(self.backend, '')}".rstrip("; "))
         if self.method in ("static", "qat") and self.calibration.batches == 0:
             raise ValueError(f"method {self.method} needs calibration data: set calibration.batches >= 1")
+        if self.keep_float is not None and (self.method in ("fp16", "bf16", "qat") or self.backend == "onnxruntime"):
+            raise ValueError(f"keep_float works with methods static, dynamic and weight_only in backend torch (got "
+                             f"method {self.method}, backend {self.backend}): each candidate is measured without "
+                             "training")
         return self
+
+    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
+        if self.keep_float is not None and recipe.deploy_runtime() == "executorch":
+            return [(("keep_float",), "the executorch_int8 file quantizes every layer (XNNPACK), so keep_float "
+                                      "would not reach the file that ships; use deploy.runtime: onnxruntime or torch")]
+        return []
 
 
 class OnnxInt8Handoff(StrictModel):
@@ -126,6 +150,7 @@ class OnnxInt8Handoff(StrictModel):
     batch_size: PositiveInt
     layers: list[str] = Field(default_factory=list)
     nodes_to_exclude: list[str] = Field(default_factory=list)
+    keep_float: list[str] = Field(default_factory=list, description="torch layers the int8 file keeps float")
 
 
 class QuantizeRecord(Record):
@@ -136,7 +161,7 @@ class QuantizeRecord(Record):
     """
 
     KIND: ClassVar[str] = "quantize"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: onnx_int8.keep_float (mixed precision); version 1 reads with none
 
     method: Method
     # the stage whose float model the int8 runtimes quantize; None: the model itself (float with backend
@@ -150,4 +175,5 @@ class QuantizeRecord(Record):
         return self.method in ("static", "qat", "dynamic")
 
 
-__all__ = ["BACKEND_METHODS", "Calibration", "OnnxInt8Handoff", "QatSettings", "QuantizeConfig", "QuantizeRecord"]
+__all__ = ["BACKEND_METHODS", "Calibration", "KeepFloat", "OnnxInt8Handoff", "QatSettings", "QuantizeConfig",
+           "QuantizeRecord"]

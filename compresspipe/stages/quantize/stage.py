@@ -8,6 +8,8 @@ a model that does not trace is still quantized, just without folding and fusion 
 
 from __future__ import annotations
 
+import copy
+import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from compresspipe.artifacts.edits import set_submodule
 from compresspipe.errors import StageConfigError
-from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
+from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.graph import analyse, fold_bn
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
@@ -174,52 +176,23 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if backend.export_only:
             return self._handoff(state, ctx, layers, notes, acc_before)
 
-        wants_fold = cfg.fold_bn and cfg.method != "dynamic"
-        folds, acts, trace_error = analyse(model, wants_fold)
-        if trace_error:
-            notes.append(f"torch.fx could not trace the model ({trace_error}): BatchNorm not folded, ReLU not fused")
-        folds = {c: b for c, b in folds.items() if c in layers}
-        if cfg.method not in ("static", "qat", "dynamic"):
-            acts = {}
-        acts = {n: a for n, a in acts.items() if n in layers}
-        for conv, bn in folds.items():
-            fold_bn(layers[conv], model.get_submodule(bn))
-            model = set_submodule(model, bn, nn.Identity())
-
-        batches: list[torch.Tensor] = []
-        if cfg.method in ("static", "qat"):
-            batches = self._calibration(ctx)
-        new: dict[str, nn.Module] = {}
-        if cfg.method in CAST_DTYPES:
-            new = {n: cast_layer(m, CAST_DTYPES[cfg.method]) for n, m in layers.items()}
-            notes.append(f"{cfg.method} halves the file; BatchNorm is folded first and the other layers stay float32. "
-                         + ("fp16 on CPU is usually much slower than float32 (its matmuls are emulated; 14x slower "
-                            "in benchmarks/bench_quantize.py)" if cfg.method == "fp16" else
-                            "bf16 is faster than float32 only on CPUs with AVX512-BF16 or AMX, slower elsewhere"))
-        elif cfg.method in ("dynamic", "weight_only"):
-            bits = 4 if cfg.dtype == "int4" else 8
-            new = {n: _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
-            if cfg.method == "weight_only":
-                notes.append(f"weight_only: int{bits} weights in the file, dequantized once at first use; compute stays "
-                             "float32 (smaller file, no CPU speedup)")
-        else:
-            with ctx.ui.progress(f"{stage}: calibrating", len(batches)) as bar:
-                ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile, bar)
-            if cfg.method == "qat":
-                model, ranges = self._qat(model, layers, acts, ranges, ctx)
-            for n, m in layers.items():
-                q = _from_float(m, "static", 8, cfg.per_channel, n in acts, backend)
-                q.set_activation_ranges(*ranges[n])
-                new[n] = q
-        for n, m in new.items():
-            model = set_submodule(model, n, m)
+        float_layers: list[str] = []
+        if cfg.keep_float is not None:
+            float_layers, mixed_rows, mixed_notes = self._mixed_precision(state, ctx, layers, backend, acc_before)
+            notes += mixed_notes
+            layers = {n: m for n, m in layers.items() if n not in float_layers}
+            if not layers:
+                raise StageConfigError(stage, f"keep_float: the accuracy drop fits only with every layer float "
+                                              f"(max_accuracy_drop {cfg.keep_float.max_accuracy_drop}); raise the limit")
+        batches = self._calibration(ctx) if cfg.method in ("static", "qat") else []
+        model, new, folds, acts = self._convert(model, layers, ctx, backend, batches, notes)
         state.module = model.eval()
         state.record(quantize_edit(cfg.method, new, list(folds.items())))
-        state.put(self._export_record(ctx, cfg.method, list(new)))
+        state.put(self._export_record(ctx, cfg.method, list(new), float_layers))
 
         acc_after = _accuracy(model, val)
         bytes_after = _bytes(model)
-        table = self._table(original_types, new, folds, skipped, acts, cfg)
+        table = self._table(original_types, new, folds, skipped, acts, cfg, set(float_layers))
         notes.append(f"bytes per parameter {bytes_before / max(params, 1):.2f} -> {bytes_after / max(params, 1):.2f}; "
                      f"accuracy {acc_before:.2%} -> {acc_after:.2%} on the validation split")
         if cfg.method in ("static", "qat"):
@@ -238,9 +211,135 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "quantized_layers": len(new), "float_layers": sum(1 for r in table if r["quantized"] == "no"),
             "tables": {"per layer": table},
         }
+        if cfg.keep_float is not None:
+            details["keep_float"] = {"max_accuracy_drop": cfg.keep_float.max_accuracy_drop, "layers": float_layers}
+            details["tables"]["mixed precision"] = mixed_rows
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
 
+    # -- sensitivity and mixed precision ---------------------------------------------------------
+
+    def sensitivity_settings(self, ratios: list[float] | None = None) -> dict[str, Any] | None:
+        cfg = self.config
+        if cfg.method in CAST_DTYPES or cfg.backend == "onnxruntime":
+            return None
+        return {"kind": "int8 against float" if cfg.dtype == "int8" else f"{cfg.dtype} against float",
+                "setting": "one layer quantized, the rest float",
+                "method": "static" if cfg.method == "qat" else cfg.method, "dtype": cfg.dtype,
+                "observer": cfg.observer, "percentile": cfg.percentile, "per_channel": cfg.per_channel,
+                "fold_bn": cfg.fold_bn, "calibration_batches": cfg.calibration.batches}
+
+    def _layers(self, model: nn.Module, stage: str) -> dict[str, nn.Module]:
+        cfg = self.config
+        chosen = select_layers(model, cfg.include, cfg.exclude, CANDIDATES[cfg.method], stage)
+        return {n: m for n, m in chosen.items() if _unsupported(m, cfg.method) is None}
+
+    def sensitivity_layers(self, state: ModelState, ctx: StageContext) -> dict[str, dict[str, Any]]:
+        return {n: {"type": type(m).__name__, "params": sum(p.numel() for p in m.parameters())}
+                for n, m in self._layers(state.module, ctx.name).items()}
+
+    def sensitivity(self, state: ModelState, ctx: StageContext, layer: str, settings: dict[str, Any],
+                    score: Score) -> list[dict[str, Any]]:
+        model = self._only(state.module, [layer], ctx)
+        acc, loss = score(model)
+        return [{"setting": settings["dtype"], "accuracy": acc, "loss": loss}]
+
+    def _only(self, module: nn.Module, names: list[str], ctx: StageContext) -> nn.Module:
+        """A copy of the model with just `names` quantized (qat is measured as static: no training here)."""
+        cfg = self.config
+        method = "static" if cfg.method == "qat" else cfg.method
+        stage = self if method == cfg.method else QuantizeStage(cfg.model_copy(update={"method": method}))
+        backend = resolve(ctx.name, method, cfg.dtype, cfg.backend)
+        model = copy.deepcopy(module).to("cpu").eval()
+        layers = {n: model.get_submodule(n) for n in names}
+        batches = stage._calibration(ctx) if method == "static" else []
+        model, _, _, _ = stage._convert(model, layers, ctx, backend, batches, [])
+        return model.eval()
+
+    def _mixed_precision(self, state: ModelState, ctx: StageContext, layers: dict[str, nn.Module],
+                         backend: QuantBackend, acc_before: float) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+        """Keep the most sensitive layers float, one more at a time, until the accuracy drop fits the limit.
+
+        Layers are ranked by their one-layer sensitivity (PyTorch's emulation, cached); each candidate is judged on
+        the deploy runtime's int8 file where there is one (onnxruntime: the file that ships), else on the emulation,
+        over the whole validation split against the float model in the same runtime."""
+        from compresspipe.sensitivity.measure import measure
+
+        cfg = self.config
+        limit = cfg.keep_float.max_accuracy_drop  # type: ignore[union-attr]
+        settings = self.sensitivity_settings()
+        result = measure(self, state, ctx, settings or {}, samples=10**9, layers=list(layers))
+        drops = {r["layer"]: r["points"][0]["drop"] for r in result["layers"]}
+        order = sorted(layers, key=lambda n: (-(drops.get(n) or 0.0), list(layers).index(n)))
+        judge = _FileJudge(state, ctx, self) if _FileJudge.usable(ctx) else None
+        reference = judge.reference() if judge is not None else acc_before
+        rows: list[dict[str, Any]] = []
+        kept: list[str] = []
+        for k in range(len(order) + 1):
+            kept = order[:k]
+            quantized = [n for n in layers if n not in kept]
+            if not quantized:
+                break
+            if judge is not None:
+                acc = judge.accuracy(quantized, kept)
+            else:
+                acc = _accuracy(self._only(state.module, quantized, ctx),
+                                ctx.data.loader("val", ctx.recipe.data.eval_batch_size))
+            drop = reference - acc
+            rows.append({"float layers": ", ".join(kept) or "(none)", "int8 layers": len(quantized),
+                         "accuracy": acc, "drop": drop, "fits": "yes" if drop <= limit + 1e-12 else "no"})
+            if drop <= limit + 1e-12:
+                break
+        where = judge.describe() if judge is not None else "PyTorch's int8 emulation"
+        notes = [f"keep_float: {len(kept)} of {len(layers)} layer(s) float ({', '.join(kept) or 'none'}) to keep the "
+                 f"accuracy drop within {limit} ({where}, whole validation split); layers ranked by their one-layer "
+                 f"sensitivity on {result['samples']} samples"]
+        return kept, rows, notes
+
     # -- pieces ----------------------------------------------------------------------------------
+
+    def _convert(self, model: nn.Module, layers: dict[str, nn.Module], ctx: StageContext, backend: QuantBackend,
+                 batches: list[torch.Tensor], notes: list[str],
+                 ) -> tuple[nn.Module, dict[str, nn.Module], dict[str, str], dict[str, Callable]]:
+        """Fold BatchNorm into the selected convolutions, calibrate (and train, for qat), and swap in the quantized
+        layers; returns (model, new layers by name, conv -> folded BatchNorm, fused activations)."""
+        cfg = self.config
+        wants_fold = cfg.fold_bn and cfg.method != "dynamic"
+        folds, acts, trace_error = analyse(model, wants_fold)
+        if trace_error:
+            notes.append(f"torch.fx could not trace the model ({trace_error}): BatchNorm not folded, ReLU not fused")
+        folds = {c: b for c, b in folds.items() if c in layers}
+        if cfg.method not in ("static", "qat", "dynamic"):
+            acts = {}
+        acts = {n: a for n, a in acts.items() if n in layers}
+        for conv, bn in folds.items():
+            fold_bn(layers[conv], model.get_submodule(bn))
+            model = set_submodule(model, bn, nn.Identity())
+
+        new: dict[str, nn.Module] = {}
+        if cfg.method in CAST_DTYPES:
+            new = {n: cast_layer(m, CAST_DTYPES[cfg.method]) for n, m in layers.items()}
+            notes.append(f"{cfg.method} halves the file; BatchNorm is folded first and the other layers stay float32. "
+                         + ("fp16 on CPU is usually much slower than float32 (its matmuls are emulated; 14x slower "
+                            "in benchmarks/bench_quantize.py)" if cfg.method == "fp16" else
+                            "bf16 is faster than float32 only on CPUs with AVX512-BF16 or AMX, slower elsewhere"))
+        elif cfg.method in ("dynamic", "weight_only"):
+            bits = 4 if cfg.dtype == "int4" else 8
+            new = {n: _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
+            if cfg.method == "weight_only":
+                notes.append(f"weight_only: int{bits} weights in the file, dequantized once at first use; compute stays "
+                             "float32 (smaller file, no CPU speedup)")
+        else:
+            with ctx.ui.progress(f"{ctx.name}: calibrating", len(batches)) as bar:
+                ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile, bar)
+            if cfg.method == "qat":
+                model, ranges = self._qat(model, layers, acts, ranges, ctx)
+            for n, m in layers.items():
+                q = _from_float(m, "static", 8, cfg.per_channel, n in acts, backend)
+                q.set_activation_ranges(*ranges[n])
+                new[n] = q
+        for n, m in new.items():
+            model = set_submodule(model, n, m)
+        return model, new, folds, acts
 
     def _calibration(self, ctx: StageContext) -> list[torch.Tensor]:
         if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
@@ -276,7 +375,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
                    "tables": {"per layer": table}}
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
 
-    def _export_record(self, ctx: StageContext, method: str, layers: list[str]) -> QuantizeRecord:
+    def _export_record(self, ctx: StageContext, method: str, layers: list[str],
+                       keep_float: list[str] | None = None) -> QuantizeRecord:
         """The hand-off to export and deploy, saved with the model: int8 runtimes re-quantize the float model
         of the stage before this one with these settings (the torch layers export as their float emulation)."""
         cfg = self.config
@@ -286,12 +386,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
             handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
                                       per_channel=cfg.per_channel, observer=cfg.observer,
                                       calibration_batches=max(cfg.calibration.batches, 1),
-                                      batch_size=ctx.recipe.data.eval_batch_size, layers=layers)
+                                      batch_size=ctx.recipe.data.eval_batch_size, layers=layers,
+                                      keep_float=sorted(keep_float or []))
         return QuantizeRecord(method=method, float_stage=None if method == "qat" else previous, onnx_int8=handoff)
 
     @staticmethod
     def _table(types: dict[str, str], new: dict[str, nn.Module], folds: dict[str, str], skipped: dict[str, str],
-               acts: dict[str, Callable], cfg: QuantizeConfig) -> list[dict[str, Any]]:
+               acts: dict[str, Callable], cfg: QuantizeConfig, kept: set[str] | None = None) -> list[dict[str, Any]]:
         folded_into = {b: c for c, b in folds.items()}
         rows = []
         for name, kind in types.items():
@@ -309,6 +410,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 row.update(quantized="folded", reason=f"folded into {folded_into[name]}")
             elif name in skipped:
                 row["reason"] = skipped[name]
+            elif name in (kept or set()):
+                row["reason"] = "kept float: among the most sensitive layers (keep_float)"
             elif kind in ("Conv2d", "Linear"):
                 row["reason"] = ("dynamic quantizes Linear only" if cfg.method == "dynamic" and kind == "Conv2d"
                                  else "excluded by include/exclude")
@@ -338,3 +441,50 @@ def _accuracy(model: nn.Module, loader: Any) -> float:
     from compresspipe.metrics import evaluate
 
     return evaluate(model, loader, "cpu")[0]
+
+
+class _FileJudge:
+    """Accuracy of the deploy runtime's int8 file for a mixed-precision candidate, built as the executor will build
+    the quantize row's file: the float model before this stage, quantized by the runtime with this stage's settings
+    and the float layers excluded."""
+
+    def __init__(self, state: ModelState, ctx: StageContext, stage: QuantizeStage):
+        from compresspipe.recipe.spec import RUNTIME_FORMATS
+
+        self.state, self.ctx, self.stage = state, ctx, stage
+        self.float_fmt, self.int8_fmt = RUNTIME_FORMATS[ctx.recipe.deploy_runtime()]
+        self.root = ctx.stage_dir / ".keep-float"
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.count = 0
+
+    @staticmethod
+    def usable(ctx: StageContext) -> bool:
+        previous = list(ctx.history)[-1] if ctx.history else None
+        return ctx.recipe.deploy_runtime() == "onnxruntime" and previous is not None
+
+    def describe(self) -> str:
+        return f"judged on the {self.int8_fmt} file in {self.ctx.recipe.deploy_runtime()}"
+
+    def _ship(self, fmt: str, state: ModelState) -> float:
+        from compresspipe.deploy.ship import ship
+
+        folder = self.root / f"{self.count:02d}"
+        self.count += 1
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return float(ship(fmt, state, self.ctx, folder, {}, {})["accuracy"])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def reference(self) -> float:
+        """The float model's accuracy in the same runtime (what the executor measured, when it did)."""
+        formats = self.ctx.input_metrics.get("formats") or {}
+        measured = (formats.get(self.float_fmt) or {}).get("accuracy")
+        if isinstance(measured, float):
+            return measured
+        return self._ship(self.float_fmt, self.state)
+
+    def accuracy(self, quantized: list[str], kept: list[str]) -> float:
+        candidate = self.state.clone()
+        candidate.put(self.stage._export_record(self.ctx, self.stage.config.method, quantized, kept))
+        return self._ship(self.int8_fmt, candidate)

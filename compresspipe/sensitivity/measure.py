@@ -1,0 +1,168 @@
+"""Score one-shot per-layer changes on a fixed validation slice, and cache each layer's curve.
+
+The cache key of a curve is the sha256 of the model (its structure and every tensor), the stage's sensitivity
+settings, and the validation samples scored; one JSON file per (model, settings, samples) holds the curves
+of every layer measured so far, updated under a file lock, so parallel workers and later runs add to it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresspipe.artifacts.files import atomic_write_json, read_json
+from compresspipe.metrics.modes import eval_mode, model_device
+from compresspipe.sensitivity import CACHE_ENV, SENSITIVITY_FORMAT, SENSITIVITY_VERSION
+
+if TYPE_CHECKING:
+    from compresspipe.artifacts.model import ModelState
+    from compresspipe.stages.base import Stage
+    from compresspipe.stages.context import StageContext
+
+CACHE_VERSION = 1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compresspipe")
+
+
+def model_hash(state: ModelState) -> str:
+    """sha256 of what the model computes: its description (source, edits, records) and every tensor."""
+    digest = hashlib.sha256()
+    desc = state.describe()
+    digest.update(json.dumps({k: desc[k] for k in ("source", "input_shape", "num_classes", "edits", "records")},
+                             sort_keys=True, default=str).encode())
+    for name, tensor in state.module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f";{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Scorer:
+    """Accuracy and loss on the first `samples` validation samples, held in memory (the same batches every time)."""
+
+    def __init__(self, ctx: StageContext, samples: int):
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        count = 0
+        for x, y in ctx.batches("val", None):
+            take = min(len(y), samples - count)
+            self.batches.append((x[:take], y[:take]))
+            count += take
+            if count >= samples:
+                break
+        self.samples = count
+        digest = hashlib.sha256()
+        for x, y in self.batches:
+            digest.update(x.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(y.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
+        self.calls = 0
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        self.calls += 1
+        if not self.batches:
+            return 0.0, 0.0
+        device = model_device(model)
+        correct, loss = 0, 0.0
+        with eval_mode(model), torch.no_grad():
+            for x, y in self.batches:
+                logits = model(x.to(device)).float()
+                loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+                correct += int((logits.argmax(1) == y.to(device)).sum())
+        return correct / self.samples, loss / self.samples
+
+
+class CurveCache:
+    """Curves of one (model, settings, samples) key: {layer: points}; read and merged under an exclusive lock."""
+
+    def __init__(self, key: dict[str, Any], root: Path | None = None):
+        text = json.dumps(key, sort_keys=True, default=str)
+        self.key = key
+        self.digest = hashlib.sha256(text.encode()).hexdigest()
+        self.path = (root or cache_root()) / "sensitivity" / f"{self.digest[:32]}.json"
+
+    def read(self) -> dict[str, list[dict[str, Any]]]:
+        try:
+            data = read_json(self.path)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("key") != self.digest:
+            return {}
+        layers = data.get("layers")
+        return layers if isinstance(layers, dict) else {}
+
+    def add(self, layer: str, points: list[dict[str, Any]]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                layers = self.read()
+                layers[layer] = points
+                atomic_write_json(self.path, {"version": CACHE_VERSION, "key": self.digest, "settings": self.key,
+                                              "layers": layers})
+        except OSError:
+            pass  # a read-only or full cache only costs a re-measurement next time
+
+
+def measure(stage: Stage, state: ModelState, ctx: StageContext, settings: dict[str, Any], samples: int,
+            layers: list[str] | None = None, progress: Callable[[str, bool], None] | None = None,
+            use_cache: bool = True, precomputed: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Every layer's curve (`layers`: a subset of the stage's), from `precomputed` (other processes measured it) or
+    the cache where it is there.
+
+    Returns sensitivity.json's content (without the recipe): the unchanged model's score and, per layer, its
+    points with the accuracy drop against it."""
+    t0 = time.perf_counter()
+    scorer = Scorer(ctx, samples)
+    state.module.eval()
+    base_acc, base_loss = scorer(state.module)
+    available = stage.sensitivity_layers(state, ctx)
+    wanted = list(available) if layers is None else [n for n in layers if n in available]
+    cache = CurveCache({"model": model_hash(state), "settings": settings, "data": scorer.fingerprint,
+                        "samples": scorer.samples})
+    stored = cache.read() if use_cache else {}
+    cached = {**stored, **(precomputed or {})}
+    rows, hits = [], 0
+    for name in wanted:
+        points = cached.get(name)
+        hit = name in stored and name not in (precomputed or {})
+        if points is None:
+            points = stage.sensitivity(state, ctx, name, settings, scorer)
+            if use_cache:
+                cache.add(name, points)
+        hits += hit
+        for p in points:
+            p["drop"] = None if p.get("accuracy") is None else base_acc - p["accuracy"]
+        rows.append({"layer": name, **available[name], "points": points})
+        if progress is not None:
+            progress(name, hit)
+    return {
+        "format": SENSITIVITY_FORMAT, "version": SENSITIVITY_VERSION, "stage": ctx.name,
+        "type": ctx.recipe.stages[ctx.index - 1].type if 0 < ctx.index <= len(ctx.recipe.stages) else None,
+        "settings": settings, "samples": scorer.samples, "model_sha256": cache.key["model"],
+        "baseline": {"accuracy": base_acc, "loss": base_loss}, "layers": rows,
+        "cached_layers": hits, "measured_layers": len(rows) - hits, "seconds": round(time.perf_counter() - t0, 3),
+        "cache": str(cache.path),
+    }
+
+
+def monotone_drop(points: list[dict[str, Any]], settings: list[float]) -> list[float]:
+    """A layer's accuracy drop at each setting, made non-decreasing (a larger change never counts as safer)."""
+    by = {p["setting"]: p.get("drop") for p in points}
+    out, worst = [], 0.0
+    for s in settings:
+        d = by.get(s)
+        worst = max(worst, 1.0 if d is None else float(d))
+        out.append(worst)
+    return out
