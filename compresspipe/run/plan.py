@@ -50,7 +50,7 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
     return out
 
 
-def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState) -> list[dict[str, Any]]:
+def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState, preflight: bool = False) -> list[dict[str, Any]]:
     """Every stage's plan in order on the untrained model: selectors, ranks, shapes and stage order checked.
 
     A stage that finds its configuration cannot apply raises StageConfigError here, before anything ran."""
@@ -61,7 +61,7 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState) -> list[dic
         for i, (cfg, stage) in enumerate(zip(recipe.stages, setup.stages, strict=True), start=1):
             ctx = StageContext(recipe=recipe, index=i, name=str(cfg.name), stage_dir=Path(tmp), device=setup.device,
                                seed=recipe.seed + i, data=setup.data, ui=ui, reference=reference_name(recipe),
-                               planned=dict(planned))
+                               planned=dict(planned), preflight=preflight)
             prediction = stage.plan(state.clone(), ctx)
             row: dict[str, Any] = {"index": i, "name": cfg.name, "type": cfg.type, "predicted": prediction is not None,
                                    "layers": {}, "notes": []}
@@ -79,7 +79,7 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState) -> list[dic
 
 def preflight(recipe: Recipe, setup: RunSetup) -> None:
     """What `run` checks before it writes anything: the plan of every stage (exit 2 on a config error)."""
-    replay_plans(recipe, setup, setup.baseline())
+    replay_plans(recipe, setup, setup.baseline(), preflight=True)
 
 
 def plan_recipe(recipe: Recipe) -> dict[str, Any]:

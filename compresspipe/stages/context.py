@@ -55,6 +55,8 @@ class StageContext:
     _fit_calls: int = 0
     # in a plan (and the run's preflight): the planned model after "baseline" and each earlier stage, by name
     planned: dict[str, ModelState] = field(default_factory=dict)
+    # the run's preflight: plan() checks the configuration; it may skip what it measures (sensitivity, latency)
+    preflight: bool = False
 
     @property
     def checkpoints(self) -> Path:

@@ -407,8 +407,10 @@ class FactorizeStage(Stage[FactorizeConfig]):
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         new = state.clone()
-        ranks, _, rank_notes = self._ranks(state, ctx) if self.config.rank.max_accuracy_drop is not None \
-            else (None, [], [])
+        ranks: dict[str, float | None] | None = None
+        rank_notes: list[str] = []
+        if self.config.rank.max_accuracy_drop is not None:  # the run's preflight checks the selection, measures nothing
+            ranks, _, rank_notes = self._ranks(state, ctx) if not ctx.preflight else ({}, [], [])
         rows = factorize_model(new, self.config, ctx.name, ranks=ranks)
         layers = {r["layer"]: (r["rank"] if r["skipped"] is None else f"skipped: {r['skipped']}") for r in rows}
         notes = [*rank_notes, *_summary(rows), "fine-tuning is skipped in the plan"]

@@ -293,19 +293,24 @@ def _interpolated(ratios: list[float], drops: list[float], threshold: float, cap
     return round(min(amount, cap), 4)
 
 
-def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: _Selection) -> Allocation:
-    """Per-group amounts for the stage's target, from the cache when this model and these settings were seen."""
-    target: PruneTarget = stage.config.target  # type: ignore[assignment]
-    selected = list(sel.amounts)
-    example = example_input(state)
+def target_groups(state: ModelState, ctx: StageContext, selected: list[str]) -> Any:
+    """The coupled groups a target allocates over; a config error where the whole model cannot be traced."""
     try:
-        found = groups(state.module, example, selected)
+        found = groups(state.module, example_input(state), selected)
     except Exception as exc:  # the tracer meets an op it cannot follow (a channel shuffle, say)
         raise StageConfigError(ctx.name, f"a target needs Torch-Pruning's dependency graph of the whole model, "
                                          f"which it cannot build ({type(exc).__name__}: {str(exc)[:120]}); give "
                                          "amount: instead (the model is then pruned part by part)") from None
     if not found:
         raise StageConfigError(ctx.name, "no prunable group among the selected layers")
+    return found
+
+
+def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: _Selection) -> Allocation:
+    """Per-group amounts for the stage's target, from the cache when this model and these settings were seen."""
+    target: PruneTarget = stage.config.target  # type: ignore[assignment]
+    selected = list(sel.amounts)
+    found = target_groups(state, ctx, selected)
     settings = {"target": target.model_dump(mode="json"), "selected": selected,
                 "sensitivity": stage.sensitivity_settings(target.ratios)}
     if target.metric == "latency_b1":

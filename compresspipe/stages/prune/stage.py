@@ -197,7 +197,11 @@ class PruneStage(Stage[PruneConfig]):
         """A target's per-group amounts, written into the selection (group roots rank their channels)."""
         if self.config.target is None:
             return None
-        from compresspipe.stages.prune.allocate import allocate
+        from compresspipe.stages.prune.allocate import allocate, target_groups
+
+        if ctx.preflight:  # the run's check before anything runs: the graph, not the (measured) allocation
+            target_groups(state, ctx, list(sel.amounts))
+            return None
 
         alloc = allocate(self, state, ctx, sel)
         for root, amount in alloc.amounts.items():
