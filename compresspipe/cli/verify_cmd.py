@@ -15,15 +15,18 @@ from compresspipe.cli import EXIT_GATE, app, handle_errors
 def verify(
     run_dir: Path = typer.Argument(..., help="A finished run folder (with recipe.lock.yaml)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Let a python: model source run its file's code."),
 ) -> None:
     """Re-run the locked recipe of RUN_DIR and check metrics, files and weight hashes (exit 0 or 1)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from compresspipe.models.code import allowing_code
     from compresspipe.run.verify import verify_run
 
-    result = verify_run(run_dir)
+    with allowing_code(allow_code):
+        result = verify_run(run_dir)
     if json_out:
         print(json.dumps(result, indent=2))
     else:
