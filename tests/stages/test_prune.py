@@ -40,7 +40,7 @@ def _prune(module, shape, source=None, **cfg):
     """Run the stage's structured path on a module directly (no training, so no data is needed)."""
     config = PruneConfig(type="prune", **cfg)
     state = ModelState(module.eval(), source or {}, shape, 10)
-    ctx = SimpleNamespace(name="prune", seed=0, stage_dir=None)
+    ctx = SimpleNamespace(name="prune", seed=0, task="classification", stage_dir=None)
     sel = resolve_selection(config, module, "prune")
     rows, _ = PruneStage(config)._structured(state, ctx, sel, finetune=False)
     return state, rows
@@ -261,7 +261,7 @@ def test_plan_predicts_the_pruned_shapes(tmp_path):
 def test_taylor_magnitude_ranks_by_weight_times_gradient():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    ctx = SimpleNamespace(name="prune", seed=0,
+    ctx = SimpleNamespace(name="prune", seed=0, task="classification",
                           batches=lambda split, count, batch_size=None: [(x, y)] if split == "calibration" else None)
     masks = {}
     for importance in ("l1", "taylor"):

@@ -28,8 +28,15 @@ from typing import Any
 import numpy as np
 
 from compresspipe.deploy.cpu import WEIGHT_BITS, WEIGHT_LIMIT
+from compresspipe.models.inputs import batch_len, numpy_feed
 from compresspipe.stages.export.job import Exporter, ExportJob
-from compresspipe.stages.export.onnx_float import available, strip_debug_info, verify_onnx, write_onnx
+from compresspipe.stages.export.onnx_float import (
+    add_metadata,
+    available,
+    strip_debug_info,
+    verify_onnx,
+    write_onnx,
+)
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 # A conv summing over fewer inputs per output than this runs faster in float than in int8 in ONNX Runtime:
@@ -58,18 +65,18 @@ def settings(job: ExportJob) -> dict[str, Any]:
 class _Calibration:
     """ONNX Runtime's CalibrationDataReader over the calibration split (batch 1 when the graph is fixed)."""
 
-    def __init__(self, job: ExportJob, name: str, batch_size: int, batches: int):
-        self.items = self._items(job, name, batch_size, batches)
+    def __init__(self, job: ExportJob, names: list[str], batch_size: int, batches: int):
+        self.items = self._items(job, names, batch_size, batches)
 
     @staticmethod
-    def _items(job: ExportJob, name: str, batch_size: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
+    def _items(job: ExportJob, names: list[str], batch_size: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
         for x in job.calibration(batch_size, batches):
-            arr = x.detach().cpu().numpy()
+            feed = numpy_feed(x, names)
             if job.config.dynamic_batch:
-                yield {name: arr}
+                yield feed
             else:
-                for i in range(arr.shape[0]):
-                    yield {name: arr[i : i + 1]}
+                for i in range(batch_len(x)):
+                    yield {k: v[i : i + 1] for k, v in feed.items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.items, None)
@@ -117,9 +124,9 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
                                  "ONNX Runtime; int8.float_small_convs)")
         if method == "static":
             reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
-            name = graph_model.graph.input[0].name
+            names = [i.name for i in graph_model.graph.input]
             quantize_static(
-                str(prepared), str(out), reader_cls(job, name, opts["batch_size"], opts["calibration_batches"]),
+                str(prepared), str(out), reader_cls(job, names, opts["batch_size"], opts["calibration_batches"]),
                 quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -132,6 +139,7 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
             quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
                              nodes_to_exclude=excluded or None, reduce_range=reduce_range)
         strip_debug_info(out, job.config.keep_names)
+        add_metadata(out, job)
         widest = weight_abs_max(out)
         if widest is not None and widest > WEIGHT_LIMIT[WEIGHT_BITS[job.cpu]]:
             raise RuntimeError(f"model.int8.onnx has int8 weights up to |{widest}|, more than deploy.cpu "

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as tprune
@@ -18,6 +17,8 @@ from compresspipe.artifacts.files import atomic_write_json
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import model_device
+from compresspipe.metrics.tasks import loss as task_loss
+from compresspipe.models.inputs import forward, to_device, zeros
 from compresspipe.stages.base import Need, Stage, StageKind, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.prune import MASK_ONLY_NOTE, PruneConfig, PruneFinetune, step_amounts
@@ -105,17 +106,17 @@ def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> Non
     model.eval()  # batch-norm statistics stay as they are
     model.zero_grad(set_to_none=True)
     for x, y in ctx.batches("calibration", batches):
-        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        task_loss(ctx.task, forward(model, to_device(x, device)), y.to(device)).backward()
 
 
-def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
-    """Hinton's distillation loss (the distill stage's): T^2-scaled KL to the teacher plus CE on labels."""
+def _kd_loss(teacher: nn.Module, settings: PruneFinetune, task: str) -> Any:
+    """Hinton's distillation loss (the distill stage's): T^2-scaled KL to the teacher plus the task loss."""
 
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            soft = teacher(x)
-        return distillation_loss(model(x), soft, y, settings.temperature, settings.alpha,
-                                 label_smoothing=settings.label_smoothing)
+            soft = forward(teacher, x)
+        return distillation_loss(forward(model, x), soft, y, settings.temperature, settings.alpha,
+                                 label_smoothing=settings.label_smoothing, task=task)
 
     return loss
 
@@ -146,7 +147,7 @@ class PruneStage(Stage[PruneConfig]):
             teacher = ctx.load_stage(ft.distill).module.to(ctx.device).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            loss_fn = _kd_loss(teacher, ft)
+            loss_fn = _kd_loss(teacher, ft, ctx.task)
         label = f"{ctx.name} step {step}/{self.config.steps}" if self.config.steps > 1 else ctx.name
         result = ctx.fit(model, ft, loss_fn=loss_fn, label=label)
         return {"step": step, "best_epoch": result.best_epoch, "best_accuracy": result.best_accuracy,
@@ -271,7 +272,7 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
-    def _pruner(self, model: nn.Module, example: torch.Tensor, sel: _Selection, stage: str) -> Any:
+    def _pruner(self, model: nn.Module, example: Any, sel: _Selection, stage: str) -> Any:
         cfg = self.config
         names = {m: n for n, m in model.named_modules()}
         ignored = [m for n, m in model.named_modules() if isinstance(m, _candidates()) and n not in sel.amounts]
@@ -327,9 +328,9 @@ class PruneStage(Stage[PruneConfig]):
         model.eval()
         before = shape_snapshot(model)
         weights_before = {n: tuple(w.shape) for n, w in _weights(model).items()}
-        example = torch.zeros((1, *state.input_shape), device=model_device(model))
+        example = zeros(state.spec, 1, device=model_device(model))
         with torch.no_grad():
-            out_shape = tuple(model(example).shape)
+            out_shape = tuple(forward(model, example).shape)
         pruner = self._pruner(model, example, sel, ctx.name)
         history: list[dict[str, Any]] = []
         for step in range(1, cfg.steps + 1):
@@ -341,7 +342,7 @@ class PruneStage(Stage[PruneConfig]):
             model.zero_grad(set_to_none=True)
             model.eval()
             with torch.no_grad():
-                new_shape = tuple(model(example.to(model_device(model))).shape)
+                new_shape = tuple(forward(model, to_device(example, model_device(model))).shape)
             if new_shape != out_shape:
                 raise StageConfigError(ctx.name, f"pruning changed the model's output from {list(out_shape)} to "
                                                  f"{list(new_shape)}: a selected layer feeds the output directly; "
