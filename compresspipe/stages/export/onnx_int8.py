@@ -1,8 +1,9 @@
 """`onnx_int8`: ONNX Runtime quantization of the float ONNX graph.
 
 Static QDQ (per-channel int8 weights, uint8 activations calibrated on the calibration split) for graphs
-with convolutions; dynamic quantization for Linear/RNN-only graphs (ONNX Runtime's dynamic mode cannot
-run Conv). This is also how a model whose torch quantized modules cannot be exported reaches ONNX: the
+with convolutions; dynamic quantization for Linear/RNN-only graphs and for transformers (graphs with attention:
+their MatMul/Gemm weights and embedding tables go int8, softmax and LayerNorm stay float, convolutions such as
+a ViT's patch embedding too, since ONNX Runtime's dynamic mode cannot run Conv). This is also how a model whose torch quantized modules cannot be exported reaches ONNX: the
 float model before the quantize stage is exported and quantized here with the settings that stage recorded.
 Verified by top-1 agreement (verify.min_agreement), since int8 logits differ from float ones by design.
 
@@ -108,9 +109,10 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
         graph_model = onnx.load(str(prepared))
         ops = {node.op_type for node in graph_model.graph.node}
         method = opts["method"]
+        transformer = "Softmax" in ops and "MatMul" in ops  # attention: its matmuls, not its activations, go int8
         if method == "auto":
-            method = "static" if ops & CONV_OPS else "dynamic"
-        if method == "dynamic" and ops & CONV_OPS:
+            method = "dynamic" if transformer or not ops & CONV_OPS else "static"
+        if method == "dynamic" and ops & CONV_OPS and not transformer:
             job.notes.append("model.int8.onnx: dynamic quantization was asked for, but ONNX Runtime cannot run "
                              "dynamically quantized Conv; used static QDQ")
             method = "static"
@@ -136,8 +138,15 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
             if job.config.int8.float_output:
                 float_outputs(out)
         else:
+            # MatMul/Gemm weights and embedding tables int8, activations quantized per call; convolutions (a
+            # ViT's patch embedding) stay float: ONNX Runtime cannot run them dynamically quantized
+            kinds = ["MatMul", "Gemm", "Gather", "Attention", "LSTM"] if ops & CONV_OPS or transformer else None
             quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded or None, reduce_range=reduce_range)
+                             nodes_to_exclude=excluded or None, reduce_range=reduce_range, op_types_to_quantize=kinds)
+            if transformer:
+                job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
+                                 "embedding tables int8, activations quantized per call); softmax, LayerNorm and "
+                                 "convolutions stay float, where static int8 loses accuracy")
         strip_debug_info(out, job.config.keep_names)
         add_metadata(out, job)
         widest = weight_abs_max(out)

@@ -19,7 +19,7 @@ from compresspipe.models.inputs import forward, zeros
 from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.factorize import FactorizeConfig, RankRule
-from compresspipe.stages.select import select_layers
+from compresspipe.stages.select import breaks_model, select_layers
 
 
 def _candidates() -> tuple[type, ...]:
@@ -261,6 +261,16 @@ def layer_macs(plan: LayerPlan, io: tuple[int, int] | None) -> tuple[int | None,
     return before, rows_out * r * (n + out_ch)
 
 
+def _keep_runnable(model: nn.Module, plans: list[LayerPlan], state: ModelState) -> None:
+    """Skip the layers the model's own code needs as they are (e.g. Hugging Face ViT reads its patch projection's
+    `.weight`)."""
+    todo = {p.name: p for p in plans if p.skipped is None}
+    new: dict[str, nn.Module] = {n: build_factorized(get_submodule(model, n), plan) for n, plan in todo.items()}
+    for name, why in breaks_model(model, new, state.spec).items():
+        plan = todo[name]
+        plan.skipped, plan.params_after, plan.factors = why, plan.params_before, ()
+
+
 def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list[dict[str, Any]]:
     """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer."""
 
@@ -272,6 +282,7 @@ def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str) -> list
     plans = [plan_layer(n, m, cfg, stage, shared=owners.get(id(_weight(m)), 0) > 1)
              for n, m in chosen.items()]
     io = _io_sizes(model, list(chosen), state.spec)
+    _keep_runnable(model, plans, state)
     rows: list[dict[str, Any]] = []
     for plan in plans:
         macs_before, macs_after = layer_macs(plan, None if io is None else io.get(plan.name))

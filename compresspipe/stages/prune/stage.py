@@ -33,6 +33,7 @@ class _Selection:
     amounts: dict[str, float]
     head: str | None
     overridden: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,63 @@ def _kd_loss(teacher: nn.Module, settings: PruneFinetune, task: str) -> Any:
     return loss
 
 
+# attention modules: (names of the q, k, v Linear children, or of one fused qkv Linear), head-count attribute
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("qkv",))
+_HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
+_WIDTH_ATTRS = ("all_head_size", "attn_dim")  # attention width = heads x head size, kept in step with the heads
+
+
+@dataclass
+class _Attention:
+    """One multi-head attention module: its projections (whose outputs are heads) and its head count."""
+
+    module: nn.Module
+    projections: list[nn.Linear]
+    count: str  # attribute holding the number of heads
+
+    def update(self, heads: int) -> None:
+        """After Torch-Pruning removed heads: the module's own head count and attention width follow."""
+        setattr(self.module, self.count, heads)
+        width = self.projections[0].out_features // (3 if len(self.projections) == 1 else 1)
+        for attr in _WIDTH_ATTRS:
+            if isinstance(getattr(self.module, attr, None), int):
+                setattr(self.module, attr, width)
+
+
+def attention_modules(model: nn.Module) -> list[_Attention]:
+    """The multi-head attention modules Torch-Pruning can prune by whole heads: Hugging Face BERT-style and ViT
+    self-attention (query/key/value or q_proj/k_proj/v_proj), timm's Attention (one fused qkv)."""
+    found = []
+    for module in model.modules():
+        count = next((a for a in _HEAD_COUNT if type(getattr(module, a, None)) is int), None)
+        if count is None:
+            continue
+        for names in _QKV_NAMES:
+            layers = [getattr(module, n, None) for n in names]
+            if all(type(layer) is nn.Linear for layer in layers):
+                found.append(_Attention(module, layers, count))  # type: ignore[arg-type]
+                break
+    return found
+
+
+def residual_layers(model: nn.Module, example: Any, names: list[str]) -> list[str]:
+    """Of `names`, the layers whose output channels are the residual stream: pruning them would prune the width
+    every block shares (tied to a LayerNorm or an embedding in the dependency graph)."""
+    if not any(isinstance(m, nn.LayerNorm | nn.Embedding) for m in model.modules()):
+        return []
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    out = []
+    for name in names:
+        module = model.get_submodule(name)
+        fn = graph.get_pruner_of_module(module)
+        if module not in graph.module2node or fn is None:
+            continue
+        group = graph.get_pruning_group(module, fn.prune_out_channels, [0])
+        if any(isinstance(dep.target.module, nn.LayerNorm | nn.Embedding) for dep, _ in group):
+            out.append(name)
+    return out
+
+
 def _feeds_output(group: Any) -> bool:
     return any(isinstance(dep.target.module, tp.ops._OutputOp) for dep, _ in group)
 
@@ -171,7 +229,7 @@ class PruneStage(Stage[PruneConfig]):
             return StagePlan(layers=dict(sel.amounts), notes=[MASK_ONLY_NOTE])
         new = state.clone()
         self._structured(new, ctx, sel, finetune=False)
-        notes = [f"shapes after {cfg.steps} pruning step(s); fine-tuning is skipped in the plan"]
+        notes = [f"shapes after {cfg.steps} pruning step(s); fine-tuning is skipped in the plan", *sel.notes]
         return StagePlan(state=new, layers=dict(sel.amounts), notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
@@ -190,7 +248,11 @@ class PruneStage(Stage[PruneConfig]):
             params_after = sum(p.numel() for p in state.module.parameters())
             kind = "structural"
             notes = [f"structural: {len(sel.amounts)} layer(s) selected; parameters {params_before} -> {params_after}"
-                     f" ({params_before / max(params_after, 1):.2f}x fewer)"]
+                     f" ({params_before / max(params_after, 1):.2f}x fewer)", *sel.notes]
+            heads = [(a, a.module) for a in attention_modules(state.module)]
+            if heads:
+                counts = [int(getattr(m, a.count)) for a, m in heads]
+                notes.append(f"attention heads per layer now {counts}")
         if cfg.steps > 1 and (cfg.finetune is None or cfg.finetune.epochs == 0):
             notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
         self._write_resolved(ctx, sel, schedule, rows)
@@ -272,17 +334,23 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
-    def _pruner(self, model: nn.Module, example: Any, sel: _Selection, stage: str) -> Any:
+    def _pruner(self, model: nn.Module, example: Any, sel: _Selection, stage: str,
+                attention: list[_Attention] | None = None) -> Any:
         cfg = self.config
         names = {m: n for n, m in model.named_modules()}
         ignored = [m for n, m in model.named_modules() if isinstance(m, _candidates()) and n not in sel.amounts]
         ratio_dict = {model.get_submodule(n): a for n, a in sel.amounts.items() if n in sel.overridden}
+        chosen = [a for a in attention or [] if all(names.get(p) in sel.amounts for p in a.projections)]
+        heads = {p: int(getattr(a.module, a.count)) for a in chosen for p in a.projections}
+        head_amount = cfg.amount if cfg.heads is None else cfg.heads
         try:
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=self._importance().group(), global_pruning=cfg.scope == "global",
                 pruning_ratio=cfg.amount, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
                 iterative_steps=cfg.steps, round_to=cfg.round_to,
                 iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
+                num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=not heads,
+                head_pruning_ratio=head_amount if heads else 0.0,
             )
         except Exception as exc:  # the tracer meets an op it cannot follow (e.g. a channel shuffle)
             raise StageConfigError(stage, f"Torch-Pruning cannot build the dependency graph of this model "
@@ -331,7 +399,18 @@ class PruneStage(Stage[PruneConfig]):
         example = zeros(state.spec, 1, device=model_device(model))
         with torch.no_grad():
             out_shape = tuple(forward(model, example).shape)
-        pruner = self._pruner(model, example, sel, ctx.name)
+        attention = attention_modules(model)
+        if not cfg.hidden:
+            kept = residual_layers(model, example, [n for n, a in sel.amounts.items() if a > 0])
+            for name in kept:
+                sel.amounts.pop(name)
+            if kept:
+                sel.notes.append(f"{len(kept)} layer(s) write the residual stream and keep their width "
+                                 f"({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}); hidden: true prunes it")
+            if not sel.amounts:
+                raise StageConfigError(ctx.name, "every selected layer writes the residual stream; set hidden: true "
+                                                 "to prune the hidden size, or select attention and MLP layers")
+        pruner = self._pruner(model, example, sel, ctx.name, attention)
         history: list[dict[str, Any]] = []
         for step in range(1, cfg.steps + 1):
             if cfg.method != "random" and cfg.importance == "taylor":
@@ -339,6 +418,9 @@ class PruneStage(Stage[PruneConfig]):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(ctx.seed + step)
                 pruner.step()
+            for att in attention:
+                if att.projections[0] in pruner.num_heads:
+                    att.update(int(pruner.num_heads[att.projections[0]]))
             model.zero_grad(set_to_none=True)
             model.eval()
             with torch.no_grad():

@@ -32,7 +32,7 @@ from compresspipe.stages.quantize.layers import (
     quantize_edit,
 )
 from compresspipe.stages.quantize.observers import RangeObserver
-from compresspipe.stages.select import select_layers
+from compresspipe.stages.select import breaks_model, select_layers
 
 if TYPE_CHECKING:
     from compresspipe.artifacts.model import ModelState
@@ -210,6 +210,11 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 q = _from_float(m, "static", 8, cfg.per_channel, n in acts, backend)
                 q.set_activation_ranges(*ranges[n])
                 new[n] = q
+        for n, why in breaks_model(model, new, state.spec).items():
+            new.pop(n)
+            skipped[n] = why
+        if not new:
+            raise StageConfigError(stage, "no quantizable layer left: " + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
         for n, m in new.items():
             model = set_submodule(model, n, m)
         state.module = model.eval()
