@@ -184,3 +184,27 @@ class Tagger(nn.Module):
 def build(**kwargs):
     return Tagger(**kwargs)
 '''
+
+# A small CNN of the user's own (conv, batch norm, pooling, a linear head) for image data.
+USER_CNN = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, channels: int = 1, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.conv2(x)).mean(dim=(2, 3))
+        return self.head(x)
+
+
+def build(**kwargs):
+    return Net(**kwargs)
+'''
