@@ -92,7 +92,7 @@ def _quantized(job: ExportJob) -> nn.Module:
     quantizer = XNNPACKQuantizer()
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
     try:  # calibrate whole batches when the graph allows a free batch dimension
-        captured = _export(source, job.example(2), dynamic_batch_shapes(job, batch=True)).module()
+        captured = _export(source, job.example(2), dynamic_batch_shapes(job, batch=True, infer_ranges=True)).module()
         batched = True
     except Exception:
         captured = _export(source, job.example(1)).module()

@@ -209,14 +209,19 @@ def always() -> str | None:
     return None
 
 
-def dynamic_batch_shapes(job: ExportJob, batch: bool | None = None) -> Any:
+def dynamic_batch_shapes(job: ExportJob, batch: bool | None = None, infer_ranges: bool = False) -> Any:
     """torch.export dynamic_shapes: the batch axis (unless fixed) and every dynamic sample axis of the inputs spec
     (e.g. the sequence), named as the spec names them; a dict by argument name for named inputs. None: all fixed.
+
+    `infer_ranges`: sample axes are Dim.AUTO, so torch.export itself finds their range (a sequence is bounded by
+    the model's position embeddings) instead of refusing a named Dim it cannot prove unbounded.
     """
     batch = job.config.dynamic_batch if batch is None else batch
     dims: dict[str, Any] = {}
 
     def dim(name: str) -> Any:
+        if infer_ranges and name != "batch":
+            return torch.export.Dim.AUTO
         if name not in dims:
             dims[name] = torch.export.Dim(name, min=1 if name == "batch" else 2)
         return dims[name]

@@ -28,7 +28,8 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args, kwargs = args_and_kwargs(example)
-        program = torch.export.export(job.module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_batch_shapes(job))
+        program = torch.export.export(job.module, args, kwargs=kwargs or None,
+                                      dynamic_shapes=dynamic_batch_shapes(job, infer_ranges=True))
         tmp = path.with_name(f".tmp-{path.name}")  # torch.export.save wants a .pt2 name
         torch.export.save(program, str(tmp))
     tmp.replace(path)
