@@ -49,6 +49,7 @@ def _shipped(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if fmt in formats:
         return str(fmt), formats[fmt]
     return "torch", {"bytes": row.get("bytes"), "accuracy": row.get("accuracy"), "loss": row.get("loss"),
+                     "metric": row.get("metric"), "score": row.get("score"), "metrics": row.get("metrics"),
                      "latency_ms": row.get("latency_ms") or {}, "files": ["model.safetensors", "model.json"]}
 
 

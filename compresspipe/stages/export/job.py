@@ -246,6 +246,12 @@ def onnx_axes(job: ExportJob, batch: bool | None = None) -> dict[str, dict[int, 
         named = ({0: "batch"} if batch else {}) | {a + 1: n for a, n in spec.dynamic.items()}
         if named:
             axes[spec.name] = named
-    if batch:
-        axes[OUTPUT_NAME] = {0: "batch"}
+    from compresspipe.metrics.tasks import TASKS
+
+    out = {0: "batch"} if batch else {}
+    first = job.io.inputs[0]
+    if TASKS[job.io.task].per_position and 0 in first.dynamic:  # logits per position: that axis moves too
+        out[1] = first.dynamic[0]
+    if out:
+        axes[OUTPUT_NAME] = out
     return axes

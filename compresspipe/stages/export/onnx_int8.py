@@ -22,6 +22,8 @@ logits leave the last int8 layer in float rather than being rounded to 8 bits.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,7 +85,27 @@ class _Calibration:
         return next(self.items, None)
 
 
+@contextlib.contextmanager
+def _runtime_logs_to_notes() -> Iterator[None]:
+    """ONNX Runtime's quantization tools log advice and shape-inference doubts on the root logger; what matters
+    reaches the report as notes, so those lines are held back from the terminal for the duration."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def export(job: ExportJob, folder: Path) -> list[Path]:
+    with _runtime_logs_to_notes():
+        return _export(job, folder)
+
+
+def _export(job: ExportJob, folder: Path) -> list[Path]:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,

@@ -31,6 +31,17 @@ MANIFEST_VERSION = 1
 EXPORT_FOLDER = "export"
 SPARSE_FORMAT = "safetensors_zip"
 FORMAT_MODULES_ALL = {**FORMAT_MODULES, SPARSE_FORMAT: "compresspipe.stages.export.safetensors_copy"}
+def output_shape(io: Any, batch: str | int, fixed: bool, classes: int | None) -> list[Any]:
+    """The logits' shape: [batch, classes], or [batch, positions, classes] for per-token tasks."""
+    from compresspipe.metrics.tasks import TASKS
+
+    if not TASKS[io.task].per_position:
+        return [batch, classes]
+    first = io.inputs[0]
+    positions: str | int = first.shape[0] if fixed or 0 not in first.dynamic else first.dynamic[0]
+    return [batch, positions, classes]
+
+
 def exporter(fmt: str) -> Exporter:
     return importlib.import_module(FORMAT_MODULES_ALL[fmt]).EXPORTERS[fmt]
 
@@ -210,7 +221,7 @@ class ExportStage(Stage[ExportConfig]):
             "sha256": sha256_file(path),
             "input": inputs[0],
             "inputs": inputs,
-            "output": {"name": "logits", "shape": [batch, state.num_classes]},
+            "output": {"name": "logits", "shape": output_shape(io, batch, fixed, state.num_classes)},
             "task": io.task,
             "classes": io.classes,
             "normalisation": {"mean": mean, "std": std} if mean is not None and std is not None else None,
