@@ -28,7 +28,7 @@ from compresspipe.metrics.measure import measure_model
 from compresspipe.recipe.spec import Recipe
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.report.build import build_report, deploy_summary, render_markdown
-from compresspipe.report.gates import describe_failures, evaluate_gates, write_junit
+from compresspipe.report.gates import describe_failures, evaluate_gates, named_metrics, write_junit
 from compresspipe.report.html import render_html
 from compresspipe.run.folder import RunFolder, stage_dirname
 from compresspipe.run.setup import RunSetup, prepare, reference_name, seed_everything
@@ -44,6 +44,7 @@ class RunOptions:
     resume: bool = False
     force: bool = False
     junit: Path | None = None
+    allow_code: bool = False  # --allow-code: a python: model's file may run (its sha256 is checked on every build)
 
 
 @dataclass
@@ -66,9 +67,17 @@ class Executor:
         self.dist = Dist()
 
     def run(self) -> RunResult:
+        from compresspipe.models.code import allowing_code
+
+        with allowing_code(self.options.allow_code):
+            return self._run()
+
+    def _run(self) -> RunResult:
         if self.options.junit is not None and self.options.junit.is_dir():
             raise InputError(f"--junit {self.options.junit}: is a folder; give a file name")
         setup = prepare(self.recipe)
+        for note in setup.data.notes:
+            self.ui.log(f"data: {note}")
         self.dist = init_from_env(setup.device)
         if not self.dist.is_main:  # only rank 0 prints and writes the run folder
             self.ui = UI(quiet=True, stream=io.StringIO())
@@ -191,8 +200,9 @@ class Executor:
         files = save_model(result.state, partial)
         val = setup.data.loader("val", self.recipe.data.eval_batch_size)
         with self.ui.progress(f"evaluating {self.dirnames[index]}", len(val)) as bar:
-            measured = measure_model(result.state.module, result.state.input_shape, files, val, setup.device,
-                                     self.recipe.evaluate.latency, lambda: bar.advance(1))
+            measured = measure_model(result.state.module, result.state.spec, files, val, setup.device,
+                                     self.recipe.evaluate.latency, setup.data.num_classes, named_metrics(self.recipe),
+                                     lambda: bar.advance(1))
         runtime = self.recipe.deploy_runtime()
         primary = primary_format(runtime, result.state, result.files)
         formats: dict[str, Any] = {}
@@ -201,7 +211,8 @@ class Executor:
                 formats[fmt] = ship(fmt, result.state, ctx, partial, result.files, measured)
         metrics = {
             "version": 1, "index": index, "name": ctx.name, "type": stype, "kind": result.kind,
-            "folder": self.dirnames[index], "input_shape": list(result.state.input_shape), **measured,
+            "folder": self.dirnames[index], "input_shape": list(result.state.input_shape),
+            "inputs": [i.model_dump(mode="json") for i in result.state.spec.inputs], **measured,
             "emulated": is_int8(result.state), "deploy": {"runtime": runtime, "format": primary},
             "formats": formats, "seconds": round(seconds, 3), "notes": result.notes, "details": result.details,
         }

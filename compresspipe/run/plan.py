@@ -54,7 +54,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     state = setup.baseline()
     rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
                                    "params": count_params(state.module),
-                                   "macs": count_macs(state.module, state.input_shape), "layers": {}, "notes": []}]
+                                   "macs": count_macs(state.module, state.spec), "layers": {}, "notes": []}]
     ui = UI(quiet=True)
     with tempfile.TemporaryDirectory(prefix="compresspipe-plan-") as tmp:
         for i, (cfg, stage) in enumerate(zip(recipe.stages, setup.stages, strict=True), start=1):
@@ -69,7 +69,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
                 row["layers"] = prediction.layers
                 row["notes"] = prediction.notes
             row["params"] = count_params(state.module) if prediction is not None else None
-            row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
+            row["macs"] = count_macs(state.module, state.spec) if prediction is not None else None
             rows.append(row)
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
             "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}
