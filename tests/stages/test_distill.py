@@ -63,7 +63,7 @@ def test_distillation_loss_is_the_documented_mix():
     ({"alpha": -0.1}, "stages[1].alpha: must be greater than or equal to 0"),
     ({"labels_fraction": 0}, "stages[1].labels_fraction: must be greater than 0"),
     ({"student": "smaller"}, "stages[1].student: must be one of: current"),
-    ({"teacher": {"builtin": "digits-cnn"}}, "needs checkpoint"),
+    ({"teacher": {"builtin": "digits-cnn"}}, "needs weights"),
     ({"student": {"builtin": "digits-cnx"}}, "stages[1].student.builtin: unknown model 'digits-cnx'"),
 ])
 def test_bad_config_exits_2_with_file_and_line(tmp_path, change, message):
