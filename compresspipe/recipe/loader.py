@@ -257,8 +257,8 @@ def _check_limits(recipe: Recipe, limits: Any) -> list[tuple[Loc, str]]:
 
     problems: list[tuple[Loc, str]] = []
     info = TASKS[recipe.task]
-    for key in ("max_accuracy_drop", "min_accuracy"):
-        if getattr(limits, key) is not None and not info.has_accuracy:
+    for key in ("max_accuracy_drop", "min_accuracy", "min_reference_accuracy"):
+        if getattr(limits, key, None) is not None and not info.has_accuracy:
             problems.append(((key,), f"task {recipe.task} has no top-1 accuracy; judge its metric instead, e.g. "
                                      f"max_drop: {{{info.default_metric}: ...}}"))
     for key in ("max_drop", "target"):

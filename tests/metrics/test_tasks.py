@@ -68,8 +68,9 @@ def test_gates_and_expect_name_any_metric_in_its_direction(tmp_path):
 
     for gates, message in (({"max_drop": {"f1_makro": 0.1}}, "did you mean 'f1_macro'"),
                            ({"target": {"mse": 0.1}}, "does not apply to task classification"),
-                           ({"max_accuracy_drop": 0.01}, "has no top-1 accuracy")):
-        task = "regression" if "max_accuracy_drop" in gates else "classification"
+                           ({"max_accuracy_drop": 0.01}, "has no top-1 accuracy"),
+                           ({"min_reference_accuracy": 0.5}, "has no top-1 accuracy")):
+        task = "regression" if "accuracy" in next(iter(gates)) else "classification"
         bad = tiny_recipe(gates=gates, task=task)
         with pytest.raises(RecipeError, match=message):
             load_recipe(write_recipe(tmp_path, bad))
