@@ -264,11 +264,19 @@ def float_outputs(path: Path) -> int:
 
 
 def _preprocess(source: Path, target: Path, job: ExportJob) -> Path:
-    """Shape inference and graph cleanup ONNX Runtime recommends before quantizing; the source if it fails."""
+    """Shape inference and graph cleanup ONNX Runtime recommends before quantizing; the source if it fails.
+
+    It runs in a scratch folder beside `target`: when symbolic shape inference is incomplete (a BERT's dynamic
+    sequence), ONNX Runtime saves `sym_shape_infer_temp.onnx` and its external data into the working directory,
+    which would leave files in the user's folder."""
+    import tempfile
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    source, target = source.resolve(), target.resolve()
     try:
-        quant_pre_process(str(source), str(target))
+        with tempfile.TemporaryDirectory(prefix=".ort-pre-", dir=target.parent) as scratch, contextlib.chdir(scratch):
+            quant_pre_process(str(source), str(target))
         return target
     except Exception as exc:  # optional step: quantization still works without it
         job.notes.append(f"model.int8.onnx: ONNX Runtime pre-processing skipped ({type(exc).__name__})")
