@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev,torchao,mobile,search
+EXTRAS ?= dev,torchao,mobile,search,timm,huggingface
 
 .PHONY: install system-deps demo test acceptance lint bench clean
 

@@ -135,3 +135,76 @@ def install_plugin(folder: Path, module: str, code: str, entry_points: str) -> d
     env = {k: v for k, v in os.environ.items() if k != "COMPRESSPIPE_NO_PLUGINS"}
     env["PYTHONPATH"] = str(folder)
     return env
+
+
+# A BERT-style classifier small enough for a whole run in seconds (2 layers, hidden 32, 2 heads).
+TINY_BERT: dict[str, Any] = {"model_type": "bert", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+                             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 32}
+TINY_TEXT_DATA: dict[str, Any] = {"dataset": "synthetic-text", "vocab_size": 64, "seq_len": 16, "num_classes": 2,
+                                  "samples": 256, "batch_size": 32, "eval_batch_size": 64}
+
+
+def text_recipe(**changes: Any) -> dict[str, Any]:
+    """tiny_recipe on a tiny Hugging Face BERT built from a config, trained on synthetic-text."""
+    recipe = tiny_recipe(name="text", task="sequence_classification",
+                         model={"huggingface": {"config": dict(TINY_BERT)}}, data=dict(TINY_TEXT_DATA),
+                         stages=[{"type": "train", "epochs": 2, "lr": 3.0e-3}])
+    recipe.update(changes)
+    return recipe
+
+
+TINY_VIT_TIMM: dict[str, Any] = {"timm": "vit_tiny_patch16_224",
+                                 "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "num_heads": 2,
+                                            "embed_dim": 32, "num_classes": 10}}
+TINY_VIT_HF: dict[str, Any] = {"model_type": "vit", "image_size": 16, "patch_size": 4, "num_channels": 1,
+                               "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "intermediate_size": 64}
+
+# A local nn.Module built by a factory in a file (the `python:` source), as a user would write one.
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    """Token ids and a mask in, class logits out: a small model of the user's own."""
+
+    def __init__(self, vocab: int = 64, width: int = 16, classes: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.fc1 = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        h = h.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1)
+        return self.head(torch.relu(self.fc1(h)))
+
+
+def build(**kwargs):
+    return Tagger(**kwargs)
+'''
+
+# A small CNN of the user's own (conv, batch norm, pooling, a linear head) for image data.
+USER_CNN = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, channels: int = 1, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.conv2(x)).mean(dim=(2, 3))
+        return self.head(x)
+
+
+def build(**kwargs):
+    return Net(**kwargs)
+'''

@@ -1,7 +1,8 @@
 """Model artifacts without pickle: `model.safetensors` (weights) + `model.json` (how to rebuild).
 
-`model.json` holds the model source (a builtin or torchvision name with kwargs), an ordered log of structural
-edits and the records stages hand each other. Loading checks every field, replays the edits on the meta
+`model.json` holds the model source (a builtin, torchvision, timm or Hugging Face model, or a Python file with its
+sha256), what the model takes and gives (`io`: inputs, task, class names, preprocessing), an ordered log of
+structural edits and the records stages hand each other. Loading checks every field, replays the edits on the meta
 device first and compares the shapes with the safetensors header, so a tampered file is refused before any
 memory is spent on it; then it builds the model, replays the edits and loads the weights strictly.
 """
@@ -22,11 +23,13 @@ from torch import nn
 
 from compresspipe.artifacts.edits import apply_edit, check_edit
 from compresspipe.artifacts.files import atomic_write_json, make_readable
+from compresspipe.artifacts.io import ModelIO
 from compresspipe.artifacts.records import Record, get_record, record_from_json
 from compresspipe.errors import ArtifactError, CompressPipeError
 
 MODEL_FORMAT = "compresspipe.model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: `io` (inputs, task, classes, preprocessing); version 1 files read as one float input
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILE = "model.json"
 MAX_DESCRIPTION_BYTES = 32 * 2**20  # model.json: the edit log of a very large model is a few MB
@@ -45,10 +48,26 @@ class ModelState:
     edits: list[dict[str, Any]] = field(default_factory=list)
     # what one stage hands a later one, by record kind (artifacts.records); saved in model.json with the model
     records: dict[str, Record] = field(default_factory=dict)
+    # inputs, task, class names, preprocessing; default: one float tensor of input_shape, classification
+    io: ModelIO | None = None
 
     def __post_init__(self) -> None:  # a recipe's model block may be passed: keep only what rebuilds the model
-        self.source = {k: v for k, v in self.source.items() if k in ("builtin", "torchvision", "kwargs")
-                       and v is not None}
+        from compresspipe.models.factory import SOURCE_KEYS
+
+        self.source = {k: v for k, v in self.source.items() if k in SOURCE_KEYS and v is not None}
+        if self.io is None:
+            self.io = ModelIO.single(self.input_shape)
+        self.input_shape = tuple(self.io.inputs[0].shape)
+
+    @property
+    def spec(self) -> ModelIO:
+        """What the model takes and gives (never None after construction)."""
+        assert self.io is not None  # noqa: S101 - set in __post_init__
+        return self.io
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
 
     def apply(self, edit: dict[str, Any]) -> None:
         """Apply an edit to the module and append it to the log."""
@@ -69,7 +88,7 @@ class ModelState:
 
     def clone(self) -> ModelState:
         return ModelState(copy.deepcopy(self.module), copy.deepcopy(self.source), tuple(self.input_shape),
-                          self.num_classes, copy.deepcopy(self.edits), dict(self.records))
+                          self.num_classes, copy.deepcopy(self.edits), dict(self.records), self.io)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -78,6 +97,7 @@ class ModelState:
             "source": self.source,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            "io": self.spec.model_dump(mode="json"),
             "edits": self.edits,
             "records": {kind: r.to_json() for kind, r in self.records.items()},
             "weights": WEIGHTS_FILE,
@@ -137,8 +157,9 @@ def read_description(path: Path) -> dict[str, Any]:
 
     need(isinstance(desc, dict), "(top level)", f"must be an object (got {type(desc).__name__})")
     need(desc.get("format") == MODEL_FORMAT, "format", f"not a compresspipe model description (want {MODEL_FORMAT!r})")
-    need(type(desc.get("version")) is int and desc["version"] == MODEL_FORMAT_VERSION, "version",
-         f"model format version {desc.get('version')!r}; this compresspipe reads {MODEL_FORMAT_VERSION}")
+    need(type(desc.get("version")) is int and desc["version"] in READABLE_VERSIONS, "version",
+         f"model format version {desc.get('version')!r}; this compresspipe reads "
+         f"{', '.join(map(str, READABLE_VERSIONS))}")
     shape = desc.get("input_shape")
     need(isinstance(shape, list) and 1 <= len(shape) <= 8 and all(type(d) is int and 0 < d <= 2**20 for d in shape),
          "input_shape", f"must be a list of 1 to 8 positive ints (got {shape!r})")
@@ -151,12 +172,21 @@ def read_description(path: Path) -> dict[str, Any]:
     aliases = desc.get("aliases", {})
     need(isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()),
          "aliases", "must map tensor names to tensor names")
+    from pydantic import ValidationError
+
     from compresspipe.models.factory import check_source
 
+    try:
+        desc["io"] = ModelIO.model_validate(desc["io"]) if "io" in desc else ModelIO.single(shape)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ArtifactError(f"{path}: io.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     try:
         desc["source"] = check_source(desc.get("source"))
     except CompressPipeError as exc:
         raise ArtifactError(f"{path}: source: {exc}") from None
+    if "python" in desc["source"] and "sha256" not in desc["source"]:
+        raise ArtifactError(f"{path}: source: a python model source must record its file's sha256")
     for i, edit in enumerate(desc.get("edits", [])):
         try:
             check_edit(edit)
@@ -178,7 +208,10 @@ def _build(desc: dict[str, Any], path: Path, device: str) -> nn.Module:
     from compresspipe.models.factory import build_model
 
     with torch.device(device):
-        module = build_model(desc["source"])
+        try:
+            module = build_model(desc["source"], desc["io"].task)
+        except CompressPipeError as exc:
+            raise ArtifactError(f"{path}: source: {exc}") from None
         for i, edit in enumerate(desc.get("edits", [])):
             try:
                 module = apply_edit(module, edit)
@@ -187,12 +220,21 @@ def _build(desc: dict[str, Any], path: Path, device: str) -> nn.Module:
     return module
 
 
-def load_model(folder: Path, map_location: str | torch.device = "cpu") -> ModelState:
+def load_model(folder: Path, map_location: str | torch.device = "cpu", allow_code: bool = False) -> ModelState:
     """Rebuild a model from its folder: source, edit replay, weights. Never unpickles.
 
     Every field of model.json is checked first; the edits are replayed on the meta device (no memory) and
-    the shapes compared with the weights file's header before the model is built for real.
+    the shapes compared with the weights file's header before the model is built for real. A model built by a
+    Python file (`python:` source) runs that file: only with `allow_code` (or inside `allowing_code()`), and only
+    if its sha256 is the one recorded.
     """
+    from compresspipe.models.code import allowing_code
+
+    with allowing_code(allow_code):
+        return _load_model(folder, map_location)
+
+
+def _load_model(folder: Path, map_location: str | torch.device) -> ModelState:
     desc_path, weights = folder / MODEL_FILE, folder / WEIGHTS_FILE
     for p in (desc_path, weights):
         if not p.is_file():
@@ -220,7 +262,7 @@ def load_model(folder: Path, map_location: str | torch.device = "cpu") -> ModelS
                             f"({'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''})")
     module = _build(desc, desc_path, "cpu")
     state = ModelState(module, desc["source"], tuple(desc["input_shape"]), desc.get("num_classes"),
-                       list(desc.get("edits", [])), records)
+                       list(desc.get("edits", [])), records, desc["io"])
     try:
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as exc:

@@ -85,6 +85,7 @@ def diff(
     recipe_a: Path = typer.Argument(..., help="First recipe (YAML)."),
     recipe_b: Path = typer.Argument(..., help="Second recipe (YAML)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Accept python: model sources (they run code)."),
 ) -> None:
     """Show what differs between two resolved recipes (defaults filled in), stages matched by name. Exit 0."""
     from rich.console import Console
@@ -92,7 +93,7 @@ def diff(
     from compresspipe.cli import _escape as escape
     from compresspipe.recipe import load_recipe
 
-    a, b = load_recipe(recipe_a), load_recipe(recipe_b)
+    a, b = load_recipe(recipe_a, allow_code=allow_code), load_recipe(recipe_b, allow_code=allow_code)
     changes = diff_recipes(a.to_data(), b.to_data())
     if json_out:
         print(json.dumps({"format": DIFF_FORMAT, "version": DIFF_VERSION, "a": str(recipe_a), "b": str(recipe_b),

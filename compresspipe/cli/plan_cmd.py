@@ -16,6 +16,7 @@ def plan(
     recipe: Path = typer.Argument(..., help="Recipe file (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set stages.0.epochs=3"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Let a python: model source run its file's code."),
 ) -> None:
     """Dry run: resolve selectors, predict params and MACs per stage, warn about recipes that cannot deliver."""
     from rich.console import Console
@@ -24,10 +25,12 @@ def plan(
     from compresspipe.cli import _escape as escape
     from compresspipe.recipe import load_recipe
 
-    parsed = load_recipe(recipe, set_)
+    parsed = load_recipe(recipe, set_, allow_code=allow_code)
+    from compresspipe.models.code import allowing_code
     from compresspipe.run.plan import plan_recipe
 
-    result = plan_recipe(parsed)
+    with allowing_code(allow_code):
+        result = plan_recipe(parsed)
     if json_out:
         print(json.dumps(result, indent=2, default=str))
         return

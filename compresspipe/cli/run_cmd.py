@@ -25,11 +25,12 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout; the table and logs go to stderr."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train data-parallel in N processes (torch.distributed)."),
     wide: bool = typer.Option(False, "--wide", help="Print every column of the table, whatever the terminal width."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Let a python: model source run its file's code."),
 ) -> None:
     """Run a recipe: baseline, every stage in order, a reloadable model after each, and a report."""
     from compresspipe.recipe import load_recipe
 
-    parsed = load_recipe(recipe, set_)  # validate everything before importing torch or launching
+    parsed = load_recipe(recipe, set_, allow_code=allow_code)  # validate all before importing torch or launching
     if nproc > 1:
         from compresspipe.training.distributed import launched_by_torchrun
 
@@ -37,7 +38,8 @@ def run(
             argv = [str(recipe), *(["--out", str(out)] if out else []), *(["--resume"] if resume else []),
                     *(["--force"] if force else []), *[a for s in set_ for a in ("--set", s)],
                     *(["-q"] if quiet else []), *(["--junit", str(junit)] if junit else []),
-                    *(["--json"] if json_out else []), *(["--wide"] if wide else [])]
+                    *(["--json"] if json_out else []), *(["--wide"] if wide else []),
+                    *(["--allow-code"] if allow_code else [])]
             raise typer.Exit(launch(nproc, argv))
     from compresspipe.run.executor import RunOptions, run_recipe
     from compresspipe.ui import UI
@@ -46,7 +48,7 @@ def run(
     if parsed.search is not None:
         ui.log("the recipe has a search: block; run runs it as written (the variables' own values), "
                "`compresspipe search` runs the search")
-    options = RunOptions(out=out, resume=resume, force=force, junit=junit)
+    options = RunOptions(out=out, resume=resume, force=force, junit=junit, allow_code=allow_code)
     folder = out or Path("runs") / parsed.name
     try:
         result = run_recipe(parsed, recipe, options, ui)

@@ -17,6 +17,7 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set stages.0.epochs=3"),
     print_: bool = typer.Option(False, "--print", help="Print the resolved recipe (defaults filled in)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Accept python: model sources (they run code)."),
 ) -> None:
     """Check recipes: every problem is reported with file, line, column and key path."""
     from rich.console import Console
@@ -31,7 +32,7 @@ def validate(
     results = []
     for path in recipes:
         try:
-            recipe = load_recipe(path, set_)
+            recipe = load_recipe(path, set_, allow_code=allow_code)
         except RecipeError as exc:
             failed = True
             results.append({"file": str(path), "ok": False, "problems": [

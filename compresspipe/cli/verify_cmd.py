@@ -17,6 +17,7 @@ def verify(
     fast: bool = typer.Option(False, "--fast", help="Only check the files against their manifests and the lock "
                                                     "against the recipe: no re-run, seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Let a python: model source run its file's code."),
 ) -> None:
     """Check RUN_DIR's files and re-run its locked recipe: metrics, files, weight hashes.
 
@@ -26,9 +27,11 @@ def verify(
     from rich.table import Table
 
     from compresspipe.cli import _escape as escape
+    from compresspipe.models.code import allowing_code
     from compresspipe.run.verify import verify_run
 
-    result = verify_run(run_dir, fast=fast)
+    with allowing_code(allow_code):
+        result = verify_run(run_dir, fast=fast)
     if json_out:
         print(json.dumps(result, indent=2))
     else:

@@ -49,13 +49,14 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
          torch_metrics: dict[str, Any]) -> dict[str, Any]:
     """Build (or reuse) the row's `fmt` file under `folder` and measure it on the whole validation split.
 
-    Returns the row's `formats[fmt]` entry: files (relative to `folder`), bytes, accuracy, loss, agreement with
+    Returns the row's `formats[fmt]` entry: files (relative to `folder`), bytes, the task's metrics (accuracy,
+    loss, `metric` and its `score`, every metric under `metrics`), agreement with
     the PyTorch model, max |logit difference|, notes, and for int8 ONNX the CPUs it is exact on.
     """
     if fmt == "torch":
         files = [WEIGHTS_FILE, MODEL_FILE]
         return {"format": "torch", "files": files, "bytes": sum((folder / f).stat().st_size for f in files),
-                "accuracy": torch_metrics.get("accuracy"), "loss": torch_metrics.get("loss"),
+                **{k: torch_metrics.get(k) for k in ("accuracy", "loss", "metric", "score", "metrics")},
                 "agreement": 1.0, "max_abs_diff": 0.0, "notes": []}
     from compresspipe.stages.export.stage import build_job, exporter, int8_record
 
@@ -78,7 +79,8 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
     entry: dict[str, Any] = {
         "format": fmt, "files": [p.relative_to(folder).as_posix() for p in paths],
         "bytes": sum(p.stat().st_size for p in paths),
-        "accuracy": metrics["accuracy"], "loss": metrics["loss"], "agreement": metrics["top1_agreement"],
+        **{k: metrics.get(k) for k in ("accuracy", "loss", "metric", "score", "metrics")},
+        "agreement": metrics["top1_agreement"],
         "max_abs_diff": metrics["max_abs_diff"], "notes": [n for n in job.notes if not n.startswith("model.onnx:")],
     }
     if fmt == "onnx_int8":

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compresspipe.artifacts.files import sha256_file
-from compresspipe.deploy.timing import caller, interleaved, quartiles, ratio, set_threads
+from compresspipe.deploy.timing import caller, interleaved, quartiles, ratio, row_io, set_threads
 
 if TYPE_CHECKING:
     from compresspipe.recipe.spec import Recipe
@@ -55,7 +55,7 @@ class DeployTimer:
                 for bs in self.sizes:
                     key: Hashable = (ident, bs)
                     if key not in calls:
-                        call = caller(fmt, stage, entry["files"], bs, tuple(row["input_shape"]), self.threads)
+                        call = caller(fmt, stage, entry["files"], bs, row_io(row), self.threads)
                         if call is None:
                             continue
                         calls[key] = call

@@ -16,15 +16,20 @@ from typing import Any
 
 import torch
 
+from compresspipe.artifacts.io import ModelIO
+from compresspipe.models.inputs import example, forward, numpy_feed
+
 ROUND_BUDGET_S = 0.05  # time one file gets per round; iterations adapt to it (at least one call)
 
 
-def random_input(shape: tuple[int, ...], batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *shape), generator=gen).to(dtype)
+def row_io(row: dict[str, Any]) -> ModelIO:
+    """The inputs a report row's model takes (rows written before the inputs spec: one float tensor)."""
+    if row.get("inputs"):
+        return ModelIO.model_validate({"inputs": row["inputs"]})
+    return ModelIO.single(list(row["input_shape"]))
 
 
-def caller(fmt: str, folder: Path, files: list[str], batch: int, input_shape: tuple[int, ...],
+def caller(fmt: str, folder: Path, files: list[str], batch: int, io: ModelIO,
            threads: int) -> Callable[[], Any] | None:
     """A zero-argument call running one inference of the row's file at `batch`; None if it cannot run that batch."""
     if fmt == "torch":
@@ -32,20 +37,19 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, input_shape: tu
         from compresspipe.stages.export.job import input_dtype
 
         module = load_model(folder).module.eval()
-        x = random_input(input_shape, batch, input_dtype(module))
+        x = example(io, batch, float_dtype=input_dtype(module))
 
         def run_torch() -> Any:
             with torch.inference_mode():
-                return module(x)
+                return forward(module, x)
 
         return run_torch
     if fmt in ("onnx", "onnx_int8"):
-        from compresspipe.stages.export.onnx_float import session
+        from compresspipe.stages.export.onnx_float import feed_types, session
 
         sess = session(folder / files[0], threads)
-        inp = sess.get_inputs()[0]
-        dtype = {"tensor(float16)": "float16", "tensor(double)": "float64"}.get(inp.type, "float32")
-        feed = {inp.name: random_input(input_shape, batch).numpy().astype(dtype)}
+        names, dtypes = feed_types(sess)
+        feed = numpy_feed(example(io, batch), names, dtypes)
         return lambda: sess.run(None, feed)
     if fmt in ("executorch", "executorch_int8"):
         if batch != 1:
@@ -53,8 +57,9 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, input_shape: tu
         from executorch.runtime import Runtime
 
         method = Runtime.get().load_program(folder / files[0]).load_method("forward")
-        x = random_input(input_shape, 1)
-        return lambda: method.execute([x])
+        x = example(io, 1)
+        values = [x[n] for n in io.names] if isinstance(x, dict) else [x]
+        return lambda: method.execute(values)
     raise ValueError(f"no runtime for format {fmt!r}")
 
 

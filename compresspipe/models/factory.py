@@ -1,6 +1,7 @@
-"""Build a model from its source (registry name or torchvision classifier) and load local weights.
+"""Build a model from its source (registry name, torchvision, timm, Hugging Face config, or the user's own
+Python file) and load local weights.
 
-Checkpoints are read without unpickling: safetensors, or a .pt/.pth state_dict under
+Checkpoints are read without unpickling: safetensors, or a .pt/.pth/.bin state_dict under
 ``torch.load(weights_only=True)``.
 """
 
@@ -25,33 +26,39 @@ if TYPE_CHECKING:
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def check_source(source: Any) -> dict[str, Any]:
+SOURCE_KEYS = ("builtin", "torchvision", "timm", "huggingface", "python", "sha256", "kwargs")
+
+
+def check_source(source: Any, allow_code: bool = False) -> dict[str, Any]:
     """A model source (from a recipe or a model.json) checked by the recipe's own rules: one known name, plain
-    JSON kwargs, and nothing that would download weights. Returns it as plain data."""
+    JSON kwargs, nothing that would download weights or run remote code, and a python file only when code is
+    allowed (`allow_code`, or `models.code.allowing_code()`). Returns it as plain data."""
     from pydantic import ValidationError
 
     from compresspipe.recipe.spec import ModelSpec
 
     if not isinstance(source, Mapping):
         raise InputError(f"a model source must be an object (got {type(source).__name__})")
-    extra = sorted(set(source) - {"builtin", "torchvision", "kwargs"})
+    extra = sorted(set(source) - set(SOURCE_KEYS))
     if extra:
-        raise InputError(f"unknown key(s) {', '.join(map(repr, extra))} in a model source; allowed: builtin, "
-                         "torchvision, kwargs")
+        raise InputError(f"unknown key(s) {', '.join(map(repr, extra))} in a model source; allowed: "
+                         f"{', '.join(SOURCE_KEYS)}")
     try:
-        spec = ModelSpec.model_validate(dict(source), context={"check_paths": False})
+        spec = ModelSpec.model_validate(dict(source), context={"check_paths": False, "allow_code": allow_code})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(source)"
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-")) or "(source)"
         raise InputError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
-    return spec.model_dump(include={"builtin", "torchvision", "kwargs"}, exclude_none=True)
+    return spec.model_dump(mode="json", include=set(SOURCE_KEYS), exclude_none=True)
 
 
-def build_model(source: Mapping[str, Any]) -> nn.Module:
-    """A freshly initialised model from ``{"builtin" | "torchvision": name, "kwargs": {...}}`` (a recipe's model
-    block works too: its other keys are not the source's)."""
-    source = check_source({k: v for k, v in source.items() if k in ("builtin", "torchvision", "kwargs")})
+def build_model(source: Mapping[str, Any], task: str = "classification") -> nn.Module:
+    """A freshly initialised model from a source ``{"builtin" | "torchvision" | "timm" | "huggingface" | "python":
+    ..., "kwargs": {...}}`` (a recipe's model block works too: its other keys are not the source's). `task` picks
+    a Hugging Face model's Auto class."""
+    source = check_source({k: v for k, v in source.items() if k in SOURCE_KEYS})
     kwargs = dict(source.get("kwargs") or {})
+    factory: Any
     if source.get("builtin"):
         name = str(source["builtin"])
         factory = MODELS.get(name)
@@ -65,40 +72,119 @@ def build_model(source: Mapping[str, Any]) -> nn.Module:
         def factory(**kw: Any) -> nn.Module:
             return torchvision.models.get_model(name, weights=None, **kw)
 
+    elif source.get("timm"):
+        import timm
+
+        name = str(source["timm"])
+        label = f"timm:{name}"
+
+        def factory(**kw: Any) -> nn.Module:
+            return timm.create_model(name, pretrained=False, **kw)
+
+    elif source.get("huggingface") is not None:
+        from compresspipe.models import hf
+
+        return hf.build(source["huggingface"], kwargs, task)
+    elif source.get("python"):
+        return _build_python(str(source["python"]), source.get("sha256"), kwargs)
     else:
-        raise InputError("a model source needs builtin: <name> or torchvision: <name>")
+        raise InputError("a model source needs one of builtin, torchvision, timm, huggingface or python")
     try:
-        return factory(**kwargs)
+        return factory(**kwargs)  # type: ignore[no-any-return]
     except TypeError as exc:
         raise InputError(f"model {label!r} does not accept kwargs {kwargs}: {exc}") from None
-    except ValueError as exc:  # torchvision: unknown name, or a kwarg value it rejects
+    except (ValueError, RuntimeError) as exc:  # unknown name, or a kwarg value the library rejects
         raise InputError(f"model {label!r} with kwargs {kwargs}: {exc}") from None
 
 
-def build_from_spec(spec: ModelSpec) -> nn.Module:
-    """The recipe's model, with its checkpoint loaded if it names one."""
-    model = build_model(spec.model_dump(include={"builtin", "torchvision", "kwargs"}))
+def _build_python(ref: str, sha256: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    from compresspipe.models.code import load_factory, split_ref
+
+    path_text, name = split_ref(ref)
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"python model file not found: {path}")
+    try:
+        factory = load_factory(path, name, sha256)
+    except (PermissionError, ValueError, AttributeError) as exc:
+        raise InputError(str(exc)) from None
+    except Exception as exc:  # the user's module failed to import: say where, not a traceback of ours
+        raise InputError(f"{path}: importing it failed ({type(exc).__name__}: {exc})") from None
+    try:
+        module = factory(**kwargs)
+    except Exception as exc:  # the user's factory: name it and what it raised
+        raise InputError(f"{ref} with kwargs {kwargs} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise InputError(f"{ref} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def recorded_source(spec: ModelSpec, task: str = "classification", num_classes: int | None = None,
+                    classes: list[str] | None = None) -> dict[str, Any]:
+    """The source an artifact records for a recipe's model block: a Hugging Face folder becomes its full config
+    (label count and names from the data where the config does not fix them; the artifact then needs no folder),
+    a Python file gets its sha256 (a changed file is refused on reload)."""
+    source = spec.model_dump(mode="json", include=set(SOURCE_KEYS), exclude_none=True)
+    if spec.huggingface is not None:
+        from compresspipe.models import hf
+
+        config = hf.resolve_config(spec.huggingface if isinstance(spec.huggingface, str) else source["huggingface"],
+                                   spec.kwargs, task, num_classes, classes)
+        source = {"huggingface": {"config": config}}
+    if spec.python is not None:
+        from compresspipe.models.code import file_sha256, split_ref
+
+        path = Path(split_ref(spec.python)[0])
+        actual = file_sha256(path)
+        if spec.sha256 is not None and actual != spec.sha256:
+            raise InputError(f"model.sha256 pins {path} to {spec.sha256[:12]}..., but the file now has "
+                             f"{actual[:12]}...: it changed; update the pin or restore the file")
+        source["sha256"] = actual
+    return check_source(source)
+
+
+def build_from_spec(spec: ModelSpec, task: str = "classification", num_classes: int | None = None,
+                    classes: list[str] | None = None) -> nn.Module:
+    """The model a recipe's model block describes, with a Hugging Face folder's weights and its checkpoint
+    loaded."""
+    return build_recorded(spec, recorded_source(spec, task, num_classes, classes), task)[0]
+
+
+def build_recorded(spec: ModelSpec, source: dict[str, Any], task: str) -> tuple[nn.Module, list[str]]:
+    """(the model built from its recorded source, with the spec's weights loaded; notes about the weights)."""
+    model = build_model(source, task)
+    notes: list[str] = []
+    if isinstance(spec.huggingface, str):
+        from compresspipe.models import hf
+
+        notes = hf.load_folder_weights(model, Path(spec.huggingface))  # type: ignore[arg-type]
     if spec.checkpoint:
         load_checkpoint(model, spec.checkpoint)
-    return model
+    return model, notes
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint into `model` strictly; every mismatch is reported, nothing is half-loaded."""
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file as a flat state_dict (wrapper prefixes removed), read without unpickling objects."""
     path = Path(path)
-    state = _unwrap(path, _read_checkpoint(path))
-    state = _strip_prefixes(state)
+    return _strip_prefixes(_unwrap(path, _read_checkpoint(path)))
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Every mismatch between a state_dict and the model, at once: names, shapes, and kinds of dtype (an int, bool
+    or complex tensor is never cast to float, nor a float one to int)."""
     expected = model.state_dict()
     _fill_tied(state, expected)
-
     problems: list[str] = []
     problems += [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"shape of {k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
+    for k, v in expected.items():
+        if k not in state:
+            continue
+        if tuple(state[k].shape) != tuple(v.shape):
+            problems.append(f"shape of {k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}")
+        elif _dtype_kind(state[k].dtype) != _dtype_kind(v.dtype):
+            problems.append(f"dtype of {k}: checkpoint {str(state[k].dtype).removeprefix('torch.')}, model "
+                            f"{str(v.dtype).removeprefix('torch.')} (not cast silently)")
     if problems:
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -106,6 +192,27 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             f"{path}: checkpoint does not match the model: {len(problems)} problem"
             f"{'s' if len(problems) != 1 else ''}: {shown}{more}"
         )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into `model` strictly; every mismatch is reported, nothing is half-loaded.
+
+    A Hugging Face model (`HFModel`) also takes the transformers model's own keys (without the wrapper's
+    "model." prefix)."""
+    state = read_state(path)
+    from compresspipe.models.hf import HFModel
+
+    if isinstance(model, HFModel) and state and not all(k.startswith("model.") for k in state):
+        state = {f"model.{k}": v for k, v in state.items()}
+    check_state(model, state, path)
     model.load_state_dict(state, strict=True)
 
 
@@ -119,7 +226,7 @@ def _read_checkpoint(path: Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read safetensors checkpoint ({exc})") from None
-    if suffix in (".pt", ".pth"):
+    if suffix in (".pt", ".pth", ".bin"):
         _check_archive(path)
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -136,7 +243,7 @@ def _read_checkpoint(path: Path) -> Any:
             ) from None
         except Exception as exc:  # the restricted unpickler fails in many ways on a corrupt file
             raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    raise InputError(f"{path}: checkpoint must be .safetensors, .pt or .pth (got {suffix or 'no extension'})")
+    raise InputError(f"{path}: checkpoint must be .safetensors, .pt, .pth or .bin (got {suffix or 'no extension'})")
 
 
 def _check_archive(path: Path) -> None:

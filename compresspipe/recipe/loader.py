@@ -156,14 +156,16 @@ def validate_recipe_data(
     base_dir: Path | None = None,
     overrides: Sequence[Override] = (),
     check_paths: bool = True,
+    allow_code: bool = False,
 ) -> Recipe:
-    """Validate plain recipe data; raise RecipeError listing every problem."""
+    """Validate plain recipe data; raise RecipeError listing every problem. `allow_code`: the command line's
+    --allow-code (a `python:` model runs the user's code)."""
     from compresspipe.data import DATASETS
     from compresspipe.stages import STAGES
 
     doc = doc or YamlDocument(data, "<recipe>", {}, {})
     rep = _Reporter(doc, overrides)
-    context = {"base_dir": base_dir, "check_paths": check_paths}
+    context = {"base_dir": base_dir, "check_paths": check_paths, "allow_code": allow_code}
     if not isinstance(data, dict):
         rep.add((), f"a recipe is a mapping of keys at top level (got {type(data).__name__})")
         raise RecipeError(rep.problems)
@@ -209,6 +211,7 @@ def validate_recipe_data(
     recipe = Recipe.model_validate(
         {**recipe.model_dump(exclude={"data", "stages"}), "data": data_cfg, "stages": stages}, context=context
     )
+    _check_model_task(rep, recipe)
     lowered: int | None = None  # the first stage that leaves low-precision layers
     for i, stage in enumerate(recipe.stages):
         for sub, message in stage.check(recipe, i):
@@ -233,8 +236,45 @@ def validate_recipe_data(
     return recipe
 
 
+def _check_model_task(rep: _Reporter, recipe: Recipe) -> None:
+    """The model can do the recipe's task (a Hugging Face model type has the task's Auto class)."""
+    from compresspipe.recipe.spec import HuggingFaceConfig, _read_hf_folder, hf_unsupported
+
+    hf = recipe.model.huggingface
+    if hf is None:
+        return
+    try:
+        config = hf.config if isinstance(hf, HuggingFaceConfig) else _read_hf_folder(Path(hf))
+    except ValueError:
+        return  # reported by the model block's own validation
+    why = hf_unsupported(recipe.task, str(config.get("model_type")))
+    if why:
+        rep.add(("model", "huggingface"), why)
+
+
 def _check_limits(recipe: Recipe, limits: Any) -> list[tuple[Loc, str]]:
+    from compresspipe.metrics import METRICS
+    from compresspipe.metrics.tasks import TASKS
+
     problems: list[tuple[Loc, str]] = []
+    info = TASKS[recipe.task]
+    for key in ("max_accuracy_drop", "min_accuracy", "min_reference_accuracy"):
+        if getattr(limits, key, None) is not None and not info.has_accuracy:
+            problems.append(((key,), f"task {recipe.task} has no top-1 accuracy; judge its metric instead, e.g. "
+                                     f"max_drop: {{{info.default_metric}: ...}}"))
+    for key in ("max_drop", "target"):
+        for name in getattr(limits, key) or {}:
+            if name == "loss":
+                continue
+            if name not in METRICS:
+                problems.append(((key, name), unknown_message("metric", name, [*METRICS.names(), "loss"])))
+                continue
+            cls, why = METRICS.try_get(name)
+            if cls is None:
+                problems.append(((key, name), str(why)))
+            elif recipe.task not in getattr(cls, "tasks", (recipe.task,)):
+                problems.append(((key, name), f"metric {name} does not apply to task {recipe.task}; its metrics: "
+                                              f"{', '.join(info.metrics)}"))
     sizes = recipe.deploy_batch_sizes()
     if limits.latency_batch_size is not None and limits.latency_batch_size not in sizes:
         problems.append((("latency_batch_size",),
@@ -307,24 +347,28 @@ class LoadedRecipe:
         return RecipeError(rep.problems)
 
 
-def load_recipe_source(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> LoadedRecipe:
-    """Read, compose, override and validate a recipe file, its search block included."""
+def load_recipe_source(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True,
+                       allow_code: bool = False) -> LoadedRecipe:
+    """Read, compose, override and validate a recipe file, its search block included (`allow_code`: --allow-code
+    was given)."""
     path = Path(path)
     raw, data, doc, parsed = _resolve(path, overrides)
     base_dir = path.resolve().parent
-    recipe = validate_recipe_data(data, doc, base_dir=base_dir, overrides=parsed, check_paths=check_paths)
+    recipe = validate_recipe_data(data, doc, base_dir=base_dir, overrides=parsed, check_paths=check_paths,
+                                  allow_code=allow_code)
     if recipe.search is not None:
-        _check_search(raw, recipe, doc, parsed, base_dir, check_paths)
+        _check_search(raw, recipe, doc, parsed, base_dir, check_paths, allow_code)
     return LoadedRecipe(recipe, raw, doc, parsed, base_dir)
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True) -> Recipe:
-    """Read, compose, override and validate a recipe file."""
-    return load_recipe_source(path, overrides, check_paths).recipe
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_paths: bool = True,
+                allow_code: bool = False) -> Recipe:
+    """Read, compose, override and validate a recipe file (`allow_code`: --allow-code was given)."""
+    return load_recipe_source(path, overrides, check_paths, allow_code).recipe
 
 
 def _check_search(raw: Any, recipe: Recipe, doc: YamlDocument, overrides: Sequence[Override], base_dir: Path,
-                  check_paths: bool) -> None:
+                  check_paths: bool, allow_code: bool = False) -> None:
     """The search block's rules that need the whole recipe: each space value gives a valid recipe, objectives and
     pick name figures the report has, early_stop names an intermediate stage."""
     from compresspipe.recipe.search import search_problems
@@ -335,7 +379,7 @@ def _check_search(raw: Any, recipe: Recipe, doc: YamlDocument, overrides: Sequen
 
     def validate(data: dict[str, Any]) -> list[str]:
         try:
-            validate_recipe_data(data, None, base_dir=base_dir, check_paths=check_paths)
+            validate_recipe_data(data, None, base_dir=base_dir, check_paths=check_paths, allow_code=allow_code)
         except RecipeError as exc:
             return [f"{p.path}: {p.message}" if p.path else p.message for p in exc.problems]
         return []

@@ -51,18 +51,183 @@ Fraction01 = Annotated[float, Field(gt=0, lt=1)]
 DOWNLOAD_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone"})
 
 
+Task = Literal["classification", "sequence_classification", "token_classification", "regression",
+               "language_modeling"]
+InputDtype = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"]
+INTEGER_DTYPES = frozenset({"int64", "int32", "bool"})
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class InputTensor(StrictModel):
+    """One input of the model: its name, one sample's shape (no batch axis), dtype, and its dynamic axes.
+
+    The batch axis is always dynamic. `dynamic` names the sample axes whose size may change (e.g. {0: sequence}
+    for token ids); inputs sharing a name share the size (ONNX symbolic dims, torch.export Dims).
+    """
+
+    name: str = Field(pattern=IDENTIFIER, description="argument name of the model's forward, e.g. input_ids")
+    shape: list[PositiveInt] = Field(max_length=8, description="one sample's shape, e.g. [64] for 64 tokens")
+    dtype: InputDtype = Field("float32", description="float32 | float16 | bfloat16 | float64 | int64 | int32 | bool")
+    dynamic: dict[int, Annotated[str, Field(pattern=IDENTIFIER)]] = Field(
+        default_factory=dict, description="sample axis -> name of a dynamic size, e.g. {0: sequence}"
+    )
+    range: tuple[int, int] | None = Field(
+        None, description="integer inputs: values of example inputs are drawn from [low, high) (token ids: "
+                          "[0, vocab size]); default [0, 2)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputTensor:
+        for axis, name in self.dynamic.items():
+            if not 0 <= axis < len(self.shape):
+                raise ValueError(f"dynamic axis {axis} of input {self.name!r} is outside its shape {self.shape} "
+                                 "(axes count from 0 within one sample; the batch axis is always dynamic)")
+            if name == "batch":
+                raise ValueError("'batch' names the batch axis, which is always dynamic; name sample axes "
+                                 "otherwise (e.g. sequence)")
+        if self.range is not None:
+            if self.dtype not in INTEGER_DTYPES:
+                raise ValueError(f"range applies to integer inputs; {self.name!r} is {self.dtype}")
+            if self.range[0] >= self.range[1]:
+                raise ValueError(f"range {list(self.range)} is empty: give [low, high) with low < high")
+        return self
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype not in INTEGER_DTYPES
+
+
+def _single_input(shape: list[int]) -> list[InputTensor]:
+    return [InputTensor(name="input", shape=list(shape))]
+
+
+class HuggingFaceConfig(StrictModel):
+    """A Hugging Face model built from a config (no weights, no download)."""
+
+    config: dict[str, Any] = Field(description="the model's config.json as a mapping; model_type is required")
+
+
+# Keys of a Hugging Face config or from_config kwargs that fetch code or weights, or pick a download-backed kernel.
+HF_REFUSED_KEYS = {
+    "auto_map": "names remote code (trust_remote_code), which compresspipe never runs",
+    "trust_remote_code": "compresspipe never runs a model repository's own code",
+    "quantization_config": "loads a quantization backend; quantize with a quantize stage instead",
+    "cache_dir": "is a download setting, and compresspipe runs offline",
+    "revision": "is a download setting, and compresspipe runs offline",
+    "token": "is a download setting, and compresspipe runs offline",
+    "use_kernels": "fetches kernels from the hub",
+}
+HF_ATTENTION = ("eager", "sdpa")
+# timm arguments that load or fetch weights
+TIMM_REFUSED_KWARGS = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
+SOURCES = ("builtin", "torchvision", "timm", "huggingface", "python")
+
+
+def check_hf_config(config: Any, where: str = "config", overrides: bool = False) -> dict[str, Any]:
+    """A Hugging Face config mapping we may build: a known model_type and nothing that runs or fetches code.
+    `overrides`: config values to apply on top of one (kwargs), which need no model_type."""
+    from compresspipe.models.hf_names import HF_MODEL_TYPES
+    from compresspipe.registry import closest
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must be a mapping (a config.json object), got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if overrides and model_type is None:
+        pass
+    elif not isinstance(model_type, str):
+        raise ValueError(f"{where} needs model_type (e.g. bert, vit, gpt2), which names the architecture")
+    elif model_type not in HF_MODEL_TYPES:
+        hint = closest(model_type, list(HF_MODEL_TYPES))
+        raise ValueError(f"unknown Hugging Face model_type {model_type!r}" + (f"; did you mean {hint!r}?" if hint else
+                         "") + " (the model types of the installed transformers)")
+    for key, why in HF_REFUSED_KEYS.items():
+        if config.get(key) not in (None, False, {}, ""):
+            raise ValueError(f"{where}.{key} {why}")
+    for key in ("attn_implementation", "_attn_implementation"):
+        if config.get(key) not in (None, *HF_ATTENTION):
+            raise ValueError(f"{where}.{key} {config[key]!r}: only {' or '.join(HF_ATTENTION)} (others load kernels "
+                             "from the hub or need extra packages)")
+    return config
+
+
+HF_AUTO_CLASSES = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "language_modeling": "AutoModelForCausalLM",
+    "image_classification": "AutoModelForImageClassification",
+}
+
+
+def hf_task(task: str, model_type: str) -> str:
+    """The Hugging Face Auto-class task for a compresspipe task: classification and regression take the image
+    class for image model types, the sequence class otherwise."""
+    from compresspipe.models import hf_names
+
+    if task in ("classification", "regression"):
+        return "image_classification" if model_type in hf_names.HF_IMAGE_CLASSIFICATION else "sequence_classification"
+    return task
+
+
+def hf_unsupported(task: str, model_type: str) -> str | None:
+    """Why a Hugging Face model type cannot run `task` (it has no such Auto class), or None."""
+    from compresspipe.models import hf_names
+
+    which = hf_task(task, model_type)
+    if model_type not in getattr(hf_names, f"HF_{which.upper()}"):
+        return (f"Hugging Face model_type {model_type!r} has no {HF_AUTO_CLASSES[which]}, which task {task} needs; "
+                "pick another task or model")
+    return None
+
+
+def _read_hf_folder(folder: Path) -> dict[str, Any]:
+    import json
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{folder} has no config.json; a Hugging Face model folder holds config.json and its "
+                         "weights (model.safetensors)")
+    size = config.stat().st_size
+    if size > 4 * 2**20:
+        raise ValueError(f"{config}: {size} bytes is not a model config")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config}: not valid JSON ({exc})") from None
+    return check_hf_config(data, "config.json")
+
+
 class ModelSpec(StrictModel):
-    """Where the model comes from: a registered model (`builtin`) or a torchvision classifier."""
+    """Where the model comes from: a registered model (`builtin`), torchvision, timm, Hugging Face, or your own
+    Python file (`python`, needs --allow-code); and what it takes (`input_shape` or `inputs`)."""
 
     builtin: str | None = Field(None, description="name in the model registry, e.g. digits-cnn")
     torchvision: str | None = Field(None, description="torchvision classification model, e.g. resnet18")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor keyword arguments")
+    timm: str | None = Field(None, description="timm architecture, e.g. resnet18 (pretrained=False; weights via "
+                                               "checkpoint:); pip install 'compresspipe[timm]'")
+    huggingface: str | HuggingFaceConfig | None = Field(
+        None, description="a local folder with config.json and model.safetensors, or {config: {...}} to build from "
+                          "a config; the Auto class follows task:. Never downloads, never runs remote code; "
+                          "pip install 'compresspipe[huggingface]'"
+    )
+    python: str | None = Field(
+        None, description="path/to/file.py:factory, a function or class returning your nn.Module (runs your code: "
+                          "needs --allow-code on the command line)"
+    )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="python: the file's sha256; a file with other contents is refused")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor keyword arguments (huggingface: "
+                                                                     "config overrides, e.g. num_labels)")
     weights: str | None = Field(None, description="torchvision weights; only none (offline)")
     checkpoint: RecipeFile | None = Field(
-        None, description=".safetensors, or a .pt/.pth state_dict loaded with weights_only=True"
+        None, description=".safetensors, or a .pt/.pth/.bin state_dict loaded with weights_only=True"
     )
     input_shape: list[PositiveInt] | None = Field(
-        None, min_length=1, max_length=4, description="one sample's shape; default: the dataset's"
+        None, min_length=1, max_length=4, description="one float input's sample shape (shorthand for inputs:); "
+                                                      "default: the dataset's"
+    )
+    inputs: list[InputTensor] | None = Field(
+        None, min_length=1, max_length=16, description="the model's inputs (names, shapes, dtypes, dynamic axes); "
+                                                       "default: input_shape, else the dataset's"
     )
 
     @field_validator("builtin")
@@ -84,6 +249,67 @@ class ModelSpec(StrictModel):
         if value is not None and value not in TORCHVISION_CLASSIFIERS:
             raise ValueError(unknown_message("torchvision classifier", value, TORCHVISION_CLASSIFIERS))
         return value
+
+    @field_validator("timm")
+    @classmethod
+    def _known_timm(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import difflib
+        import importlib.util
+
+        from compresspipe.models.timm_names import TIMM_MODELS
+
+        if importlib.util.find_spec("timm") is None:
+            raise ValueError("timm is not installed (pip install 'compresspipe[timm]')")
+        arch = value.split(".", 1)[0]  # a pretrained tag (resnet18.a1_in1k) names weights, which are not fetched
+        if arch not in TIMM_MODELS:
+            hints = difflib.get_close_matches(arch, TIMM_MODELS, n=3, cutoff=0.6)
+            raise ValueError(f"unknown timm model {value!r}" + (f"; did you mean {' or '.join(map(repr, hints))}?"
+                                                                if hints else "") + " (see timm.list_models())")
+        return arch
+
+    @field_validator("huggingface")
+    @classmethod
+    def _local_hf(cls, value: str | HuggingFaceConfig | None, info: ValidationInfo) -> str | HuggingFaceConfig | None:
+        if value is None:
+            return None
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise ValueError("transformers is not installed (pip install 'compresspipe[huggingface]')")
+        if isinstance(value, HuggingFaceConfig):
+            check_hf_config(value.config)
+            return value
+        base = (info.context or {}).get("base_dir")
+        folder = Path(value).expanduser()
+        if not folder.is_absolute() and base is not None:
+            folder = Path(base) / folder
+        if not folder.is_dir():
+            raise ValueError(f"{value!r} is not a local folder ({folder} does not exist): compresspipe never "
+                             "downloads from the Hugging Face hub. Download the model yourself (huggingface-cli "
+                             "download NAME --local-dir DIR) and give the folder, or give {config: {...}}")
+        if (info.context or {}).get("check_paths", True) or (folder / "config.json").exists():
+            _read_hf_folder(folder)
+        return str(folder)
+
+    @field_validator("python")
+    @classmethod
+    def _python_opt_in(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        from compresspipe.models.code import code_allowed, refusal, split_ref
+
+        path_text, factory = split_ref(value)
+        base = (info.context or {}).get("base_dir")
+        path = Path(path_text).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        if not ((info.context or {}).get("allow_code") or code_allowed()):
+            raise ValueError(refusal(str(path)))
+        if (info.context or {}).get("check_paths", True) and not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return f"{path}:{factory}"
 
     @field_validator("kwargs")
     @classmethod
@@ -109,23 +335,53 @@ class ModelSpec(StrictModel):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_format(cls, value: str | None) -> str | None:
-        if value is not None and Path(value).suffix.lower() not in (".safetensors", ".pt", ".pth"):
-            raise ValueError(f"checkpoint must be .safetensors, .pt or .pth (got {Path(value).name!r})")
+        if value is not None and Path(value).suffix.lower() not in (".safetensors", ".pt", ".pth", ".bin"):
+            raise ValueError(f"checkpoint must be .safetensors, .pt, .pth or .bin (got {Path(value).name!r})")
         return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        given = [k for k in ("builtin", "torchvision") if getattr(self, k) is not None]
+        given = [k for k in SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one model source: builtin: <name> or torchvision: <name>"
-                + (f" (got both {given[0]} and {given[1]})" if len(given) == 2 else "")
+                "give exactly one model source: builtin, torchvision, timm, huggingface or python"
+                + (f" (got {' and '.join(given)})" if given else "")
             )
+        if self.timm is not None:
+            refused = sorted(TIMM_REFUSED_KWARGS & set(self.kwargs))
+            if refused:
+                raise ValueError(f"kwargs {', '.join(refused)} would load or fetch timm weights; give local weights "
+                                 "with checkpoint: path/to/file.safetensors")
+        if self.huggingface is not None:
+            check_hf_config(self.kwargs, "kwargs", overrides=True)
+        if self.sha256 is not None and self.python is None:
+            raise ValueError("sha256 pins the file of a python: model; there is none here")
+        if self.input_shape is not None and self.inputs is not None:
+            raise ValueError("give input_shape (one float input) or inputs (any inputs), not both")
         return self
 
     @property
+    def source_key(self) -> str:
+        return next(k for k in SOURCES if getattr(self, k) is not None)
+
+    @property
     def label(self) -> str:
-        return f"torchvision:{self.torchvision}" if self.torchvision else str(self.builtin)
+        key = self.source_key
+        if key == "builtin":
+            return str(self.builtin)
+        if key == "huggingface" and isinstance(self.huggingface, HuggingFaceConfig):
+            return f"huggingface:{self.huggingface.config.get('model_type')}"
+        if key in ("huggingface", "python"):
+            return f"{key}:{Path(str(getattr(self, key)).split(':')[0]).name}"
+        return f"{key}:{getattr(self, key)}"
+
+    def input_spec(self) -> list[InputTensor] | None:
+        """The inputs the recipe gives (`inputs`, or `input_shape` as one float input); None: the dataset's."""
+        if self.inputs is not None:
+            return list(self.inputs)
+        if self.input_shape is not None:
+            return _single_input(list(self.input_shape))
+        return None
 
 
 class DataConfig(StrictModel):
@@ -234,6 +490,14 @@ class Limits(StrictModel):
     min_mac_reduction: float | None = Field(None, gt=0)
     min_speedup: float | None = Field(None, gt=0, description="reference latency / stage latency")
     min_sparsity: float | None = Field(None, ge=0, le=1)
+    max_drop: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
+        None, description="largest allowed worsening of any metric vs the reference, by name, e.g. {f1_macro: 0.01} "
+                          "(a drop for higher-is-better metrics, a rise for mse, perplexity, loss)"
+    )
+    target: dict[str, Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        None, description="value each named metric must reach: at least it for higher-is-better metrics, at most it "
+                          "for lower-is-better ones (mse, mae, perplexity, loss), e.g. {top5: 0.9, mse: 0.05}"
+    )
     latency_batch_size: PositiveInt | None = Field(
         None, description="batch size min_speedup is judged at; default: the first of the deploy batch sizes"
     )
@@ -299,6 +563,11 @@ class Recipe(StrictModel):
     compresspipe: Literal[1] = Field(description="recipe format version")
     name: Annotated[str, AfterValidator(_name)]
     seed: int = Field(0, ge=0, lt=2**62, description="one seed for data splits, initialisation and training")
+    task: Task = Field(
+        "classification", description="classification | sequence_classification | token_classification | regression "
+                                      "| language_modeling: picks the loss, the default metric and the Hugging Face "
+                                      "Auto class"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
     data: SerializeAsAny[DataConfig]

@@ -28,8 +28,12 @@ def compare(fig: dict[str, Any], ref: dict[str, Any], row: dict[str, Any], ref_r
     the model's own counts (parameters, MACs).
     """
     acc, ref_acc = fig.get("accuracy"), ref.get("accuracy")
+    mine, theirs = dict(fig.get("metrics") or {}), dict(ref.get("metrics") or {})
+    mine["loss"], theirs["loss"] = fig.get("loss"), ref.get("loss")
     return {
         "accuracy_delta": None if acc is None or ref_acc is None else acc - ref_acc,
+        "metric_delta": {k: (None if v is None or theirs.get(k) is None else v - theirs[k])
+                         for k, v in mine.items()},
         "param_reduction": _ratio(ref_row.get("params"), row.get("params")),
         "size_reduction": _ratio(ref.get("bytes"), fig.get("bytes")),
         "mac_reduction": _ratio(ref_row.get("macs"), row.get("macs")),
@@ -45,6 +49,7 @@ def _shipped(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if fmt in formats:
         return str(fmt), formats[fmt]
     return "torch", {"bytes": row.get("bytes"), "accuracy": row.get("accuracy"), "loss": row.get("loss"),
+                     "metric": row.get("metric"), "score": row.get("score"), "metrics": row.get("metrics"),
                      "latency_ms": row.get("latency_ms") or {}, "files": ["model.safetensors", "model.json"]}
 
 
@@ -58,8 +63,8 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         formats = {}
         for name, entry in (row.get("formats") or {fmt: fig}).items():
             formats[name] = {k: entry.get(k) for k in (
-                "files", "bytes", "accuracy", "loss", "agreement", "max_abs_diff", "latency_ms", "latency_iqr_ms",
-                "int8")}
+                "files", "bytes", "accuracy", "loss", "metric", "score", "metrics", "agreement", "max_abs_diff",
+                "latency_ms", "latency_iqr_ms", "int8")}
             formats[name]["files"] = [f"{row.get('folder')}/{f}" for f in entry.get("files") or []]
             formats[name]["vs_reference"] = compare(entry, ref, row, ref_row)
         notes = list(row.get("notes") or [])
@@ -75,12 +80,16 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
             "files": formats[fmt]["files"],
             "accuracy": fig.get("accuracy"),
             "loss": fig.get("loss"),
+            "metric": fig.get("metric") or row.get("metric") or "top1",
+            "score": fig.get("score") if fig.get("metric") else fig.get("accuracy"),
+            "metrics": dict(fig.get("metrics") or {}),
             "agreement": fig.get("agreement"),
             "bytes": fig.get("bytes"),
             "latency_ms": dict(fig.get("latency_ms") or {}),
             "latency_iqr_ms": dict(fig.get("latency_iqr_ms") or {}),
             **{k: row.get(k) for k in ("params", "nonzero_params", "sparsity", "macs")},
-            "torch": {"accuracy": row.get("accuracy"), "loss": row.get("loss"), "bytes": row.get("bytes"),
+            "torch": {"accuracy": row.get("accuracy"), "loss": row.get("loss"), "metrics": row.get("metrics") or {},
+                      "bytes": row.get("bytes"),
                       "latency_ms": row.get("latency_ms") or {}, "emulated": bool(row.get("emulated"))},
             "formats": formats,
             "vs_reference": formats[fmt]["vs_reference"],
@@ -178,13 +187,15 @@ def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str],
     sizes = list(stages[0].get("latency_ms") or {}) if stages else []
     for s in stages:
         sizes += [bs for bs in s.get("latency_ms") or {} if bs not in sizes]
-    header = ["#", "stage", "kind", "file", "accuracy", "Δacc", "params", "sparsity", "size", "MACs"]
+    metric = report_metric(report)
+    label = "accuracy" if metric == "top1" else metric
+    header = ["#", "stage", "kind", "file", label, f"Δ{'acc' if metric == 'top1' else ''}", "params", "sparsity",
+              "size", "MACs"]
     header += [f"latency b{bs}" for bs in sizes]
     rows = []
     for s in stages:
         v = s["vs_reference"]
-        acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
-        dacc = "" if v["accuracy_delta"] is None else f"{100 * v['accuracy_delta']:+.2f}"
+        acc, dacc = metric_cells(s, metric)
         row = [
             str(s["index"]), s["name"], s["kind"] or "", FORMAT_LABELS.get(s.get("format") or "torch", ""), acc, dacc,
             _fmt_count(s["params"]) + _x(v["param_reduction"]),
@@ -199,16 +210,42 @@ def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str],
     return header, rows
 
 
+def report_metric(report: dict[str, Any]) -> str:
+    """The metric the report leads with: the task's default (top-1 accuracy for classification)."""
+    stages = report.get("stages") or []
+    return str(stages[0].get("metric") or "top1") if stages else "top1"
+
+
+def metric_value(row: dict[str, Any], metric: str) -> float | None:
+    if metric == "top1":
+        value = row.get("accuracy")
+        return value if value is not None else (row.get("metrics") or {}).get("top1")
+    return (row.get("metrics") or {}).get(metric)
+
+
+def metric_cells(row: dict[str, Any], metric: str) -> tuple[str, str]:
+    """(value, change vs the reference) of a row's lead metric: accuracy in %, others as numbers."""
+    value = metric_value(row, metric)
+    v = row.get("vs_reference") or {}
+    delta = v.get("accuracy_delta") if metric == "top1" else (v.get("metric_delta") or {}).get(metric)
+    if metric == "top1":
+        return ("n/a" if value is None else f"{100 * value:.2f}%"), ("" if delta is None else f"{100 * delta:+.2f}")
+    return ("n/a" if value is None else f"{value:.4g}"), ("" if delta is None else f"{delta:+.4g}")
+
+
 def torch_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The PyTorch model's own figures (secondary): accuracy, saved bytes and eager latency per stage."""
     stages = report["stages"]
     sizes = list((stages[0].get("torch") or {}).get("latency_ms") or {}) if stages else []
-    header = ["#", "stage", "accuracy", "size", *[f"latency b{bs}" for bs in sizes], "note"]
+    metric = report_metric(report)
+    header = ["#", "stage", "accuracy" if metric == "top1" else metric, "size",
+              *[f"latency b{bs}" for bs in sizes], "note"]
     rows = []
     for s in stages:
         t = s.get("torch") or {}
-        acc = t.get("accuracy")
-        rows.append([str(s["index"]), s["name"], "n/a" if acc is None else f"{100 * acc:.2f}%",
+        acc = metric_value(t, metric)
+        text = "n/a" if acc is None else (f"{100 * acc:.2f}%" if metric == "top1" else f"{acc:.4g}")
+        rows.append([str(s["index"]), s["name"], text,
                      _fmt_bytes(t.get("bytes")),
                      *[_speed((t.get("latency_ms") or {}).get(bs), None, None, False) for bs in sizes],
                      "int8 emulated in float" if t.get("emulated") else ""])

@@ -21,6 +21,15 @@ _CHECKS = {
 }
 
 
+def named_metrics(recipe: Recipe) -> list[str]:
+    """The metrics the recipe's gates and expect: blocks name (every row measures them, beside the task's own)."""
+    out: list[str] = []
+    for limits in [cfg.expect for cfg in recipe.stages] + [recipe.gates]:
+        if limits is not None:
+            out += [m for m in [*(limits.max_drop or {}), *(limits.target or {})] if m != "loss"]
+    return list(dict.fromkeys(out))
+
+
 def _figures(row: dict[str, Any], fmt: str | None) -> dict[str, Any] | None:
     """The figures a gate judges: the row's shipped file, or the file of format `fmt` (None if not measured)."""
     if fmt is None or fmt == row.get("format"):
@@ -57,6 +66,9 @@ def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str,
     fmt = limits.format or row.get("format")
     results = []
     for check in limits.checks():
+        if check in ("max_drop", "target"):
+            results += _metric_checks(check, getattr(limits, check), row, fig, fmt, scope)
+            continue
         limit = getattr(limits, check)
         value = None if fig is None else _value(check, row, fig, batch)
         if value is None:
@@ -79,6 +91,34 @@ def judge(limits: Limits, row: dict[str, Any], default_batch: int, scope: str,
                                              if remeasured else "to be re-measured"))
         results.append(result)
     return results
+
+
+def _metric_checks(check: str, limits: dict[str, float], row: dict[str, Any], fig: dict[str, Any] | None,
+                   fmt: str | None, scope: str) -> list[dict[str, Any]]:
+    """max_drop / target gates on named metrics, each judged in the metric's own direction."""
+    from compresspipe.metrics.tasks import metric_direction
+
+    out = []
+    for name, limit in limits.items():
+        higher = metric_direction(name)
+        value: float | None = None
+        if fig is not None:
+            if check == "max_drop":
+                delta = (fig["vs_reference"].get("metric_delta") or {}).get(name)
+                value = None if delta is None else (-delta if higher else delta)
+            else:
+                value = fig.get("loss") if name == "loss" else (fig.get("metrics") or {}).get(name)
+        if value is None:
+            passed = False
+        elif check == "max_drop" or not higher:
+            passed = value <= limit + 1e-12
+        else:
+            passed = value >= limit - 1e-12
+        what = (f"worsening of {name} vs reference ({'drop' if higher else 'rise'})" if check == "max_drop"
+                else f"{name} ({'at least' if higher else 'at most'} the limit)")
+        out.append({"scope": scope, "stage": row["name"], "gate": f"{check}.{name}", "description": what,
+                    "format": fmt, "value": value, "limit": limit, "passed": passed})
+    return out
 
 
 def evaluate_gates(recipe: Recipe, report: dict[str, Any], remeasured: bool = False) -> list[dict[str, Any]]:

@@ -12,7 +12,16 @@ from html import escape
 from typing import Any
 
 from compresspipe import __version__
-from compresspipe.report.build import _cell, _fmt_bytes, _stack, measured_on, status_line, table_rows
+from compresspipe.report.build import (
+    _cell,
+    _fmt_bytes,
+    _stack,
+    measured_on,
+    metric_value,
+    report_metric,
+    status_line,
+    table_rows,
+)
 
 _CSS = """
 :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --bg: #ffffff; --band: #f6f8fa;
@@ -105,9 +114,14 @@ def _scatter(
     accs: list[float | None],
     x_fmt: Callable[[float], str],
     x_tip: Callable[[float], str],
+    metric: str = "top1",
+    higher: bool = True,
 ) -> str:
-    """One accuracy-vs-cost scatter plot as an inline <svg>; Pareto points highlighted and joined."""
-    pts = [None if x is None or a is None else (float(x), 100.0 * a) for x, a in zip(xs, accs, strict=True)]
+    """One metric-vs-cost scatter plot as an inline <svg> (accuracy in %, or the task's metric as it is); Pareto
+    points highlighted and joined."""
+    scale = 100.0 if metric == "top1" else 1.0
+    y_name = "accuracy (%)" if metric == "top1" else metric + ("" if higher else " (lower is better)")
+    pts = [None if x is None or a is None else (float(x), scale * a) for x, a in zip(xs, accs, strict=True)]
     have = [p for p in pts if p is not None]
     out = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
            f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{escape(title)}">', f"<title>{escape(title)}</title>"]
@@ -115,7 +129,7 @@ def _scatter(
         out.append(f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" class="tick">no data</text></svg>')
         return "\n".join(out)
     x0, x1 = _domain([p[0] for p in have], from_zero=True)
-    y0, y1 = _domain([p[1] for p in have], from_zero=False, clamp=(0.0, 100.0))
+    y0, y1 = _domain([p[1] for p in have], from_zero=False, clamp=(0.0, 100.0) if metric == "top1" else None)
     pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
     def sx(v: float) -> float:
@@ -134,9 +148,9 @@ def _scatter(
     out.append(f'<line class="axis" x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + ph}"/>')
     out.append(f'<text x="{_LEFT + pw / 2}" y="{_H - 10}" text-anchor="middle">{escape(x_label)}</text>')
     out.append(f'<text x="14" y="{_TOP + ph / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {_TOP + ph / 2})">accuracy (%)</text>')
+               f'transform="rotate(-90 14 {_TOP + ph / 2})">{escape(y_name)}</text>')
 
-    best = pareto_optimal(pts)
+    best = pareto_optimal(pts if higher else [None if p is None else (p[0], -p[1]) for p in pts])
     front = sorted((p for p, b in zip(pts, best, strict=True) if b and p is not None), key=lambda p: (p[0], -p[1]))
     if len(front) > 1:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in front)
@@ -147,7 +161,8 @@ def _scatter(
     for i in order:
         x, y = pts[i]  # type: ignore[misc]
         cls = "point pareto" if best[i] else "point"
-        tip = f"{names[i]}: accuracy {y:.2f}%, {x_tip(x)}" + (" (Pareto-optimal)" if best[i] else "")
+        value = f"accuracy {y:.2f}%" if metric == "top1" else f"{metric} {y:.4g}"
+        tip = f"{names[i]}: {value}, {x_tip(x)}" + (" (Pareto-optimal)" if best[i] else "")
         out.append(f'<circle class="{cls}" data-stage="{escape(names[i])}" cx="{sx(x):.1f}" cy="{sy(y):.1f}" '
                    f'r="{6.5 if best[i] else 5}"><title>{escape(tip)}</title></circle>')
         labels.append((i, sx(x), sy(y)))
@@ -233,11 +248,15 @@ def render_html(report: dict[str, Any]) -> str:
     """The whole report (table, plots, gates, notes, per-layer tables) as one HTML page."""
     stages = report.get("stages") or []
     names = [str(s["name"]) for s in stages]
-    accs = [s.get("accuracy") for s in stages]
+    metric = report_metric(report)
+    higher = metric not in ("mse", "mae", "perplexity", "loss")
+    what = "accuracy" if metric == "top1" else metric
+    accs = [metric_value(s, metric) for s in stages]
     sizes = [s.get("bytes") for s in stages]
     batch = next(iter(stages[0].get("latency_ms") or {}), None) if stages else None
     lats = [None if batch is None else (s.get("latency_ms") or {}).get(batch) for s in stages]
-    on_size_front = pareto_optimal([None if b is None or a is None else (b, a) for b, a in zip(sizes, accs, strict=True)])
+    on_size_front = pareto_optimal([None if b is None or a is None else (b, a if higher else -a)
+                                    for b, a in zip(sizes, accs, strict=True)])
 
     unit, scale = _size_unit([b for b in sizes if b is not None])
     header, rows = table_rows(report, spread=True)
@@ -266,13 +285,13 @@ def render_html(report: dict[str, Any]) -> str:
         *[f'<p class="fail">Warning: {escape(str(w))}</p>' for w in report.get("warnings") or []],
         '<h2 id="stages">Stages</h2>',
         _html_table(header, rows, {1, 2}, row_classes, "stages"),
-        '<p class="meta">\u2605 Pareto-optimal in accuracy vs size. Bold row: the reference.</p>',
+        f'<p class="meta">\u2605 Pareto-optimal in {escape(what)} vs size. Bold row: the reference.</p>',
         '<h2 id="tradeoffs">Trade-offs</h2>',
         '<div class="plots">',
         "<figure>",
-        _scatter("accuracy vs size", f"size of the shipped file ({unit})", names,
+        _scatter(f"{what} vs size", f"size of the shipped file ({unit})", names,
                  [None if b is None else b / scale for b in sizes], accs, _fmt_ms,
-                 lambda v: f"{_fmt_bytes(round(v * scale))} ({round(v * scale):,} bytes)"),
+                 lambda v: f"{_fmt_bytes(round(v * scale))} ({round(v * scale):,} bytes)", metric, higher),
         "<figcaption>Red points are Pareto-optimal: no other stage is both at least as accurate and at least as "
         "small. The dashed line joins them.</figcaption>",
         "</figure>",
@@ -280,8 +299,8 @@ def render_html(report: dict[str, Any]) -> str:
     if batch is not None:
         parts += [
             "<figure>",
-            _scatter(f"accuracy vs latency (batch {batch})", f"latency at batch {batch} (ms)", names, lats, accs,
-                     _fmt_ms, lambda v: f"{v:.3f} ms at batch {batch}"),
+            _scatter(f"{what} vs latency (batch {batch})", f"latency at batch {batch} (ms)", names, lats, accs,
+                     _fmt_ms, lambda v: f"{v:.3f} ms at batch {batch}", metric, higher),
             "<figcaption>Red points are Pareto-optimal: no other stage is both at least as accurate and at least as "
             "fast. Latency is a measurement and varies between runs.</figcaption>",
             "</figure>",

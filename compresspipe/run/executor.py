@@ -29,7 +29,7 @@ from compresspipe.metrics.measure import measure_model
 from compresspipe.recipe.spec import Recipe
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.report.build import build_report, deploy_summary, render_markdown
-from compresspipe.report.gates import describe_failures, evaluate_gates, write_junit
+from compresspipe.report.gates import describe_failures, evaluate_gates, named_metrics, write_junit
 from compresspipe.report.html import render_html
 from compresspipe.run.folder import RunFolder, stage_dirname
 from compresspipe.run.plan import preflight
@@ -48,6 +48,7 @@ class RunOptions:
     junit: Path | None = None
     # called with (stage name, the rows so far) after each stage, finished or resumed; it may raise RunStopped
     after_stage: Callable[[str, list[dict[str, Any]]], None] | None = None
+    allow_code: bool = False  # --allow-code: a python: model's file may run (its sha256 is checked on every build)
 
 
 @dataclass
@@ -70,9 +71,17 @@ class Executor:
         self.dist = Dist()
 
     def run(self) -> RunResult:
+        from compresspipe.models.code import allowing_code
+
+        with allowing_code(self.options.allow_code):
+            return self._run()
+
+    def _run(self) -> RunResult:
         if self.options.junit is not None and self.options.junit.is_dir():
             raise InputError(f"--junit {self.options.junit}: is a folder; give a file name")
         setup = prepare(self.recipe)
+        for note in setup.data.notes:
+            self.ui.log(f"data: {note}")
         with self.ui.progress("checking every stage's plan on the model", None):
             preflight(self.recipe, setup)
         self.dist = init_from_env(setup.device)
@@ -205,8 +214,9 @@ class Executor:
         files = save_model(result.state, partial)
         val = setup.data.loader("val", self.recipe.data.eval_batch_size)
         with self.ui.progress(f"evaluating {self.dirnames[index]}", len(val)) as bar:
-            measured = measure_model(result.state.module, result.state.input_shape, files, val, setup.device,
-                                     self.recipe.evaluate.latency, lambda: bar.advance(1))
+            measured = measure_model(result.state.module, result.state.spec, files, val, setup.device,
+                                     self.recipe.evaluate.latency, setup.data.num_classes, named_metrics(self.recipe),
+                                     lambda: bar.advance(1))
         runtime = self.recipe.deploy_runtime()
         primary = primary_format(runtime, result.state, result.files)
         formats: dict[str, Any] = {}
@@ -215,7 +225,8 @@ class Executor:
                 formats[fmt] = ship(fmt, result.state, ctx, partial, result.files, measured)
         metrics = {
             "version": 1, "index": index, "name": ctx.name, "type": stype, "kind": result.kind,
-            "folder": self.dirnames[index], "input_shape": list(result.state.input_shape), **measured,
+            "folder": self.dirnames[index], "input_shape": list(result.state.input_shape),
+            "inputs": [i.model_dump(mode="json") for i in result.state.spec.inputs], **measured,
             "emulated": is_int8(result.state), "deploy": {"runtime": runtime, "format": primary},
             "formats": formats, "seconds": round(seconds, 3), "notes": result.notes, "details": result.details,
         }

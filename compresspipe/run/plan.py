@@ -71,7 +71,7 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState, preflight: 
                 row["layers"] = prediction.layers
                 row["notes"] = prediction.notes
             row["params"] = count_params(state.module) if prediction is not None else None
-            row["macs"] = count_macs(state.module, state.input_shape) if prediction is not None else None
+            row["macs"] = count_macs(state.module, state.spec) if prediction is not None else None
             rows.append(row)
             planned[str(cfg.name)] = state
     return rows
@@ -87,7 +87,7 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     state = setup.baseline()
     rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
                                    "params": count_params(state.module),
-                                   "macs": count_macs(state.module, state.input_shape), "layers": {}, "notes": []}]
+                                   "macs": count_macs(state.module, state.spec), "layers": {}, "notes": []}]
     rows += replay_plans(recipe, setup, state)
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
             "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}

@@ -14,16 +14,19 @@ import numpy as np
 import torch
 
 from compresspipe.artifacts.files import sha256_file, sha256_json
+from compresspipe.artifacts.io import ModelIO
 from compresspipe.artifacts.model import ModelState
+from compresspipe.data.config import text_target
 from compresspipe.data.sources import DataSplits, load_data
-from compresspipe.errors import InputError
-from compresspipe.models.factory import build_from_spec, check_source
-from compresspipe.recipe.spec import Recipe, StageConfig
+from compresspipe.errors import CompressPipeError, InputError
+from compresspipe.models.factory import build_recorded, recorded_source
+from compresspipe.models.inputs import forward
+from compresspipe.recipe.spec import InputTensor, Recipe, StageConfig
 from compresspipe.registry import import_ref
 from compresspipe.stages.base import Stage
 
 PACKAGES = ("compresspipe", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "torchao",
-            "executorch", "safetensors", "pydantic", "numpy", "scikit-learn")
+            "executorch", "safetensors", "pydantic", "numpy", "scikit-learn", "timm", "transformers")
 _SPLITS = {"train_data": "train", "calibration_data": "calibration"}
 
 
@@ -78,6 +81,87 @@ def check_needs(recipe: Recipe, stages: list[Stage], data: DataSplits) -> None:
                                      f"is neither baseline nor a stage before it ({', '.join(names[:i]) or 'none'})")
 
 
+def model_io(recipe: Recipe, data: DataSplits) -> ModelIO:
+    """What the baseline takes and gives: the recipe's inputs (or the data's), checked against the data's
+    samples, with the task, class names and preprocessing the data brings."""
+    given = recipe.model.input_spec()
+    found = {i.name: i for i in data.inputs}
+    if given is None:
+        inputs = list(data.inputs)
+    else:
+        if recipe.model.input_shape is not None and [i.name for i in data.inputs] == ["input"] \
+                and list(recipe.model.input_shape) != data.inputs[0].shape:
+            raise InputError(f"model.input_shape is {list(recipe.model.input_shape)} but dataset "
+                                 f"{recipe.data.dataset!r} gives samples of shape {data.inputs[0].shape}")
+        names = [i.name for i in given]
+        if sorted(names) != sorted(found):
+            raise InputError(f"model.inputs names {', '.join(names)} but dataset {recipe.data.dataset!r} gives "
+                             f"{', '.join(found)}" + (" (one tensor is called 'input'; name several with the "
+                                                       "dataset's inputs field)" if "input" in found else ""))
+        inputs = []
+        for spec in given:
+            have = found[spec.name]
+            if spec.shape != have.shape or spec.dtype != have.dtype:
+                raise InputError(f"model.inputs {spec.name}: {spec.dtype} {spec.shape} per sample, but dataset "
+                                 f"{recipe.data.dataset!r} gives {have.dtype} {have.shape}")
+            inputs.append(InputTensor(name=spec.name, shape=spec.shape, dtype=spec.dtype,
+                                      dynamic=spec.dynamic or have.dynamic, range=spec.range or have.range))
+    return ModelIO(inputs=inputs, task=recipe.task, classes=data.classes, preprocessing=data.preprocessing)
+
+
+def build_baseline(recipe: Recipe, data: DataSplits) -> ModelState:
+    """The recipe's model as given: built from its source with the recipe's seed, with a Hugging Face folder's
+    weights and the checkpoint loaded."""
+    io = model_io(recipe, data)
+    source = recorded_source(recipe.model, recipe.task, data.num_classes, io.classes)
+    seed_everything(recipe.seed)
+    module, notes = build_recorded(recipe.model, source, recipe.task)
+    data.notes.extend(notes)
+    labels = ((source.get("huggingface") or {}).get("config") or {}).get("id2label")
+    if io.classes is None and isinstance(labels, dict) and recipe.task != "language_modeling" \
+            and sorted(labels) == sorted(str(i) for i in range(data.num_classes)):
+        io = io.model_copy(update={"classes": [str(labels[str(i)]) for i in range(data.num_classes)]})
+    return ModelState(module.eval(), source, tuple(io.inputs[0].shape), data.num_classes, io=io)
+
+
+def check_model_on_data(recipe: Recipe, data: DataSplits, state: ModelState) -> None:
+    """The model runs on a batch of the data, and its outputs cover every label (a class id beyond its outputs
+    would fail mid-training): exit 2 before any stage."""
+    from compresspipe.metrics.tasks import TASKS
+
+    batch = next(iter(data.loader("val", min(2, len(data.val)))))  # type: ignore[arg-type]
+    x, y = batch
+    try:
+        with torch.no_grad():
+            out = forward(state.module.eval(), x)
+    except CompressPipeError:
+        raise
+    except Exception as exc:  # the model cannot run on the data: say so before anything runs
+        raise InputError(f"model {recipe.model.label} cannot run on a batch of dataset {recipe.data.dataset!r} "
+                         f"({type(exc).__name__}: {str(exc).strip()[:300]})") from None
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"model {recipe.model.label} returns {type(out).__name__}, not a tensor of outputs")
+    info = TASKS[recipe.task]
+    if info.float_targets:
+        if out[0].numel() != y[0].numel():
+            raise InputError(f"model {recipe.model.label} gives {out[0].numel()} output(s) per sample but the "
+                             f"regression targets have {y[0].numel()}")
+        return
+    want = 3 if info.per_position else 2
+    if out.dim() != want:
+        raise InputError(f"task {recipe.task} needs outputs of shape {'[batch, positions, classes]' if want == 3 else '[batch, classes]'}; "
+                         f"model {recipe.model.label} gives {list(out.shape)}")
+    if info.per_position and tuple(out.shape[:2]) != tuple(y.shape[:2]):
+        raise InputError(f"model {recipe.model.label} gives {out.shape[1]} positions per sample, the labels "
+                         f"{y.shape[1]}")
+    classes = int(out.shape[-1])
+    if data.num_classes > classes:
+        raise InputError(f"dataset {recipe.data.dataset!r} has labels up to {data.num_classes - 1} "
+                         f"({data.num_classes} classes), but model {recipe.model.label} has {classes} outputs: "
+                         "labels outside the model's classes would fail in training; give the model "
+                         f"{data.num_classes} outputs (num_classes / num_labels) or fix the labels")
+
+
 @dataclass
 class RunSetup:
     """A recipe made ready to run: nothing here changed a weight or wrote a file."""
@@ -87,6 +171,7 @@ class RunSetup:
     stages: list[Stage]
     data: DataSplits
     inputs: dict[str, Any]  # fingerprints of what the run reads (data, checkpoint): resume refuses changes
+    _baseline: ModelState | None = None
 
     def lock(self, recipe_path: Path | None) -> dict[str, Any]:
         """recipe.lock.yaml: the resolved recipe and everything that makes the run reproducible."""
@@ -107,30 +192,34 @@ class RunSetup:
         }
 
     def baseline(self) -> ModelState:
-        """The recipe's model as given (its checkpoint loaded), the row every report starts with."""
-        module = build_from_spec(self.recipe.model).eval()
-        source = self.recipe.model.model_dump(include={"builtin", "torchvision", "kwargs"}, exclude_none=True)
-        return ModelState(module, check_source(source), tuple(self.data.input_shape),
-                          self.data.num_classes)
+        """The recipe's model as given (its checkpoint loaded), the row every report starts with. The first call
+        hands over the model `prepare` built and checked; later calls build it again."""
+        state, self._baseline = self._baseline, None
+        return state if state is not None else build_baseline(self.recipe, self.data)
 
 
 def prepare(recipe: Recipe, fingerprint: bool = True) -> RunSetup:
-    """Everything that can fail on bad input, before any weight is touched or file written."""
+    """Everything that can fail on bad input, before any weight is touched or file written: the data and its
+    labels, the model and whether it runs on the data."""
     device = resolve_device(recipe.device)
     stages = [stage_implementation(cfg)(cfg) for cfg in recipe.stages]
     seed_everything(recipe.seed)
-    shape = tuple(recipe.model.input_shape) if recipe.model.input_shape else None
-    data = load_data(recipe.data, recipe.seed, shape)
-    if shape is not None and tuple(data.input_shape) != shape:
-        raise InputError(f"model.input_shape is {list(shape)} but dataset {recipe.data.dataset!r} "
-                         f"gives samples of shape {list(data.input_shape)}")
+    given = recipe.model.input_spec()
+    shape = tuple(given[0].shape) if given else None
+    data = load_data(text_target(recipe.data, recipe.task), recipe.seed, shape, recipe.task)
     check_needs(recipe, stages, data)
+    baseline = build_baseline(recipe, data)
+    check_model_on_data(recipe, data, baseline)
     inputs: dict[str, Any] = {}
     if fingerprint:
         inputs["data"] = data.fingerprint()
+        if data.files:
+            inputs["data_files"] = data.files
         if recipe.model.checkpoint:
             inputs["checkpoint"] = sha256_file(Path(recipe.model.checkpoint))
-    return RunSetup(recipe, device, stages, data, inputs)
+        if baseline.source.get("sha256"):
+            inputs["model_code"] = baseline.source["sha256"]
+    return RunSetup(recipe, device, stages, data, inputs, baseline)
 
 
 def reference_name(recipe: Recipe) -> str:

@@ -63,7 +63,9 @@ class StageContext:
         return self.checkpoint_root or self.stage_dir / CHECKPOINTS
 
     def load_stage(self, name: str) -> ModelState:
-        """A fresh copy of the model as it was after stage `name` ('baseline': the uncompressed reference)."""
+        """A fresh copy of the model as it was after stage `name` ('baseline': the uncompressed reference).
+
+        Called inside a run, where a `python:` model's code is allowed if the run allowed it."""
         if name == "baseline":
             name = self.reference
         record = self.history.get(name)
@@ -75,8 +77,12 @@ class StageContext:
             self._cache[name] = load_model(record.folder)
         return self._cache[name].clone()
 
+    @property
+    def task(self) -> str:
+        return self.recipe.task
+
     def batches(self, split: str, count: int | None, batch_size: int | None = None,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                ) -> Iterator[tuple[Any, torch.Tensor]]:
         """The first `count` batches (None: all) of a split, in order, at `batch_size` (default eval_batch_size)."""
         loader = self.data.loader(split, batch_size or self.recipe.data.eval_batch_size)
         for i, batch in enumerate(loader):
@@ -104,4 +110,5 @@ class StageContext:
             module, self.data, settings, device=self.device, seed=self.seed + self.index,
             batch_size=self.recipe.data.batch_size, loss_fn=loss_fn, extra_params=extra_params,
             ui=self.ui, label=label or self.name, checkpoint_dir=self.checkpoints / f"fit-{self._fit_calls:02d}",
+            task=self.recipe.task,
         )

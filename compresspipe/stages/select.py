@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from compresspipe.errors import StageConfigError
 
@@ -63,3 +63,35 @@ def classifier_head(model: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):
             last = name
     return last
+
+
+def breaks_model(model: nn.Module, replacements: dict[str, nn.Module], io: Any) -> dict[str, str]:
+    """The replacements the model's own code cannot run with (e.g. Hugging Face ViT reads its patch projection's
+    `.weight.dtype`), each with the error: tried all at once on a copy, then one by one only if that fails."""
+    import copy
+
+    import torch
+
+    from compresspipe.metrics.modes import eval_mode, model_device
+    from compresspipe.models.inputs import forward, zeros
+
+    def error(names: list[str]) -> str | None:
+        trial = copy.deepcopy(model)
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(trial.get_submodule(parent) if parent else trial, child, copy.deepcopy(replacements[name]))
+        try:
+            with eval_mode(trial), torch.no_grad():
+                forward(trial, zeros(io, 1, device=model_device(trial)))
+        except Exception as exc:  # the model's code relies on the layer being what it was
+            return f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+        return None
+
+    if not replacements or error(list(replacements)) is None:
+        return {}
+    out = {}
+    for name in replacements:
+        why = error([name])
+        if why is not None:
+            out[name] = f"the model's code needs this layer as it is ({why})"
+    return out

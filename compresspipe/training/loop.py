@@ -1,6 +1,7 @@
 """The shared training loop: train, fine-tuning after compression, distillation and QAT all use `fit`.
 
-Deterministic on CPU for a given seed; keeps the epoch with the best validation accuracy. With a
+Deterministic on CPU for a given seed; keeps the epoch with the best validation score (the task's default
+metric: top-1 accuracy, MSE, perplexity ...; `FitResult.best_accuracy` holds that score). With a
 `checkpoint_dir` it saves its state after every epoch (safetensors + JSON, no pickle) and, when run
 again with the same settings, continues from the last finished epoch: an interrupted stage resumes
 at epoch granularity. Under torchrun it trains data-parallel (DDP, sharded sampler).
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -27,12 +27,16 @@ from torch.utils.data.distributed import DistributedSampler
 from compresspipe.artifacts.files import atomic_write_json, read_json, sha256_json
 from compresspipe.data.sources import DataSplits
 from compresspipe.metrics import evaluate
+from compresspipe.metrics.tasks import TASKS, metric_direction
+from compresspipe.metrics.tasks import loss as task_loss
+from compresspipe.models.inputs import batch_len, forward, to_device
 from compresspipe.recipe.training import TrainSettings
 from compresspipe.training.distributed import Dist, current
 from compresspipe.ui import UI
 
-# (model, inputs, targets) -> scalar loss. Distillation and QAT pass their own.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, inputs, targets) -> scalar loss. Distillation and QAT pass their own. Inputs are a tensor or a dict of
+# named tensors (models.inputs); targets whatever the (possibly wrapped) training split yields.
+LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
 
 
 @dataclass
@@ -152,7 +156,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device,
             for i, (x, _y) in enumerate(loader):
                 if i >= batches:
                     break
-                model(x.to(device))
+                forward(model, to_device(x, device))
     finally:
         for bn, momentum in momenta:
             bn.momentum = momentum
@@ -174,6 +178,7 @@ def fit(
     ui: UI | None = None,
     label: str = "train",
     checkpoint_dir: Path | None = None,
+    task: str = "classification",
 ) -> FitResult:
     """Train `model` in place; on return it holds the best epoch's weights (if keep_best)."""
     ui = ui or UI(quiet=True)
@@ -190,8 +195,10 @@ def fit(
     sched = make_scheduler(opt, settings)
     smoothing = settings.label_smoothing
 
-    def default_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(m(x), y, label_smoothing=smoothing)
+    def default_loss(m: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
+        return task_loss(task, forward(m, x), y, label_smoothing=smoothing)
+
+    higher = metric_direction(TASKS[task].default_metric)
 
     loss_fn = loss_fn or default_loss
     train_model: nn.Module = model
@@ -200,7 +207,7 @@ def fit(
                                                           else None)
     bs = settings.batch_size or batch_size
     val_loader = data.loader("val", batch_size=max(bs, 256))
-    best_acc, best_epoch, best_state = -1.0, 0, None
+    best_acc, best_epoch, best_state = (-math.inf if higher else math.inf), 0, None
     history: list[dict[str, Any]] = []
     start = 1
     fingerprint = _fingerprint(model, settings, label, seed)
@@ -215,6 +222,8 @@ def fit(
             sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         best_acc, best_epoch, best_state = saved["best_acc"], saved["best_epoch"], saved["best_state"]
+        if best_acc is None:  # written as null: not finite
+            best_acc = -math.inf if higher else math.inf
         history = saved["history"]
         start = saved["epoch"] + 1
         ui.log(f"  {label}: resuming after epoch {saved['epoch']}")
@@ -226,7 +235,7 @@ def fit(
         t0 = time.perf_counter()
         with ui.progress(f"{label} epoch {epoch}/{settings.epochs}", len(loader)) as bar:
             for x, y in loader:
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(x, device), to_device(y, device)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(train_model, x, y)
                 if not torch.isfinite(loss):
@@ -240,8 +249,9 @@ def fit(
                 if settings.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
                 opt.step()
-                total += loss.item() * len(y)
-                count += len(y)
+                n = batch_len(x)
+                total += loss.item() * n
+                count += n
                 bar.advance(1, info=f"loss {total / max(count, 1):.4f}")
         seconds += time.perf_counter() - t0
         seen += count
@@ -249,11 +259,13 @@ def fit(
             sched.step()
         total, count = d.all_sum(total), int(d.all_sum(count))
         recalibrate_batchnorm(model, _train_loader(data, bs, seed + 1, epoch, d), device)
-        acc, val_loss = evaluate(model, val_loader, device)
-        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_accuracy": acc})
+        acc, val_loss = evaluate(model, val_loader, device, task)
+        metric = TASKS[task].default_metric
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
+                        "val_accuracy" if metric == "top1" else f"val_{metric}": acc})
         ui.log(f"  {label} epoch {epoch:>3}/{settings.epochs}  loss {total / max(count, 1):.4f}  "
-               f"val_loss {val_loss:.4f}  val_acc {acc:.4f}")
-        if acc > best_acc or math.isnan(best_acc):
+               f"val_loss {val_loss:.4f}  val_{'acc' if metric == 'top1' else metric} {acc:.4f}")
+        if (acc > best_acc if higher else acc < best_acc) or math.isnan(best_acc) or math.isinf(best_acc):
             best_acc, best_epoch = acc, epoch
             if settings.keep_best:
                 best_state = copy.deepcopy(model.state_dict())
@@ -268,5 +280,6 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     throughput = d.all_sum(seen) / seconds if seconds > 0 else None  # samples/s over all ranks
-    return FitResult(best_epoch=best_epoch, epochs_run=settings.epochs, best_accuracy=best_acc, history=history,
+    best = best_acc if math.isfinite(best_acc) else None
+    return FitResult(best_epoch=best_epoch, epochs_run=settings.epochs, best_accuracy=best, history=history,
                      resumed_from_epoch=start - 1, samples_per_second=throughput)

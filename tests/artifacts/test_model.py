@@ -27,10 +27,17 @@ def test_round_trip_is_bit_identical_and_versioned(tmp_path):
     state = _state()
     save_model(state, tmp_path)
     desc = json.loads((tmp_path / "model.json").read_text())
-    assert desc["format"] == "compresspipe.model" and desc["version"] == 1 and desc["edits"] == []
+    assert desc["format"] == "compresspipe.model" and desc["version"] == 2 and desc["edits"] == []
+    assert desc["io"]["inputs"] == [{"name": "input", "shape": [1, 8, 8], "dtype": "float32", "dynamic": {},
+                                     "range": None}] and desc["io"]["task"] == "classification"
     loaded = load_model(tmp_path)
     assert _same_outputs(state.module, loaded.module)
-    assert loaded.source == SOURCE and loaded.input_shape == (1, 8, 8)
+    assert loaded.source == SOURCE and loaded.input_shape == (1, 8, 8) and loaded.spec == state.spec
+
+    del desc["io"]  # a version 1 file: one float input of input_shape
+    desc["version"] = 1
+    (tmp_path / "model.json").write_text(json.dumps(desc))
+    assert load_model(tmp_path).spec == state.spec
 
 
 def test_replace_and_resize_edits_replay(tmp_path):

@@ -135,7 +135,12 @@ def test_tensors_errors(tmp_path):
         load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
 
     np.savez(path, inputs=np.zeros((4, 2)), labels=np.zeros(4))
-    with pytest.raises(InputError, match="integer class ids"):
+    with pytest.raises(InputError, match="integer class ids for task classification"):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+    assert load_data(TensorsData(dataset="tensors", path=str(path)), seed=0, task="regression").num_classes == 1
+
+    np.savez(path, inputs=np.array([[0.0, np.nan]] * 4), labels=np.zeros(4, dtype=np.int64))
+    with pytest.raises(InputError, match="1 NaN or Inf|4 NaN or Inf"):
         load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
 
     np.savez(path, inputs=np.zeros((4, 2)), labels=np.zeros(3, dtype=np.int64))
@@ -228,3 +233,132 @@ def test_plugin_loader_returning_a_dataset(monkeypatch):
     assert splits.num_classes == 2 and splits.input_shape == (2,)
     assert len(splits.train) == 7 and len(splits.val) == 3
     assert splits.fingerprint() == load_data(ToyData(dataset="toy", val_fraction=0.3), seed=5).fingerprint()
+
+
+# --- synthetic-text, named inputs, real image splits, and bounded reading of what comes from outside ----------
+
+
+@pytest.mark.parametrize(("target", "task"), [("sequence", "sequence_classification"),
+                                              ("token", "token_classification"),
+                                              ("next_token", "language_modeling"), ("regression", "regression")])
+def test_synthetic_text_is_seeded_and_shaped_for_its_task(target, task):
+    from compresspipe.data.config import SyntheticTextData
+
+    config = SyntheticTextData(dataset="synthetic-text", vocab_size=50, seq_len=12, num_classes=3, samples=80,
+                               target=target)
+    splits = load_data(config, seed=0, task=task)
+    x, y = splits.train[0]
+    assert set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == (12,)
+    assert [i.name for i in splits.inputs] == ["input_ids", "attention_mask"]
+    assert splits.inputs[0].dynamic == {0: "sequence"} and splits.inputs[0].range == (0, 50)
+    assert bool((x["input_ids"][x["attention_mask"] == 0] == 0).all())  # padding is token 0
+    assert splits.num_classes == {"sequence": 3, "token": 3, "next_token": 50, "regression": 1}[target]
+    assert y.shape == {"sequence": (), "token": (12,), "next_token": (12,), "regression": (1,)}[target]
+    assert load_data(config, seed=0, task=task).fingerprint() == splits.fingerprint()
+    assert load_data(config, seed=1, task=task).fingerprint() != splits.fingerprint()
+
+
+def test_tensors_with_several_named_inputs(tmp_path):
+    path = tmp_path / "t.npz"
+    ids = np.random.default_rng(0).integers(0, 9, (20, 5))
+    np.savez(path, ids=ids, mask=np.ones((20, 5), dtype=bool), labels=np.arange(20) % 2)
+    splits = load_data(TensorsData(dataset="tensors", path=str(path), inputs=["ids", "mask"]), seed=0)
+    x, y = next(iter(splits.loader("train", 4)))
+    assert set(x) == {"ids", "mask"} and x["ids"].dtype == torch.int64 and x["mask"].dtype == torch.int64
+    assert [(i.name, i.dtype, i.shape) for i in splits.inputs] == [("ids", "int64", [5]), ("mask", "int64", [5])]
+
+
+def _folder(root, classes=("cat", "dog"), per_class=3, offset=0):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), color=(40 * c + i + offset, 9 * i, 200)).save(root / name / f"{offset}-{i}.png")
+
+
+def test_imagefolder_real_splits_stream_from_disk_with_class_names(tmp_path):
+    _folder(tmp_path / "train", per_class=4)
+    _folder(tmp_path / "val", per_class=2, offset=100)
+    config = ImageFolderData(dataset="imagefolder", train_path=str(tmp_path / "train"),
+                             val_path=str(tmp_path / "val"), mean=[0.5] * 3, std=[0.5] * 3, interpolation="nearest",
+                             augment={"hflip": True})
+    splits = load_data(config, seed=0, input_shape=(3, 4, 4))
+    assert (len(splits.train), len(splits.val)) == (8, 4) and splits.classes == ["cat", "dog"]
+    assert all("val" in str(p) for p in splits.val.files)  # the held-out images, not a share of train
+    assert not hasattr(splits.train, "tensors")  # streamed: files, not a tensor in memory
+    assert splits.preprocessing["mean"] == [0.5] * 3 and splits.preprocessing["interpolation"] == "nearest"
+    assert splits.files["train"]["files"] == 8 and len(splits.files["val"]["sha256"]) == 64
+    assert splits.calibration.augment is None and splits.val.augment is None
+    order = ImageFolderData(dataset="imagefolder", train_path=str(tmp_path / "train"), classes=["dog", "cat"])
+    assert load_data(order, seed=0, input_shape=(3, 4, 4)).classes == ["dog", "cat"]
+
+    _folder(tmp_path / "val", classes=("bird",), per_class=1)
+    with pytest.raises(InputError, match="bird are not among the training classes"):
+        load_data(config, seed=0, input_shape=(3, 4, 4))
+
+
+def test_imagefolder_walk_never_follows_folder_links_nor_counts_a_file_twice(tmp_path):
+    root = tmp_path / "data"
+    _folder(root)
+    (root / "cat" / "up").symlink_to("..")  # a loop: would copy every class into cat, and never end
+    (root / "cat" / "up2").symlink_to("..")
+    splits = load_data(ImageFolderData(dataset="imagefolder", path=str(root)), seed=0, input_shape=(3, 4, 4))
+    assert len(splits.train) + len(splits.val) == 6
+    assert any("symlinked folder" in n for n in splits.notes)
+
+    (root / "dog" / "copy.png").symlink_to(root / "cat" / "0-0.png")
+    with pytest.raises(InputError, match="same file as .*cat/0-0.png"):
+        load_data(ImageFolderData(dataset="imagefolder", path=str(root)), seed=0, input_shape=(3, 4, 4))
+    (root / "dog" / "copy.png").unlink()
+    _folder(tmp_path / "val")
+    (tmp_path / "val" / "cat" / "leak.png").symlink_to(root / "dog" / "0-1.png")
+    leak = ImageFolderData(dataset="imagefolder", train_path=str(root), val_path=str(tmp_path / "val"))
+    with pytest.raises(InputError, match="in both splits"):
+        load_data(leak, seed=0, input_shape=(3, 4, 4))
+
+
+def test_npz_that_is_not_a_zip_or_is_corrupt(tmp_path):
+    path = tmp_path / "x.npz"
+    path.write_bytes(b"\x93NUMPY not really")
+    with pytest.raises(InputError, match="not a zip"):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+    np.savez(path, inputs=np.zeros((4, 2)), labels=np.zeros(4, dtype=np.int64))
+    path.write_bytes(path.read_bytes()[:-30])  # central directory cut short
+    with pytest.raises(InputError, match=str(path.name)):
+        load_data(TensorsData(dataset="tensors", path=str(path)), seed=0)
+
+
+def test_npz_bomb_is_refused_before_it_expands_under_a_memory_cap(tmp_path):
+    import subprocess
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    path = tmp_path / "bomb.npz"
+    rows = 3 * 2**27  # float32 (rows, 4): 6 GiB of zeros in a few MB
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("inputs.npy", "w", force_zip64=True) as fh:
+            npy.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (rows, 4)})
+            chunk = bytes(2**24)
+            for _ in range(4):  # the declared shape is what counts; 64 MiB of it is enough to check
+                fh.write(chunk)
+        np_labels = np.zeros(rows, dtype=np.int64)[:4]
+        archive.writestr("labels.npy", _npy_bytes(np_labels))
+    assert path.stat().st_size < 8 * 2**20
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, (2 * 2**30, 2 * 2**30))\n"
+            "from compresspipe.data.config import TensorsData\nfrom compresspipe.data.sources import load_data\n"
+            "from compresspipe.errors import InputError\n"
+            f"try:\n    load_data(TensorsData(dataset='tensors', path={str(path)!r}), seed=0)\n"
+            "except InputError as exc:\n    print(exc); sys.exit(2)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "corrupt or crafted" in out.stdout or "more than data.max_bytes" in out.stdout
+
+
+def _npy_bytes(array) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

@@ -86,7 +86,7 @@ def test_build_model_errors():
         build_model({"torchvision": "resnet18", "kwargs": {"bogus": 1}})
     with pytest.raises(InputError, match="builtin: unknown model .digits-mlpp.; did you mean 'digits-mlp'"):
         build_model({"builtin": "digits-mlpp"})
-    with pytest.raises(InputError, match="builtin: <name> or torchvision: <name>"):
+    with pytest.raises(InputError, match="one model source: builtin, torchvision, timm, huggingface or python"):
         build_model({"kwargs": {}})
 
 
@@ -188,8 +188,8 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
     with pytest.raises(InputError, match="garbage.pt: cannot read checkpoint"):
         load_checkpoint(_tiny_mlp(), garbage)
 
-    with pytest.raises(InputError, match=r"\.safetensors, \.pt or \.pth"):
-        load_checkpoint(_tiny_mlp(), tmp_path / "weights.bin")
+    with pytest.raises(InputError, match=r"\.safetensors, \.pt, \.pth or \.bin"):
+        load_checkpoint(_tiny_mlp(), tmp_path / "weights.npy")
 
 
 def test_load_checkpoint_rejects_non_state_dict(tmp_path):

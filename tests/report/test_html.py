@@ -168,3 +168,21 @@ def test_headless_chromium_screenshot(tmp_path, width):
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
     assert int.from_bytes(data[16:20], "big") == width  # the page was laid out at that width
+
+
+def test_a_regression_report_leads_with_its_metric_and_lower_is_better():
+    from compresspipe.report.build import table_rows
+
+    rows = []
+    for i, (name, mse, size) in enumerate((("baseline", 0.9, 400_000), ("train", 0.10, 400_000),
+                                           ("prune", 0.12, 200_000), ("worse", 0.30, 300_000))):
+        row = _row(i, name, "weights", 0.0, size, 0.4)
+        row.update(accuracy=None, metric="mse", score=mse, metrics={"mse": mse, "mae": mse / 2}, loss=mse)
+        rows.append(row)
+    report = build_report("reg", rows, "train", "complete")
+    header, cells = table_rows(report)
+    assert header[4:6] == ["mse", "Δ"] and cells[2][4:6] == ["0.12", "+0.02"]
+    page = render_html(report)
+    assert "mse vs size" in page and "mse (lower is better)" in page and "accuracy (%)" not in page
+    size_plot = page.split("<svg")[1]
+    assert size_plot.count('class="point pareto"') == 2  # train (best mse) and prune (smallest); worse is dominated

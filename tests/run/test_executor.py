@@ -264,3 +264,60 @@ def test_a_config_error_only_the_run_finds_is_exit_3_and_keeps_finished_stages(t
     assert "max rank is" in result.output
     assert (tmp_path / "r" / "01-train" / "model.safetensors").exists()
     assert json.loads((tmp_path / "r" / "report.json").read_text())["status"] == "failed"
+
+
+# --- any model, any inputs, any task: checked before any stage, run end to end -------------------------------
+
+
+def test_labels_outside_the_models_classes_and_nan_inputs_are_exit_2_before_any_stage(tmp_path):
+    import numpy as np
+
+    from tests.fixtures import cli
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", inputs=rng.random((40, 1, 8, 8), dtype=np.float32), labels=np.arange(40) % 11)
+    recipe = tiny_recipe(data={"dataset": "tensors", "path": "d.npz", "max_samples": 40})
+    out = tmp_path / "run"
+    result = cli("run", write_recipe(tmp_path, recipe), "--out", out, "-q")
+    assert result.exit_code == 2 and "labels up to 10 (11 classes)" in result.output
+    assert "has 10 outputs" in result.output and "Traceback" not in result.output
+    assert not (out / "00-baseline").exists()
+    np.savez(tmp_path / "d.npz", inputs=np.full((40, 1, 8, 8), np.inf, dtype=np.float32), labels=np.arange(40) % 10)
+    result = cli("run", write_recipe(tmp_path, recipe), "--out", out, "-q")
+    assert result.exit_code == 2 and "NaN or Inf" in result.output
+    bad_std = tiny_recipe(data={"dataset": "imagefolder", "path": ".", "mean": [0.5], "std": [float("nan")]})
+    result = cli("validate", write_recipe(tmp_path, bad_std))
+    assert result.exit_code == 2 and "data.std[0]: must be a finite number" in result.output
+
+
+def test_a_text_model_runs_end_to_end_with_named_inputs_and_dynamic_sequence(tmp_path):
+    pytest.importorskip("transformers")
+    import onnxruntime as ort
+
+    from compresspipe.models.inputs import forward
+    from tests.fixtures import text_recipe
+
+    recipe = text_recipe(stages=[{"type": "train", "epochs": 2, "lr": 3.0e-3},
+                                 {"type": "export", "formats": ["onnx"], "verify": {"batches": 1}}],
+                         deploy={"runtime": "onnxruntime", "batch_sizes": [1, 8]})
+    result = run(tmp_path, recipe)
+    report = result.report
+    assert [s["metric"] for s in report["stages"]] == ["top1"] * 3
+    assert report["stages"][1]["accuracy"] > 0.6 and set(report["stages"][1]["metrics"]) == {"top1", "top5", "f1_macro"}
+    assert report["stages"][0]["macs"] > 0
+    export = result.folder / "02-export" / "export"
+    entry = json.loads((export / "manifest.json").read_text())["files"][0]
+    assert [i["name"] for i in entry["inputs"]] == ["input_ids", "attention_mask"]
+    assert entry["inputs"][0]["shape"] == ["batch", "sequence"] and entry["inputs"][0]["dtype"] == "int64"
+    sess = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"]] * 2
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["compresspipe.classes"]) == ["LABEL_0", "LABEL_1"]
+    model = load_model(result.folder / "02-export").module
+    ids = torch.randint(1, 64, (3, 7))  # another batch size and sequence length than any seen so far
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    mask[0, 5:] = 0
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = forward(model, {"input_ids": ids, "attention_mask": mask})
+    assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)

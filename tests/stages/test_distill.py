@@ -1,3 +1,4 @@
+import json
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_distillation_loss_is_the_documented_mix():
     ({"alpha": -0.1}, "stages[1].alpha: must be greater than or equal to 0"),
     ({"labels_fraction": 0}, "stages[1].labels_fraction: must be greater than 0"),
     ({"student": "smaller"}, "stages[1].student: must be one of: current"),
-    ({"teacher": {"builtin": "digits-cnn"}}, "needs checkpoint"),
+    ({"teacher": {"builtin": "digits-cnn"}}, "needs weights"),
     ({"student": {"builtin": "digits-cnx"}}, "stages[1].student.builtin: unknown model 'digits-cnx'"),
 ])
 def test_bad_config_exits_2_with_file_and_line(tmp_path, change, message):
@@ -157,3 +158,22 @@ def test_interrupted_distill_resumes_after_the_last_epoch_with_its_adapters(tmp_
     assert b["details"]["tables"]["feature losses"][0]["adapter"] == "Linear"
     weights = [load_file(str(f / "01-distill" / "model.safetensors")) for f in (tmp_path / "full", tmp_path / "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_larger_hugging_face_teacher_with_hidden_state_losses(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tests.fixtures import TINY_BERT, text_recipe
+
+    torch.manual_seed(0)  # the teacher: wider (48) and deeper (3 layers) than the student, saved as a folder
+    big = {**TINY_BERT, "hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 96}
+    AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**big, num_labels=2)).save_pretrained(
+        tmp_path / "teacher")
+    distill = {"type": "distill", "epochs": 1, "teacher": {"huggingface": "teacher"},
+               "features": [{"student": "model.bert.encoder.layer.1", "teacher": "model.bert.encoder.layer.2"}]}
+    result = run(tmp_path, text_recipe(stages=[distill]))
+    details = json.loads((result.folder / "01-distill" / "metrics.json").read_text())["details"]
+    assert details["teacher"] == "huggingface:teacher" and details["teacher_params"] > 1.5 * details["student_params"]
+    assert details["tables"]["feature losses"][0]["adapter"] == "Linear"  # hidden 32 -> 48
+    assert details["teacher_batches_run"] > 0

@@ -40,7 +40,7 @@ def _prune(module, shape, source=None, **cfg):
     """Run the stage's structured path on a module directly (no training, so no data is needed)."""
     config = PruneConfig(type="prune", **cfg)
     state = ModelState(module.eval(), source or {}, shape, 10)
-    ctx = SimpleNamespace(name="prune", seed=0, stage_dir=None)
+    ctx = SimpleNamespace(name="prune", seed=0, task="classification", stage_dir=None)
     sel = resolve_selection(config, module, "prune")
     rows, _ = PruneStage(config)._structured(state, ctx, sel, finetune=False)
     return state, rows
@@ -279,7 +279,7 @@ def test_plan_predicts_the_pruned_shapes(tmp_path):
 def test_taylor_magnitude_ranks_by_weight_times_gradient():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    ctx = SimpleNamespace(name="prune", seed=0,
+    ctx = SimpleNamespace(name="prune", seed=0, task="classification",
                           batches=lambda split, count, batch_size=None: [(x, y)] if split == "calibration" else None)
     masks = {}
     for importance in ("l1", "taylor"):
@@ -293,3 +293,36 @@ def test_taylor_magnitude_ranks_by_weight_times_gradient():
         assert model.c2.weight.grad is None  # calibration gradients are not left behind
     assert not torch.equal(masks["l1"], masks["taylor"])
 
+
+
+# -- transformers: whole heads and MLP width; the residual stream only when asked ----------------------------
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_transformer_heads_and_mlp_width_reload_to_the_same_outputs(tmp_path, hidden):
+    pytest.importorskip("transformers")
+    from compresspipe.artifacts.io import ModelIO
+    from compresspipe.models.factory import build_model
+    from compresspipe.models.inputs import example, forward
+    from compresspipe.recipe.spec import InputTensor
+    from tests.fixtures import TINY_BERT
+
+    io = ModelIO(task="sequence_classification", inputs=[
+        InputTensor(name="input_ids", shape=[16], dtype="int64", dynamic={0: "sequence"}, range=(0, 64)),
+        InputTensor(name="attention_mask", shape=[16], dtype="int64", dynamic={0: "sequence"}, range=(1, 2))])
+    source = {"huggingface": {"config": {**TINY_BERT, "num_attention_heads": 4}}}
+    torch.manual_seed(0)
+    module = build_model(source, io.task).eval()
+    state = ModelState(module, source, (16,), 2, io=io)
+    config = PruneConfig(type="prune", amount=0.5, heads=0.5, hidden=hidden)
+    ctx = SimpleNamespace(name="prune", seed=0, task=io.task, stage_dir=None)
+    PruneStage(config)._structured(state, ctx, resolve_selection(config, module, "prune"), finetune=False)
+    layer = state.module.model.bert.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 2 and layer.attention.self.query.out_features == 16
+    assert layer.intermediate.dense.out_features == 32  # MLP width halved
+    assert (layer.attention.output.dense.out_features == 32) != hidden  # the residual stream, only when asked
+    save_model(state, tmp_path)
+    loaded = load_model(tmp_path)
+    x = example(io, 3, seed=2, sizes={"sequence": 9})
+    with torch.no_grad():
+        assert torch.equal(forward(state.module, x), forward(loaded.module, x))

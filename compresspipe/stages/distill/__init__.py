@@ -95,10 +95,10 @@ class DistillConfig(StageConfig, TrainSettings):
     @field_validator("teacher")
     @classmethod
     def _teacher_has_weights(cls, value: str | ModelSpec) -> str | ModelSpec:
-        if isinstance(value, ModelSpec) and value.checkpoint is None:
+        if isinstance(value, ModelSpec) and value.checkpoint is None and not isinstance(value.huggingface, str):
             raise ValueError(
-                "a teacher given as a model spec needs checkpoint: <file> (an untrained teacher teaches nothing); "
-                "or name baseline or an earlier stage"
+                "a teacher given as a model spec needs weights: checkpoint: <file>, or a Hugging Face folder (an "
+                "untrained teacher teaches nothing); or name baseline or an earlier stage"
             )
         return value
 

@@ -11,10 +11,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from compresspipe.artifacts.model import ModelState
+from compresspipe.data.sources import DictTensorDataset
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics import count_params, evaluate
 from compresspipe.metrics.modes import eval_mode
-from compresspipe.models.factory import build_from_spec
+from compresspipe.metrics.tasks import TASKS
+from compresspipe.models.factory import build_from_spec, build_recorded, recorded_source
+from compresspipe.models.inputs import forward, to_device, zeros
 from compresspipe.recipe.spec import ModelSpec
 from compresspipe.registry import unknown_message
 from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
@@ -31,6 +34,13 @@ def labelled_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
 
     k = min(n, max(1, round(fraction * n)))
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def _tensor(value: Any) -> Any:
+    """A module's output as one tensor: the first item of a tuple (transformer layers return (hidden, ...))."""
+    if isinstance(value, tuple | list) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return value
 
 
 class _Capture:
@@ -61,40 +71,42 @@ class _Capture:
 
 def _make_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], stage: str,
                   pair: FeatureLoss) -> nn.Module | None:
-    """None when the shapes match; a 1x1 conv (4-D) or linear (2-D) when only the width differs."""
+    """None when the shapes match; a 1x1 conv (4-D), or a linear map of the last axis (2-D features, 3-D hidden
+    states of a transformer: batch, tokens, width) when only the width differs."""
 
     if student_shape == teacher_shape:
         return None
-    if len(student_shape) != len(teacher_shape) or student_shape[2:] != teacher_shape[2:] \
-            or len(student_shape) not in (2, 4):
+    same_rest = (student_shape[:2] == teacher_shape[:2] if len(student_shape) == 3
+                 else student_shape[2:] == teacher_shape[2:])
+    if len(student_shape) != len(teacher_shape) or not same_rest or len(student_shape) not in (2, 3, 4):
         raise StageConfigError(
             stage, f"features: student {pair.student!r} gives {list(student_shape[1:])} per sample and teacher "
                    f"{pair.teacher!r} gives {list(teacher_shape[1:])}; adapters only bridge a different width "
-                   "(channels of a conv output, features of a linear output)")
+                   "(channels of a conv output, features of a linear output, the hidden size of a transformer)")
     if len(student_shape) == 4:
         return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1, bias=False)
-    return nn.Linear(student_shape[1], teacher_shape[1], bias=False)
+    return nn.Linear(student_shape[-1], teacher_shape[-1], bias=False)
 
 
-def _indexed_train(data: Any) -> tuple[Any, torch.Tensor]:
-    """The training split yielding (x, [index, label]), and every label in order."""
+class _Indexed(Dataset):
+    """The training split yielding (x, {"index": i, "label": y}): the loss finds a sample's cached teacher
+    outputs and whether its label is kept by its index."""
 
-    train = data.train
-    if isinstance(train, TensorDataset) and len(train.tensors) == 2:
-        inputs, labels = train.tensors
-        index = torch.arange(len(labels), dtype=torch.int64)
-        return TensorDataset(inputs, torch.stack([index, labels.to(torch.int64)], dim=1)), labels.to(torch.int64)
+    def __init__(self, train: Any):
+        self.train = train
 
-    class Indexed(Dataset):
-        def __len__(self) -> int:
-            return len(train)
+    def __len__(self) -> int:
+        return len(self.train)
 
-        def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
-            x, y = train[i]
-            return x, torch.tensor([i, int(y)], dtype=torch.int64)
+    def __getitem__(self, i: int) -> tuple[Any, dict[str, torch.Tensor]]:
+        x, y = self.train[i]
+        return x, {"index": torch.tensor(i, dtype=torch.int64), "label": torch.as_tensor(y)}
 
-    labels = torch.tensor([int(train[i][1]) for i in range(len(train))], dtype=torch.int64)
-    return Indexed(), labels
+
+def _indexed_train(data: Any) -> tuple[Any, int]:
+    """The training split yielding (x, {"index", "label"}), and its number of samples."""
+
+    return _Indexed(data.train), len(data.train)
 
 
 class DistillStage(Stage[DistillConfig]):
@@ -110,7 +122,7 @@ class DistillStage(Stage[DistillConfig]):
         captures = (_Capture(student.module, [f.student for f in cfg.features], ctx.name, "student"),
                     _Capture(teacher, [f.teacher for f in cfg.features], ctx.name, "teacher"))
         try:  # the checks the run makes first, on the planned shapes
-            self._check_shapes(student.module, teacher.eval(), *captures, student.input_shape, ctx)
+            self._check_shapes(student.module, teacher.eval(), *captures, student, ctx)
         finally:
             for capture in captures:
                 capture.remove()
@@ -120,13 +132,14 @@ class DistillStage(Stage[DistillConfig]):
 
     @staticmethod
     def _new_student(spec: ModelSpec, state: ModelState, ctx: StageContext) -> ModelState:
-        if spec.input_shape is not None and tuple(spec.input_shape) != tuple(state.input_shape):
-            raise StageConfigError(ctx.name, f"student.input_shape is {list(spec.input_shape)} but the data gives "
-                                             f"{list(state.input_shape)}")
+        given = spec.input_spec()
+        if given is not None and [(i.name, i.shape) for i in given] != [(i.name, i.shape) for i in state.spec.inputs]:
+            raise StageConfigError(ctx.name, f"student inputs {[(i.name, i.shape) for i in given]} differ from the "
+                                             f"data's {[(i.name, i.shape) for i in state.spec.inputs]}")
         torch.manual_seed(ctx.seed)  # the student's initial weights depend on the seed only
-        module = build_from_spec(spec)
-        source = spec.model_dump(include={"builtin", "torchvision", "kwargs"})
-        return ModelState(module, source, tuple(state.input_shape), state.num_classes)
+        source = recorded_source(spec, ctx.task, state.num_classes, state.spec.classes)
+        module, _ = build_recorded(spec, source, ctx.task)
+        return ModelState(module, source, tuple(state.input_shape), state.num_classes, io=state.io)
 
     def _teacher(self, ctx: StageContext) -> tuple[nn.Module, str]:
         teacher = self.config.teacher
@@ -134,7 +147,7 @@ class DistillStage(Stage[DistillConfig]):
             label = f"{ctx.reference} (baseline)" if teacher == "baseline" and ctx.reference != "baseline" \
                 else teacher
             return ctx.load_stage(teacher).module, label
-        return build_from_spec(teacher), teacher.label
+        return build_from_spec(teacher, ctx.task, ctx.data.num_classes, ctx.data.classes), teacher.label
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         cfg, device = self.config, ctx.device
@@ -150,12 +163,11 @@ class DistillStage(Stage[DistillConfig]):
         s_capture = _Capture(student, [f.student for f in cfg.features], ctx.name, "student")
         t_capture = _Capture(teacher, [f.teacher for f in cfg.features], ctx.name, "teacher")
         try:
-            adapters = self._check_shapes(student, teacher, s_capture, t_capture, student_state.input_shape, ctx)
+            adapters = self._check_shapes(student, teacher, s_capture, t_capture, student_state, ctx)
             val_loader = ctx.data.loader("val", batch_size=ctx.recipe.data.eval_batch_size)
-            teacher_acc, _ = evaluate(teacher, val_loader, device)
+            teacher_acc, _ = evaluate(teacher, val_loader, device, ctx.task)
 
-            train, labels = _indexed_train(ctx.data)
-            n = len(labels)
+            train, n = _indexed_train(ctx.data)
             labelled: torch.Tensor | None = None
             n_labelled = n
             if cfg.labels_fraction < 1:
@@ -166,28 +178,29 @@ class DistillStage(Stage[DistillConfig]):
                 labelled = labelled.to(device)
 
             cached: torch.Tensor | None = None
-            cacheable = isinstance(train, TensorDataset)
-            if cfg.cache_teacher and cacheable and not cfg.features:
+            cacheable = isinstance(ctx.data.train, TensorDataset | DictTensorDataset)
+            # per-token outputs (a vocabulary per position) are too big to keep for every sample
+            if cfg.cache_teacher and cacheable and not cfg.features and not TASKS[ctx.task].per_position:
                 cached = self._teacher_logits(teacher, ctx)
             counter = {"teacher_batches": 0}
 
-            def loss_fn(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                index, y = t[:, 0], t[:, 1]
-                s_logits = model(x)
+            def loss_fn(model: nn.Module, x: Any, t: dict[str, torch.Tensor]) -> torch.Tensor:
+                index, y = t["index"], t["label"]
+                s_logits = forward(model, x)
                 if cached is not None:
                     t_logits = cached[index]
                 else:
                     with torch.no_grad():
-                        t_logits = teacher(x)
+                        t_logits = forward(teacher, x)
                     counter["teacher_batches"] += 1
                 mask = labelled[index] if labelled is not None else None
                 loss = distillation_loss(s_logits, t_logits, y, cfg.temperature, cfg.alpha, mask,
-                                         label_smoothing=cfg.label_smoothing)
+                                         label_smoothing=cfg.label_smoothing, task=ctx.task)
                 for pair, adapter in zip(cfg.features, adapters, strict=True):
-                    s_feat = s_capture.outputs[pair.student]
+                    s_feat = _tensor(s_capture.outputs[pair.student])
                     if adapter is not None:
                         s_feat = adapter(s_feat)
-                    loss = loss + pair.weight * F.mse_loss(s_feat.float(), t_capture.outputs[pair.teacher].float())
+                    loss = loss + pair.weight * F.mse_loss(s_feat.float(), _tensor(t_capture.outputs[pair.teacher]).float())
                 return loss
 
             extra = [p for a in adapters if a is not None for p in a.parameters()]
@@ -200,7 +213,8 @@ class DistillStage(Stage[DistillConfig]):
 
         new_student = not isinstance(cfg.student, str)
         student_params, teacher_params = count_params(student), count_params(teacher)
-        student_acc = result.best_accuracy if result.best_accuracy is not None else evaluate(student, val_loader, device)[0]
+        student_acc = result.best_accuracy if result.best_accuracy is not None else \
+            evaluate(student, val_loader, device, ctx.task)[0]
         feature_rows = [
             {"student": f.student, "teacher": f.teacher, "weight": f.weight,
              "adapter": "none" if a is None else type(a).__name__,
@@ -237,19 +251,19 @@ class DistillStage(Stage[DistillConfig]):
                            notes=notes, details=details)
 
     def _check_shapes(self, student: nn.Module, teacher: nn.Module, s_capture: _Capture, t_capture: _Capture,
-                      input_shape: tuple[int, ...], ctx: StageContext) -> list[nn.Module | None]:
+                      state: ModelState, ctx: StageContext) -> list[nn.Module | None]:
         """Output sizes must agree (teacher, student, labels); returns one adapter (or None) per feature pair."""
 
         device = ctx.device
         student.to(device)
-        x = torch.zeros((2, *input_shape), device=device)
+        x = zeros(state.spec, 2, device=device)
         with torch.no_grad(), eval_mode(student):
-            s_out, t_out = student(x), teacher(x)
+            s_out, t_out = forward(student, x), forward(teacher, x)
         s_size, t_size = tuple(s_out.shape[1:]), tuple(t_out.shape[1:])
         if s_size != t_size:
             raise StageConfigError(ctx.name, f"the student's output size {list(s_size)} differs from the teacher's "
                                              f"{list(t_size)}; both must give one logit per class")
-        if s_size != (ctx.data.num_classes,):
+        if not TASKS[ctx.task].float_targets and s_size[-1] != ctx.data.num_classes:
             raise StageConfigError(ctx.name, f"the models give {list(s_size)} outputs per sample but the dataset has "
                                              f"{ctx.data.num_classes} classes")
         adapters: list[nn.Module | None] = []
@@ -258,6 +272,7 @@ class DistillStage(Stage[DistillConfig]):
             shapes: list[tuple[int, ...]] = []
             for who, name, capture in (("student", pair.student, s_capture), ("teacher", pair.teacher, t_capture)):
                 feat = capture.outputs.get(name)
+                feat = _tensor(feat) if feat is not None else None
                 if not isinstance(feat, torch.Tensor):
                     raise StageConfigError(ctx.name, f"features: {who} module {name!r} "
                                                      f"{'did not run' if feat is None else 'does not return a tensor'}"
@@ -274,5 +289,5 @@ class DistillStage(Stage[DistillConfig]):
         out = []
         with torch.no_grad():
             for x, _ in ctx.data.loader("train", batch_size=ctx.recipe.data.eval_batch_size):
-                out.append(teacher(x.to(ctx.device)))
+                out.append(forward(teacher, to_device(x, ctx.device)))
         return torch.cat(out)

@@ -98,7 +98,8 @@ class Int8Settings(StrictModel):
         "minmax", description="activation range estimator (onnx_int8)"
     )
     onnx_method: Literal["auto", "static", "dynamic"] = Field(
-        "auto", description="auto: static QDQ when the graph has Conv, dynamic for Linear/RNN-only graphs"
+        "auto", description="auto: static QDQ when the graph has Conv, dynamic for Linear/RNN-only graphs and for "
+                            "transformers (attention: MatMul weights and embeddings int8, convs stay float)"
     )
     float_small_convs: bool = Field(
         True, description="onnx_int8: keep convs that sum over fewer than 16 inputs per output (in_channels/groups "

@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresspipe.stages.export.job import Exporter, ExportJob, compare, per_sample, time_batches
+from compresspipe.models.inputs import args_and_kwargs, batch_len, forward, take
+from compresspipe.stages.export.job import (
+    Exporter,
+    ExportJob,
+    compare,
+    dynamic_batch_shapes,
+    per_sample,
+    time_batches,
+)
 
 INSTALL = "pip install 'compresspipe[mobile]'"
 
@@ -60,8 +68,15 @@ def export_float(job: ExportJob, folder: Path) -> list[Path]:
     path = folder / "model.pte"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _lower(torch.export.export(job.module, (job.example(1),)), path)
+        _lower(_export(job.module, job.example(1)), path)
     return [path]
+
+
+def _export(module: nn.Module, example: Any, dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """torch.export with a tensor positionally or named tensors as keywords (the program then takes them in the
+    inputs spec's order)."""
+    args, kwargs = args_and_kwargs(example)
+    return torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
 
 
 def _quantized(job: ExportJob) -> nn.Module:
@@ -77,17 +92,16 @@ def _quantized(job: ExportJob) -> nn.Module:
     quantizer = XNNPACKQuantizer()
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
     try:  # calibrate whole batches when the graph allows a free batch dimension
-        captured = torch.export.export(source, (job.example(2),),
-                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+        captured = _export(source, job.example(2), dynamic_batch_shapes(job, batch=True, infer_ranges=True)).module()
         batched = True
     except Exception:
-        captured = torch.export.export(source, (job.example(1),)).module()
+        captured = _export(source, job.example(1)).module()
         batched = False
     prepared = prepare_pt2e(captured, quantizer)
     with torch.no_grad():
         for x in job.calibration(cfg.batch_size, cfg.calibration_batches):
-            for chunk in ([x] if batched else x.split(1)):
-                prepared(chunk)
+            for chunk in ([x] if batched else [take(x, slice(i, i + 1)) for i in range(batch_len(x))]):
+                forward(prepared, chunk)
     return convert_pt2e(prepared)
 
 
@@ -96,7 +110,7 @@ def export_int8(job: ExportJob, folder: Path) -> list[Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = _quantized(job)
-        _lower(torch.export.export(converted, (job.example(1),)), path)
+        _lower(_export(converted, job.example(1)), path)
     job.notes.append(f"model.int8.pte: XNNPACK int8 (PT2E, {job.config.int8.calibration_batches} calibration "
                      f"batches of {job.config.int8.batch_size})")
     return [path]
@@ -116,8 +130,9 @@ def verify(files: list[Path], job: ExportJob) -> dict[str, Any]:
         note = ", default threads"
     method = Runtime.get().load_program(files[0]).load_method("forward")
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return method.execute([x.contiguous()])[0]
+    def run(x: Any) -> torch.Tensor:
+        values = [x[n] for n in job.input_names] if isinstance(x, dict) else [x]
+        return method.execute([v.contiguous() for v in values])[0]
 
     metrics = compare(job, per_sample(run))
     metrics["latency_ms"] = time_batches(job, run, [1])

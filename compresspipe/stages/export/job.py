@@ -2,7 +2,9 @@
 
 A format module is three functions: ``available() -> str | None`` (why it cannot run here),
 ``export(job, folder) -> list[Path]`` and ``verify(files, job) -> dict`` (max_abs_diff, top1_agreement,
-accuracy, latency_ms). Verification compares with the PyTorch model on the same validation batches.
+accuracy, the task's metrics, latency_ms). Verification compares with the PyTorch model on the same validation
+batches. A batch is one tensor or a dict of named tensors (`models.inputs`); the model's inputs spec
+(`state.spec`) names the file's inputs and says which axes are dynamic.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compresspipe.models.inputs import batch_len, example, forward, take
+
 if TYPE_CHECKING:
+    from compresspipe.artifacts.io import ModelIO
     from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import LatencySpec
     from compresspipe.stages.export import ExportConfig
@@ -36,9 +41,9 @@ class ExportJob:
     state: ModelState
     module: nn.Module  # eval mode, on CPU
     stage: str
-    batches: list[tuple[torch.Tensor, torch.Tensor]]  # validation (inputs, labels)
+    batches: list[tuple[Any, torch.Tensor]]  # validation (inputs, labels)
     reference: list[torch.Tensor]  # the PyTorch model's logits on `batches`
-    calibration: Callable[[int, int], Iterator[torch.Tensor]]  # (batch_size, batches) -> input batches
+    calibration: Callable[[int, int], Iterator[Any]]  # (batch_size, batches) -> input batches
     latency: LatencySpec | None = None
     handoff: OnnxInt8Handoff | None = None  # what a quantize stage asked the ONNX int8 export to do
     float_module: nn.Module | None = None  # the float model int8 formats quantize (after a quantize stage)
@@ -47,18 +52,29 @@ class ExportJob:
     notes: list[str] = field(default_factory=list)
     shared: dict[str, Path] = field(default_factory=dict)  # files one format leaves for another (float onnx)
 
+    num_classes: int | None = None
+    metrics: list[str] = field(default_factory=list)  # metrics beyond the task's that gates name
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.state.input_shape)
 
     @property
+    def io(self) -> ModelIO:
+        return self.state.spec
+
+    @property
+    def input_names(self) -> list[str]:
+        """The file's input names: `input` for one tensor, else the model's argument names."""
+        return self.io.names
+
+    @property
     def dtype(self) -> torch.dtype:
         return input_dtype(self.module)
 
-    def example(self, batch: int = 2) -> torch.Tensor:
+    def example(self, batch: int = 2) -> Any:
         """A deterministic input; batch 2 so torch.export does not specialise the batch dimension to 1."""
-        gen = torch.Generator().manual_seed(0)
-        return torch.randn((batch, *self.input_shape), generator=gen).to(self.dtype)
+        return example(self.io, batch, float_dtype=self.dtype)
 
 
 def input_dtype(module: nn.Module) -> torch.dtype:
@@ -73,36 +89,57 @@ def dtype_label(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def compare(job: ExportJob, run: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
-    """Run `run` on every verification batch; its difference from PyTorch and its accuracy."""
-    max_diff, agree, correct, ref_correct, count, loss = 0.0, 0, 0, 0, 0, 0.0
+def agreement(task: str, out: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(agreeing, compared): rows (samples, or labelled positions) whose top class is PyTorch's; regression:
+    values within 5% of the spread of PyTorch's outputs (at least 1e-6) of them."""
+    from compresspipe.metrics.tasks import TASKS, flatten
+
+    if TASKS[task].float_targets:
+        tol = max(float(ref.float().std()) * 0.05 if ref.numel() > 1 else 0.0, 1e-6)
+        return int(((out.float() - ref.float()).abs() <= tol).sum()), int(ref.numel())
+    o, lab = flatten(task, out, labels)
+    r, _ = flatten(task, ref, labels)
+    return int((o.argmax(dim=1) == r.argmax(dim=1)).sum()), int(lab.numel())
+
+
+def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any]:
+    """Run `run` on every verification batch; its difference from PyTorch, and the task's metrics (accuracy,
+    loss, ...) of its outputs."""
+    from compresspipe.metrics.measure import task_figures
+    from compresspipe.metrics.scores import Scorer
+
+    task = job.io.task
+    from compresspipe.metrics.tasks import TASKS
+
+    scorer = Scorer(task, job.num_classes, list(dict.fromkeys([*TASKS[task].metrics, *job.metrics])))
+    ref_scorer = Scorer(task, job.num_classes, ["top1"] if task != "regression" else ["mse"])
+    max_diff, agree, compared, count = 0.0, 0, 0, 0
     for (inputs, labels), ref in zip(job.batches, job.reference, strict=True):
         out = torch.as_tensor(run(inputs)).float().reshape(ref.shape)
         ref = ref.float()
         diff = float((out - ref).abs().max())
         if not diff <= max_diff and max_diff == max_diff:  # a NaN sticks (max() would drop it)
             max_diff = diff
-        loss += float(torch.nn.functional.cross_entropy(out, labels, reduction="sum"))
-        pred = out.argmax(dim=1)
-        agree += int((pred == ref.argmax(dim=1)).sum())
-        correct += int((pred == labels).sum())
-        ref_correct += int((ref.argmax(dim=1) == labels).sum())
-        count += int(labels.numel())
+        scorer.update(out, labels)
+        ref_scorer.update(ref, labels)
+        a, c = agreement(task, out, ref, labels)
+        agree, compared = agree + a, compared + c
+        count += int(labels.shape[0])
+    figures = task_figures(scorer.result(), task)
     return {
         "samples": count,
         "max_abs_diff": max_diff,
-        "top1_agreement": agree / max(count, 1),
-        "accuracy": correct / max(count, 1),
-        "loss": loss / max(count, 1),
-        "pytorch_accuracy": ref_correct / max(count, 1),
+        "top1_agreement": agree / max(compared, 1),
+        **figures,
+        "pytorch_accuracy": ref_scorer.result().get("top1"),
     }
 
 
-def per_sample(run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def per_sample(run: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
     """Wrap a fixed-batch-1 runner so it takes any batch (one call per sample)."""
 
-    def runner(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.as_tensor(run(inputs[i : i + 1])) for i in range(inputs.shape[0])])
+    def runner(inputs: Any) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(run(take(inputs, slice(i, i + 1)))) for i in range(batch_len(inputs))])
 
     return runner
 
@@ -118,10 +155,9 @@ def time_batches(job: ExportJob, run: Callable[[Any], Any], batch_sizes: list[in
     if spec is None or not spec.enabled:
         return {}
     sizes = list(spec.batch_sizes) if batch_sizes is None else [b for b in spec.batch_sizes if b in batch_sizes]
-    gen = torch.Generator().manual_seed(0)
     out: dict[str, float] = {}
     for bs in sizes:
-        x = torch.randn((bs, *job.input_shape), generator=gen).to(job.dtype)
+        x = example(job.io, bs, float_dtype=job.dtype)
         x = prepare(x) if prepare is not None else x
         for _ in range(spec.warmup):
             run(x)
@@ -134,11 +170,10 @@ def time_batches(job: ExportJob, run: Callable[[Any], Any], batch_sizes: list[in
     return out
 
 
-def torch_runner(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(inputs: torch.Tensor) -> torch.Tensor:
+def torch_runner(module: nn.Module) -> Callable[[Any], torch.Tensor]:
+    def run(inputs: Any) -> torch.Tensor:
         with torch.inference_mode():
-            out = module(inputs)
-        return out[0] if isinstance(out, tuple | list) else out
+            return forward(module, inputs)
 
     return run
 
@@ -176,8 +211,49 @@ def always() -> str | None:
     return None
 
 
-def dynamic_batch_shapes(job: ExportJob) -> tuple[dict[int, Any]] | None:
-    """torch.export dynamic_shapes for a batch dimension of any size >= 1 (None when fixed)."""
-    if not job.config.dynamic_batch:
+def dynamic_batch_shapes(job: ExportJob, batch: bool | None = None, infer_ranges: bool = False) -> Any:
+    """torch.export dynamic_shapes: the batch axis (unless fixed) and every dynamic sample axis of the inputs spec
+    (e.g. the sequence), named as the spec names them; a dict by argument name for named inputs. None: all fixed.
+
+    `infer_ranges`: sample axes are Dim.AUTO, so torch.export itself finds their range (a sequence is bounded by
+    the model's position embeddings) instead of refusing a named Dim it cannot prove unbounded.
+    """
+    batch = job.config.dynamic_batch if batch is None else batch
+    dims: dict[str, Any] = {}
+
+    def dim(name: str) -> Any:
+        if infer_ranges and name != "batch":
+            return torch.export.Dim.AUTO
+        if name not in dims:
+            dims[name] = torch.export.Dim(name, min=1 if name == "batch" else 2)
+        return dims[name]
+
+    shapes: dict[str, dict[int, Any]] = {}
+    for spec in job.io.inputs:
+        axes = {0: dim("batch")} if batch else {}
+        axes.update({axis + 1: dim(name) for axis, name in spec.dynamic.items()})
+        shapes[spec.name] = axes
+    if not any(shapes.values()):
         return None
-    return ({0: torch.export.Dim("batch", min=1)},)
+    if job.io.single_tensor:
+        return (shapes["input"],)
+    return shapes
+
+
+def onnx_axes(job: ExportJob, batch: bool | None = None) -> dict[str, dict[int, str]]:
+    """The same dynamic axes for the TorchScript-based ONNX exporter (names per input, plus the output's batch)."""
+    batch = job.config.dynamic_batch if batch is None else batch
+    axes = {}
+    for spec in job.io.inputs:
+        named = ({0: "batch"} if batch else {}) | {a + 1: n for a, n in spec.dynamic.items()}
+        if named:
+            axes[spec.name] = named
+    from compresspipe.metrics.tasks import TASKS
+
+    out = {0: "batch"} if batch else {}
+    first = job.io.inputs[0]
+    if TASKS[job.io.task].per_position and 0 in first.dynamic:  # logits per position: that axis moves too
+        out[1] = first.dynamic[0]
+    if out:
+        axes[OUTPUT_NAME] = out
+    return axes

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from compresspipe.models.inputs import args_and_kwargs, numpy_feed
 from compresspipe.stages.export.job import (
-    INPUT_NAME,
     OUTPUT_NAME,
     Exporter,
     ExportJob,
     compare,
     dynamic_batch_shapes,
+    onnx_axes,
     per_sample,
     time_batches,
 )
@@ -42,10 +43,15 @@ def available() -> str | None:
 
 
 def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
-    """Export `module` to `path` (plus path.data for huge models); returns the files written."""
+    """Export `module` to `path` (plus path.data for huge models); returns the files written.
+
+    The file's inputs are the model's (`input`, or its named inputs such as input_ids and attention_mask), with
+    the batch axis and the spec's dynamic axes (e.g. sequence) symbolic; its metadata names the classes."""
     opset = job.config.opset
     dynamic = job.config.dynamic_batch
     example = job.example(2 if dynamic else 1)
+    args, kwargs = args_and_kwargs(example)
+    names = job.input_names
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > SINGLE_FILE_LIMIT
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
@@ -54,8 +60,8 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
         try:
             with _quiet():
                 torch.onnx.export(
-                    module, (example,), str(path), dynamo=True, verbose=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch_shapes(job),
+                    module, args, str(path), kwargs=kwargs or None, dynamo=True, verbose=False, opset_version=opset,
+                    input_names=names, output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch_shapes(job),
                     external_data=big,
                 )
         except Exception as exc:  # the exporter raises many types; fall back and say why
@@ -64,15 +70,39 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
         why = (f"the dynamo exporter failed ({dynamo_error[:200]})" if dynamo_error
                else f"opset {opset} is below the dynamo exporter's minimum ({DYNAMO_MIN_OPSET})")
         job.notes.append(f"{path.name}: {why}; used the TorchScript-based exporter (dynamo=False)")
-        axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+        positional = args if args else tuple(kwargs[n] for n in names)
         with _quiet():
-            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+            torch.onnx.export(module, positional, str(path), dynamo=False, opset_version=opset,
+                              input_names=names, output_names=[OUTPUT_NAME], dynamic_axes=onnx_axes(job) or None)
     data = path.with_name(path.name + ".data")
     if not big:  # merge any external-data file: one self-contained file ships easier
         strip_debug_info(path, job.config.keep_names)
         data.unlink(missing_ok=True)
+    add_metadata(path, job)
     return [path] + ([data] if data.exists() else [])
+
+
+def add_metadata(path: Path, job: ExportJob) -> None:
+    """Say in the file what its outputs and inputs are: the task, the class of each output index, the inputs'
+    preprocessing (ONNX metadata_props, read with `sess.get_modelmeta().custom_metadata_map`)."""
+    import json
+
+    import onnx
+
+    io = job.io
+    entries = {"compresspipe.task": io.task,
+               "compresspipe.inputs": json.dumps([i.model_dump(mode="json") for i in io.inputs])}
+    if io.classes is not None:
+        entries["compresspipe.classes"] = json.dumps(io.classes)
+    if io.preprocessing:
+        entries["compresspipe.preprocessing"] = json.dumps(io.preprocessing)
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
 
 
 def strip_debug_info(path: Path, keep_names: bool = True) -> None:
@@ -153,21 +183,30 @@ def session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+ONNX_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def feed_types(sess: Any) -> tuple[list[str], dict[str, str]]:
+    """(the graph's input names, the numpy dtype each takes)."""
+    inputs = sess.get_inputs()
+    return [i.name for i in inputs], {i.name: ONNX_NUMPY.get(i.type, "float32") for i in inputs}
+
+
 def verify_onnx(files: list[Path], job: ExportJob) -> dict[str, Any]:
     """Run the .onnx in onnxruntime (intra-op threads = evaluate.latency.threads) on the verification batches."""
     threads = job.latency.threads if job.latency is not None else 1
     sess = session(files[0], threads)
-    name = sess.get_inputs()[0].name
-    dtype = {"tensor(float16)": "float16", "tensor(double)": "float64"}.get(sess.get_inputs()[0].type, "float32")
+    names, dtypes = feed_types(sess)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {name: x.detach().cpu().numpy().astype(dtype, copy=False)})[0])
+    def run(x: Any) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, numpy_feed(x, names, dtypes))[0])
 
     runner = run if job.config.dynamic_batch else per_sample(run)
     metrics = compare(job, runner)
     metrics["latency_ms"] = time_batches(job, lambda feed: sess.run(None, feed),
                                          None if job.config.dynamic_batch else [1],
-                                         prepare=lambda x: {name: x.numpy().astype(dtype, copy=False)})
+                                         prepare=lambda x: numpy_feed(x, names, dtypes))
     metrics["runtime"] = f"onnxruntime ({threads} thread{'s' if threads != 1 else ''})"
     return metrics
 
@@ -188,6 +227,6 @@ EXPORTERS = {
     "onnx": Exporter(
         "onnx", "model.onnx", available, export, verify_onnx,
         load_snippet=("import onnxruntime as ort; sess = ort.InferenceSession('model.onnx')",
-                      "logits = sess.run(None, {'input': x.astype('float32')})[0]"),
+                      "logits = sess.run(None, {'input': x.astype('float32')})[0]  # or one entry per named input"),
     ),
 }

@@ -1,8 +1,9 @@
 """`onnx_int8`: ONNX Runtime quantization of the float ONNX graph.
 
 Static QDQ (per-channel int8 weights, uint8 activations calibrated on the calibration split) for graphs
-with convolutions; dynamic quantization for Linear/RNN-only graphs (ONNX Runtime's dynamic mode cannot
-run Conv). This is also how a model whose torch quantized modules cannot be exported reaches ONNX: the
+with convolutions; dynamic quantization for Linear/RNN-only graphs and for transformers (graphs with attention:
+their MatMul/Gemm weights and embedding tables go int8, softmax and LayerNorm stay float, convolutions such as
+a ViT's patch embedding too, since ONNX Runtime's dynamic mode cannot run Conv). This is also how a model whose torch quantized modules cannot be exported reaches ONNX: the
 float model before the quantize stage is exported and quantized here with the settings that stage recorded.
 Verified by top-1 agreement (verify.min_agreement), since int8 logits differ from float ones by design.
 
@@ -21,6 +22,8 @@ logits leave the last int8 layer in float rather than being rounded to 8 bits.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,15 @@ from typing import Any
 import numpy as np
 
 from compresspipe.deploy.cpu import WEIGHT_BITS, WEIGHT_LIMIT
+from compresspipe.models.inputs import batch_len, numpy_feed
 from compresspipe.stages.export.job import Exporter, ExportJob
-from compresspipe.stages.export.onnx_float import available, strip_debug_info, verify_onnx, write_onnx
+from compresspipe.stages.export.onnx_float import (
+    add_metadata,
+    available,
+    strip_debug_info,
+    verify_onnx,
+    write_onnx,
+)
 from compresspipe.ui import UI
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
@@ -59,19 +69,19 @@ def settings(job: ExportJob) -> dict[str, Any]:
 class _Calibration:
     """ONNX Runtime's CalibrationDataReader over the calibration split (batch 1 when the graph is fixed)."""
 
-    def __init__(self, job: ExportJob, name: str, batch_size: int, batches: int, bar: Any = None):
-        self.items = self._items(job, name, batch_size, batches)
+    def __init__(self, job: ExportJob, names: list[str], batch_size: int, batches: int, bar: Any = None):
+        self.items = self._items(job, names, batch_size, batches)
         self.bar = bar
 
     @staticmethod
-    def _items(job: ExportJob, name: str, batch_size: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
+    def _items(job: ExportJob, names: list[str], batch_size: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
         for x in job.calibration(batch_size, batches):
-            arr = x.detach().cpu().numpy()
+            feed = numpy_feed(x, names)
             if job.config.dynamic_batch:
-                yield {name: arr}
+                yield feed
             else:
-                for i in range(arr.shape[0]):
-                    yield {name: arr[i : i + 1]}
+                for i in range(batch_len(x)):
+                    yield {k: v[i : i + 1] for k, v in feed.items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         item = next(self.items, None)
@@ -80,7 +90,27 @@ class _Calibration:
         return item
 
 
+@contextlib.contextmanager
+def _runtime_logs_to_notes() -> Iterator[None]:
+    """ONNX Runtime's quantization tools log advice and shape-inference doubts on the root logger; what matters
+    reaches the report as notes, so those lines are held back from the terminal for the duration."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def export(job: ExportJob, folder: Path) -> list[Path]:
+    with _runtime_logs_to_notes():
+        return _export(job, folder)
+
+
+def _export(job: ExportJob, folder: Path) -> list[Path]:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -106,9 +136,10 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
         graph_model = onnx.load(str(prepared))
         ops = {node.op_type for node in graph_model.graph.node}
         method = opts["method"]
+        transformer = "Softmax" in ops and "MatMul" in ops  # attention: its matmuls, not its activations, go int8
         if method == "auto":
-            method = "static" if ops & CONV_OPS else "dynamic"
-        if method == "dynamic" and ops & CONV_OPS:
+            method = "dynamic" if transformer or not ops & CONV_OPS else "static"
+        if method == "dynamic" and ops & CONV_OPS and not transformer:
             job.notes.append("model.int8.onnx: dynamic quantization was asked for, but ONNX Runtime cannot run "
                              "dynamically quantized Conv; used static QDQ")
             method = "static"
@@ -129,12 +160,12 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
                                  "ONNX Runtime; int8.float_small_convs)")
         if method == "static":
             reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
-            name = graph_model.graph.input[0].name
+            names = [i.name for i in graph_model.graph.input]
             ui = job.ui or UI(quiet=True)
             with ui.progress(f"{job.stage}: calibrating model.int8.onnx", opts["calibration_batches"]) as bar:
                 quantize_static(
                     str(prepared), str(out),
-                    reader_cls(job, name, opts["batch_size"], opts["calibration_batches"], bar),
+                    reader_cls(job, names, opts["batch_size"], opts["calibration_batches"], bar),
                     quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -144,9 +175,17 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
             if job.config.int8.float_output:
                 float_outputs(out)
         else:
+            # MatMul/Gemm weights and embedding tables int8, activations quantized per call; convolutions (a
+            # ViT's patch embedding) stay float: ONNX Runtime cannot run them dynamically quantized
+            kinds = ["MatMul", "Gemm", "Gather", "Attention", "LSTM"] if ops & CONV_OPS or transformer else None
             quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded or None, reduce_range=reduce_range)
+                             nodes_to_exclude=excluded or None, reduce_range=reduce_range, op_types_to_quantize=kinds)
+            if transformer:
+                job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
+                                 "embedding tables int8, activations quantized per call); softmax, LayerNorm and "
+                                 "convolutions stay float, where static int8 loses accuracy")
         strip_debug_info(out, job.config.keep_names)
+        add_metadata(out, job)
         widest = weight_abs_max(out)
         if widest is not None and widest > WEIGHT_LIMIT[WEIGHT_BITS[job.cpu]]:
             raise RuntimeError(f"model.int8.onnx has int8 weights up to |{widest}|, more than deploy.cpu "
@@ -271,11 +310,19 @@ def float_outputs(path: Path) -> int:
 
 
 def _preprocess(source: Path, target: Path, job: ExportJob) -> Path:
-    """Shape inference and graph cleanup ONNX Runtime recommends before quantizing; the source if it fails."""
+    """Shape inference and graph cleanup ONNX Runtime recommends before quantizing; the source if it fails.
+
+    It runs in a scratch folder beside `target`: when symbolic shape inference is incomplete (a BERT's dynamic
+    sequence), ONNX Runtime saves `sym_shape_infer_temp.onnx` and its external data into the working directory,
+    which would leave files in the user's folder."""
+    import tempfile
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    source, target = source.resolve(), target.resolve()
     try:
-        quant_pre_process(str(source), str(target))
+        with tempfile.TemporaryDirectory(prefix=".ort-pre-", dir=target.parent) as scratch, contextlib.chdir(scratch):
+            quant_pre_process(str(source), str(target))
         return target
     except Exception as exc:  # optional step: quantization still works without it
         job.notes.append(f"model.int8.onnx: ONNX Runtime pre-processing skipped ({type(exc).__name__})")

@@ -15,6 +15,7 @@ from torch import nn
 
 from compresspipe.artifacts.files import atomic_write_json, sha256_file
 from compresspipe.errors import StageConfigError, StageError
+from compresspipe.models.inputs import float_to
 from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.export import FORMAT_MODULES, FORMAT_ORDER, ExportConfig
 from compresspipe.stages.export.job import Exporter, ExportJob, dtype_label, input_dtype, torch_runner
@@ -30,6 +31,17 @@ MANIFEST_VERSION = 1
 EXPORT_FOLDER = "export"
 SPARSE_FORMAT = "safetensors_zip"
 FORMAT_MODULES_ALL = {**FORMAT_MODULES, SPARSE_FORMAT: "compresspipe.stages.export.safetensors_copy"}
+def output_shape(io: Any, batch: str | int, fixed: bool, classes: int | None) -> list[Any]:
+    """The logits' shape: [batch, classes], or [batch, positions, classes] for per-token tasks."""
+    from compresspipe.metrics.tasks import TASKS
+
+    if not TASKS[io.task].per_position:
+        return [batch, classes]
+    first = io.inputs[0]
+    positions: str | int = first.shape[0] if fixed or 0 not in first.dynamic else first.dynamic[0]
+    return [batch, positions, classes]
+
+
 def exporter(fmt: str) -> Exporter:
     return importlib.import_module(FORMAT_MODULES_ALL[fmt]).EXPORTERS[fmt]
 
@@ -60,20 +72,22 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
     (`verify_batches` of the validation split, None: all of it) with PyTorch's answers, calibration data,
     and the CPU target int8 files must be correct on."""
     from compresspipe.deploy.cpu import resolve
+    from compresspipe.report.gates import named_metrics
 
     module = state.module.eval().to("cpu")
     float_module, handoff = float_source(state, formats, ctx)
     dtype = input_dtype(module)
-    batches = [(x.to(dtype), y) for x, y in ctx.batches("val", verify_batches)]
+    batches = [(float_to(x, dtype), y) for x, y in ctx.batches("val", verify_batches)]
     run = torch_runner(module)
     reference = [run(x).detach() for x, _ in batches]
 
     def calibration(batch_size: int, count: int):
         for x, _ in ctx.batches("calibration", count, batch_size):
-            yield x.to(dtype)
+            yield float_to(x, dtype)
 
     return ExportJob(config, state, module, ctx.name, batches, reference, calibration, latency, handoff,
-                     float_module, cpu=resolve(ctx.recipe.deploy.cpu), ui=ctx.ui)
+                     float_module, cpu=resolve(ctx.recipe.deploy.cpu), ui=ctx.ui, num_classes=ctx.data.num_classes,
+                     metrics=named_metrics(ctx.recipe))
 
 
 def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
@@ -208,25 +222,35 @@ class ExportStage(Stage[ExportConfig]):
     def _file_row(entry: dict[str, Any]) -> dict[str, Any]:
         """The manifest entry as a report.md row (sha256 shortened; the full one is in manifest.json)."""
         return {"file": entry["file"], "format": entry["format"], "bytes": entry["bytes"],
-                "sha256": entry["sha256"][:12], "input": f"{entry['input']['shape']} {entry['input']['dtype']}",
+                "sha256": entry["sha256"][:12],
+                "input": "; ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in entry["inputs"]),
                 "how to load": "; ".join(entry["how_to_load"])}
 
     def _entry(self, fmt: str, ex: Exporter, path: Path, folder: Path, state: ModelState,
                ctx: StageContext, job: ExportJob) -> dict[str, Any]:
-        data = ctx.recipe.data
-        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+        io = state.spec
+        prep = io.preprocessing or {}
+        mean, std = prep.get("mean"), prep.get("std")
         fixed = ex.fixed_batch or (not self.config.dynamic_batch and fmt.startswith(("onnx", "torch_export")))
         batch: str | int = 1 if fixed else "batch"
-        dtype = dtype_label(input_dtype(state.module))
+        float_dtype = dtype_label(input_dtype(state.module))
+        inputs = [{"name": i.name, "shape": [batch, *[d if fixed or a not in i.dynamic else i.dynamic[a]
+                                                      for a, d in enumerate(i.shape)]],
+                   "dtype": float_dtype if i.is_float else i.dtype} for i in io.inputs]
         return {
             "file": path.relative_to(folder).as_posix(),
             "format": fmt,
             "bytes": path.stat().st_size,
             "sha256": sha256_file(path),
-            "input": {"name": "input", "shape": [batch, *state.input_shape], "dtype": dtype},
-            "output": {"name": "logits", "shape": [batch, state.num_classes]},
+            "input": inputs[0],
+            "inputs": inputs,
+            "output": {"name": "logits", "shape": output_shape(io, batch, fixed, state.num_classes)},
+            "task": io.task,
+            "classes": io.classes,
             "normalisation": {"mean": mean, "std": std} if mean is not None and std is not None else None,
-            "preprocessing": getattr(data, "preprocessing", None),
+            "preprocessing": prep.get("description") or getattr(ctx.recipe.data, "preprocessing", None),
+            "resize": prep.get("resize"),
+            "interpolation": prep.get("interpolation"),
             "num_classes": state.num_classes,
             "how_to_load": list(ex.load_snippet),
             **({"int8": int8_record(path, job)} if fmt == "onnx_int8" and path.suffix == ".onnx" else {}),

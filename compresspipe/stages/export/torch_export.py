@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from compresspipe.models.inputs import args_and_kwargs
 from compresspipe.stages.export.job import (
     Exporter,
     ExportJob,
@@ -26,7 +27,9 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
     example = job.example(2 if job.config.dynamic_batch else 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(job.module, (example,), dynamic_shapes=dynamic_batch_shapes(job))
+        args, kwargs = args_and_kwargs(example)
+        program = torch.export.export(job.module, args, kwargs=kwargs or None,
+                                      dynamic_shapes=dynamic_batch_shapes(job, infer_ranges=True))
         tmp = path.with_name(f".tmp-{path.name}")  # torch.export.save wants a .pt2 name
         torch.export.save(program, str(tmp))
     tmp.replace(path)

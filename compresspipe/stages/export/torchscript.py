@@ -27,7 +27,11 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
     path = folder / "model.torchscript.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(job.module, (job.example(2),), check_trace=False)
+        example = job.example(2)
+        if isinstance(example, dict):  # named inputs: traced as keywords, called as keywords
+            traced = torch.jit.trace(job.module, example_kwarg_inputs=example, check_trace=False)
+        else:
+            traced = torch.jit.trace(job.module, (example,), check_trace=False)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.jit.save(traced, str(tmp))
     tmp.replace(path)

@@ -11,13 +11,15 @@ from torch import nn
 
 from compresspipe.artifacts.edits import get_submodule, replace_edit
 from compresspipe.artifacts.files import atomic_write_json
+from compresspipe.artifacts.io import ModelIO
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import eval_mode, model_device
+from compresspipe.models.inputs import forward, zeros
 from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.factorize import SENSITIVITY_RATIOS, FactorizeConfig, RankRule
-from compresspipe.stages.select import select_layers
+from compresspipe.stages.select import breaks_model, select_layers
 
 
 def _candidates() -> tuple[type, ...]:
@@ -207,7 +209,7 @@ def reconstruct(new: nn.Sequential) -> torch.Tensor:
     return torch.einsum("rshw,or,si->oihw", core, b[:, :, 0, 0], a[:, :, 0, 0])
 
 
-def _io_sizes(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
+def _io_sizes(model: nn.Module, names: list[str], io: ModelIO) -> dict[str, tuple[int, int]] | None:
     """Per layer, for one sample: (input rows or pixels, output rows or pixels), summed over calls; None: cannot run."""
 
     sizes: dict[str, tuple[int, int]] = {n: (0, 0) for n in names}
@@ -228,9 +230,9 @@ def _io_sizes(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) 
     try:
         for n in names:
             handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
-        x = torch.zeros((1, *input_shape), device=model_device(model))
+        x = zeros(io, 1, device=model_device(model))
         with eval_mode(model), torch.no_grad():
-            model(x)
+            forward(model, x)
     except Exception:  # a model that cannot run on zeros of this shape: MACs are reported as n/a
         return None
     finally:
@@ -262,6 +264,16 @@ def layer_macs(plan: LayerPlan, io: tuple[int, int] | None) -> tuple[int | None,
     return before, rows_out * r * (n + out_ch)
 
 
+def _keep_runnable(model: nn.Module, plans: list[LayerPlan], state: ModelState) -> None:
+    """Skip the layers the model's own code needs as they are (e.g. Hugging Face ViT reads its patch projection's
+    `.weight`)."""
+    todo = {p.name: p for p in plans if p.skipped is None}
+    new: dict[str, nn.Module] = {n: build_factorized(get_submodule(model, n), plan) for n, plan in todo.items()}
+    for name, why in breaks_model(model, new, state.spec).items():
+        plan = todo[name]
+        plan.skipped, plan.params_after, plan.factors = why, plan.params_before, ()
+
+
 def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str,
                     ranks: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
     """Factorize the selected layers of `state` in place (recording `replace` edits); one report row per layer.
@@ -285,7 +297,8 @@ def factorize_model(state: ModelState, cfg: FactorizeConfig, stage: str,
             continue
         rule = RankRule(ratio=ranks[n]) if ranks is not None else None
         plans.append(plan_layer(n, m, cfg, stage, shared=owners.get(id(_weight(m)), 0) > 1, rule=rule))
-    io = _io_sizes(model, list(chosen), tuple(state.input_shape))
+    io = _io_sizes(model, list(chosen), state.spec)
+    _keep_runnable(model, plans, state)
     rows: list[dict[str, Any]] = []
     for plan in plans:
         macs_before, macs_after = layer_macs(plan, None if io is None else io.get(plan.name))

@@ -2,7 +2,8 @@
 
 Structured pruning follows the dependencies between layers (residual additions, concatenations, batch norm,
 grouped and depthwise convolutions) with Torch-Pruning's dependency graph, then records a `resize` edit so
-the smaller model reloads from its artifact. Magnitude pruning folds its masks into the weights: no hooks
+the smaller model reloads from its artifact. In transformers it removes whole attention heads (`heads`) and MLP
+width; the residual stream (the hidden size) is pruned only with `hidden: true`. Magnitude pruning folds its masks into the weights: no hooks
 are left, and the report marks the stage mask-only because shapes, bytes and latency do not change.
 """
 
@@ -114,6 +115,15 @@ class PruneConfig(StageConfig):
     )
     calibration_batches: PositiveInt = Field(4, description="calibration batches for taylor importance")
     round_to: PositiveInt | None = Field(None, description="structured: keep channel counts a multiple of this")
+    heads: Amount | None = Field(
+        None, description="transformers: fraction of each attention layer's heads to remove, whole heads (Hugging Face "
+                          "BERT-style and ViT, timm ViT); default: amount"
+    )
+    hidden: bool = Field(
+        False, description="structured: also prune the residual stream (the width every block adds to and LayerNorm "
+                           "normalises: a transformer's hidden size, embeddings included). Default: attention heads "
+                           "and MLP width only, which keeps the embeddings and every residual addition intact"
+    )
     finetune: PruneFinetune | None = Field(None, description="recovery training after each step (none: no training)")
 
     implementation: ClassVar[str] = "compresspipe.stages.prune.stage:PruneStage"

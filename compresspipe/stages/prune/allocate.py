@@ -248,12 +248,11 @@ class _LatencyShare:
         candidate = self._file(self._around(model))
         recipe = self.ctx.recipe
         threads = recipe.deploy_threads()
-        shape = tuple(self.ctx.data.input_shape)
         previous = set_threads(threads, self.fmt.startswith("executorch"))
         try:
             calls: dict[Hashable, Callable[[], Any]] = {}
             for key, (folder, files) in (("reference", self.reference), ("candidate", candidate)):
-                call = caller(self.fmt, folder, files, 1, shape, threads)
+                call = caller(self.fmt, folder, files, 1, self.state.spec, threads)
                 if call is None:
                     raise StageConfigError(self.ctx.name, f"target latency_b1: {self.fmt} cannot run batch 1")
                 calls[key] = call

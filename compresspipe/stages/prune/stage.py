@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as tprune
@@ -19,6 +18,8 @@ from compresspipe.artifacts.files import atomic_write_json
 from compresspipe.artifacts.model import ModelState
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.modes import model_device
+from compresspipe.metrics.tasks import loss as task_loss
+from compresspipe.models.inputs import forward, to_device, zeros
 from compresspipe.stages.base import Need, Score, Stage, StageKind, StagePlan, StageResult
 from compresspipe.stages.context import StageContext
 from compresspipe.stages.prune import (
@@ -42,6 +43,7 @@ class _Selection:
     amounts: dict[str, float]
     head: str | None
     overridden: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -115,17 +117,17 @@ def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> Non
     model.eval()  # batch-norm statistics stay as they are
     model.zero_grad(set_to_none=True)
     for x, y in ctx.batches("calibration", batches):
-        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        task_loss(ctx.task, forward(model, to_device(x, device)), y.to(device)).backward()
 
 
-def _kd_loss(teacher: nn.Module, settings: PruneFinetune) -> Any:
-    """Hinton's distillation loss (the distill stage's): T^2-scaled KL to the teacher plus CE on labels."""
+def _kd_loss(teacher: nn.Module, settings: PruneFinetune, task: str) -> Any:
+    """Hinton's distillation loss (the distill stage's): T^2-scaled KL to the teacher plus the task loss."""
 
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            soft = teacher(x)
-        return distillation_loss(model(x), soft, y, settings.temperature, settings.alpha,
-                                 label_smoothing=settings.label_smoothing)
+            soft = forward(teacher, x)
+        return distillation_loss(forward(model, x), soft, y, settings.temperature, settings.alpha,
+                                 label_smoothing=settings.label_smoothing, task=task)
 
     return loss
 
@@ -147,6 +149,63 @@ def _border_layers(scope: nn.Module, example: Any) -> list[nn.Module]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+# attention modules: (names of the q, k, v Linear children, or of one fused qkv Linear), head-count attribute
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("qkv",))
+_HEAD_COUNT = ("num_attention_heads", "num_heads", "n_heads")
+_WIDTH_ATTRS = ("all_head_size", "attn_dim")  # attention width = heads x head size, kept in step with the heads
+
+
+@dataclass
+class _Attention:
+    """One multi-head attention module: its projections (whose outputs are heads) and its head count."""
+
+    module: nn.Module
+    projections: list[nn.Linear]
+    count: str  # attribute holding the number of heads
+
+    def update(self, heads: int) -> None:
+        """After Torch-Pruning removed heads: the module's own head count and attention width follow."""
+        setattr(self.module, self.count, heads)
+        width = self.projections[0].out_features // (3 if len(self.projections) == 1 else 1)
+        for attr in _WIDTH_ATTRS:
+            if isinstance(getattr(self.module, attr, None), int):
+                setattr(self.module, attr, width)
+
+
+def attention_modules(model: nn.Module) -> list[_Attention]:
+    """The multi-head attention modules Torch-Pruning can prune by whole heads: Hugging Face BERT-style and ViT
+    self-attention (query/key/value or q_proj/k_proj/v_proj), timm's Attention (one fused qkv)."""
+    found = []
+    for module in model.modules():
+        count = next((a for a in _HEAD_COUNT if type(getattr(module, a, None)) is int), None)
+        if count is None:
+            continue
+        for names in _QKV_NAMES:
+            layers = [getattr(module, n, None) for n in names]
+            if all(type(layer) is nn.Linear for layer in layers):
+                found.append(_Attention(module, layers, count))  # type: ignore[arg-type]
+                break
+    return found
+
+
+def residual_layers(model: nn.Module, example: Any, names: list[str]) -> list[str]:
+    """Of `names`, the layers whose output channels are the residual stream: pruning them would prune the width
+    every block shares (tied to a LayerNorm or an embedding in the dependency graph)."""
+    if not any(isinstance(m, nn.LayerNorm | nn.Embedding) for m in model.modules()):
+        return []
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    out = []
+    for name in names:
+        module = model.get_submodule(name)
+        fn = graph.get_pruner_of_module(module)
+        if module not in graph.module2node or fn is None:
+            continue
+        group = graph.get_pruning_group(module, fn.prune_out_channels, [0])
+        if any(isinstance(dep.target.module, nn.LayerNorm | nn.Embedding) for dep, _ in group):
+            out.append(name)
+    return out
 
 
 def _feeds_output(group: Any) -> bool:
@@ -175,7 +234,7 @@ class PruneStage(Stage[PruneConfig]):
             teacher = ctx.load_stage(ft.distill).module.to(ctx.device).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            loss_fn = _kd_loss(teacher, ft)
+            loss_fn = _kd_loss(teacher, ft, ctx.task)
         label = f"{ctx.name} step {step}/{self.config.steps}" if self.config.steps > 1 else ctx.name
         result = ctx.fit(model, ft, loss_fn=loss_fn, label=label)
         return {"step": step, "best_epoch": result.best_epoch, "best_accuracy": result.best_accuracy,
@@ -226,6 +285,7 @@ class PruneStage(Stage[PruneConfig]):
             notes = [summary(alloc), *alloc.notes, "allocated on the weights the plan sees (before any training "
                      "the recipe does)", *notes]
         self._structured(new, ctx, sel, finetune=False, notes=notes)
+        notes += sel.notes
         return StagePlan(state=new, layers=dict(sel.amounts), notes=notes)
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
@@ -247,7 +307,11 @@ class PruneStage(Stage[PruneConfig]):
             params_after = sum(p.numel() for p in state.module.parameters())
             kind = "structural"
             notes = [f"structural: {len(sel.amounts)} layer(s) selected; parameters {params_before} -> {params_after}"
-                     f" ({params_before / max(params_after, 1):.2f}x fewer)", *found]
+                     f" ({params_before / max(params_after, 1):.2f}x fewer)", *found, *sel.notes]
+            heads = [(a, a.module) for a in attention_modules(state.module)]
+            if heads:
+                counts = [int(getattr(m, a.count)) for a, m in heads]
+                notes.append(f"attention heads per layer now {counts}")
         if cfg.steps > 1 and (cfg.finetune is None or cfg.finetune.epochs == 0):
             notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
         details: dict[str, Any] = {"method": cfg.method, "schedule": schedule, "finetune": history,
@@ -362,30 +426,38 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
-    def _metapruner(self, scope: nn.Module, example: Any, sel: _Selection, prefix: str) -> Any:
+    def _metapruner(self, scope: nn.Module, example: Any, sel: _Selection, prefix: str,
+                    attention: list[_Attention] | None = None) -> Any:
         """Torch-Pruning's pruner for `scope` (the model, or one submodule named `prefix`, whose inputs and outputs
-        must keep their channels: the rest of the model reads and writes them)."""
+        must keep their channels: the rest of the model reads and writes them). Attention modules whose q, k, v
+        projections are all selected lose whole heads (`heads`, default `amount`)."""
         cfg = self.config
+        names = {m: _join(prefix, n) for n, m in scope.named_modules()}
         ignored = [m for n, m in scope.named_modules()
                    if isinstance(m, _candidates()) and _join(prefix, n) not in sel.amounts]
         if prefix:
             ignored += [m for m in _border_layers(scope, example) if m not in ignored]
         ratio_dict = {scope.get_submodule(n[len(prefix) + 1:] if prefix else n): a for n, a in sel.amounts.items()
                       if n in sel.overridden and (not prefix or n.startswith(prefix + "."))}
+        chosen = [a for a in attention or [] if all(names.get(p) in sel.amounts for p in a.projections)]
+        heads = {p: int(getattr(a.module, a.count)) for a in chosen for p in a.projections}
+        head_amount = (cfg.amount or 0.0) if cfg.heads is None else cfg.heads
         return tp.pruner.MetaPruner(
             scope, example, importance=self.importance().group(), global_pruning=cfg.scope == "global",
             pruning_ratio=cfg.amount or 0.0, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
             iterative_steps=cfg.steps, round_to=cfg.round_to,
             iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
+            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=not heads,
+            head_pruning_ratio=head_amount if heads else 0.0,
         )
 
-    def _pruners(self, model: nn.Module, example: torch.Tensor, sel: _Selection, stage: str,
-                 notes: list[str]) -> list[Any]:
+    def _pruners(self, model: nn.Module, example: Any, sel: _Selection, stage: str,
+                 notes: list[str], attention: list[_Attention] | None = None) -> list[Any]:
         """One pruner over the whole model; where Torch-Pruning cannot trace it (a channel shuffle, say), one
-        per submodule it can trace, pruning channels inside each (what crosses its border stays), with the
-        parts it skips named in `notes`. Only when nothing at all can be pruned is it an error."""
+        per submodule it can trace, pruning channels inside each (what crosses its border stays; no whole
+        heads), with the parts it skips named in `notes`. Only when nothing at all can be pruned is it an error."""
         try:
-            pruner = self._metapruner(model, example, sel, "")
+            pruner = self._metapruner(model, example, sel, "", attention)
         except Exception as exc:  # the tracer meets an op it cannot follow
             why = f"{type(exc).__name__}: {str(exc)[:120]}"
             pruners, skipped = self._submodule_pruners(model, example, sel, why)
@@ -405,7 +477,7 @@ class PruneStage(Stage[PruneConfig]):
                 sel.amounts.pop(n)
             notes.append(f"kept {', '.join(outputs)} whole: its output channels are the model's output "
                          "(protect_head)")
-            pruner = self._metapruner(model, example, sel, "")
+            pruner = self._metapruner(model, example, sel, "", attention)
             stuck = self._stuck(pruner, model, sel)
         if stuck:
             raise StageConfigError(stage, "; ".join(self._why_stuck(pruner, model, n, sel) for n in stuck[:5])
@@ -447,7 +519,7 @@ class PruneStage(Stage[PruneConfig]):
         shapes = [tuple(t.shape) for t in (before if isinstance(before, tuple | list) else [before])]
         return shapes == [tuple(t.shape) for t in (after if isinstance(after, tuple | list) else [after])]
 
-    def _submodule_pruners(self, model: nn.Module, example: torch.Tensor, sel: _Selection,
+    def _submodule_pruners(self, model: nn.Module, example: Any, sel: _Selection,
                            why: str) -> tuple[list[tuple[str, Any]], list[str]]:
         """Pruners for the largest submodules Torch-Pruning can trace on their own (their inputs captured from
         one forward pass); returns them and the names of selected parts that could not be traced."""
@@ -460,7 +532,7 @@ class PruneStage(Stage[PruneConfig]):
                 hooks.append(module.register_forward_pre_hook(keep))
         try:
             with torch.no_grad():
-                model(example)
+                forward(model, example)
         finally:
             for h in hooks:
                 h.remove()
@@ -510,10 +582,21 @@ class PruneStage(Stage[PruneConfig]):
         model.eval()
         before = shape_snapshot(model)
         weights_before = {n: tuple(w.shape) for n, w in _weights(model).items()}
-        example = torch.zeros((1, *state.input_shape), device=model_device(model))
+        example = zeros(state.spec, 1, device=model_device(model))
         with torch.no_grad():
-            out_shape = tuple(model(example).shape)
-        pruners = self._pruners(model, example, sel, ctx.name, notes if notes is not None else [])
+            out_shape = tuple(forward(model, example).shape)
+        attention = attention_modules(model)
+        if not cfg.hidden:
+            kept = residual_layers(model, example, [n for n, a in sel.amounts.items() if a > 0])
+            for name in kept:
+                sel.amounts.pop(name)
+            if kept:
+                sel.notes.append(f"{len(kept)} layer(s) write the residual stream and keep their width "
+                                 f"({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}); hidden: true prunes it")
+            if not sel.amounts:
+                raise StageConfigError(ctx.name, "every selected layer writes the residual stream; set hidden: true "
+                                                 "to prune the hidden size, or select attention and MLP layers")
+        pruners = self._pruners(model, example, sel, ctx.name, notes if notes is not None else [], attention)
         history: list[dict[str, Any]] = []
         for step in range(1, cfg.steps + 1):
             if cfg.method != "random" and cfg.importance == "taylor":
@@ -522,10 +605,14 @@ class PruneStage(Stage[PruneConfig]):
                 torch.manual_seed(ctx.seed + step)
                 for pruner in pruners:
                     pruner.step()
+            for att in attention:
+                for pruner in pruners:
+                    if att.projections[0] in pruner.num_heads:
+                        att.update(int(pruner.num_heads[att.projections[0]]))
             model.zero_grad(set_to_none=True)
             model.eval()
             with torch.no_grad():
-                new_shape = tuple(model(example.to(model_device(model))).shape)
+                new_shape = tuple(forward(model, to_device(example, model_device(model))).shape)
             if new_shape != out_shape:
                 raise StageConfigError(ctx.name, f"pruning changed the model's output from {list(out_shape)} to "
                                                  f"{list(new_shape)}: a selected layer feeds the output directly; "

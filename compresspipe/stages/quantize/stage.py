@@ -19,6 +19,8 @@ from torch import nn
 
 from compresspipe.artifacts.edits import set_submodule
 from compresspipe.errors import StageConfigError
+from compresspipe.metrics.tasks import TASKS
+from compresspipe.models.inputs import float_to, forward
 from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.graph import analyse, fold_bn
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
@@ -32,7 +34,7 @@ from compresspipe.stages.quantize.layers import (
     quantize_edit,
 )
 from compresspipe.stages.quantize.observers import RangeObserver
-from compresspipe.stages.select import select_layers
+from compresspipe.stages.select import breaks_model, select_layers
 
 if TYPE_CHECKING:
     from compresspipe.artifacts.model import ModelState
@@ -54,7 +56,7 @@ EMULATION_NOTE = ("emulated int8: the PyTorch model is a float emulation of the 
 # -- calibration -------------------------------------------------------------------------------------
 
 
-def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable], batches: list[torch.Tensor],
+def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable], batches: list[Any],
               observer: str, percentile: float, bar: Any = None) -> dict[str, tuple[tuple[float, int], tuple[float, int]]]:
     """Input and output (after a fused activation) quantization parameters of each layer."""
     observers = {n: (RangeObserver(observer, percentile), RangeObserver(observer, percentile)) for n in layers}
@@ -70,7 +72,7 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Ca
     try:
         with torch.no_grad():
             for x in batches:
-                model(x)
+                forward(model, x)
                 if bar is not None:
                     bar.advance(1)
     finally:
@@ -169,8 +171,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
             raise StageConfigError(stage, "no quantizable layer left: " + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
         bytes_before, params = _bytes(model), _count_params(model)
         val = ctx.data.loader("val", ctx.recipe.data.eval_batch_size)
-        previous = ctx.input_metrics.get("accuracy")  # what the executor measured on the model given to us
-        acc_before = float(previous) if isinstance(previous, float) else _accuracy(model, val)
+        previous = ctx.input_metrics.get("score")  # what the executor measured on the model given to us
+        acc_before = float(previous) if isinstance(previous, float) else _accuracy(model, val, ctx.task)
         notes: list[str] = []
         original_types = {n: type(m).__name__ for n, m in model.named_modules() if n}
         if backend.export_only:
@@ -185,16 +187,18 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 raise StageConfigError(stage, f"keep_float: the accuracy drop fits only with every layer float "
                                               f"(max_accuracy_drop {cfg.keep_float.max_accuracy_drop}); raise the limit")
         batches = self._calibration(ctx) if cfg.method in ("static", "qat") else []
-        model, new, folds, acts = self._convert(model, layers, ctx, backend, batches, notes)
+        model, new, folds, acts = self._convert(model, layers, ctx, backend, batches, notes, state.spec, skipped)
         state.module = model.eval()
         state.record(quantize_edit(cfg.method, new, list(folds.items())))
         state.put(self._export_record(ctx, cfg.method, list(new), float_layers))
 
-        acc_after = _accuracy(model, val)
+        acc_after = _accuracy(model, val, ctx.task)
         bytes_after = _bytes(model)
         table = self._table(original_types, new, folds, skipped, acts, cfg, set(float_layers))
+        metric = TASKS[ctx.task].default_metric
         notes.append(f"bytes per parameter {bytes_before / max(params, 1):.2f} -> {bytes_after / max(params, 1):.2f}; "
-                     f"accuracy {acc_before:.2%} -> {acc_after:.2%} on the validation split")
+                     + (f"accuracy {acc_before:.2%} -> {acc_after:.2%}" if metric == "top1" else
+                        f"{metric} {acc_before:.4g} -> {acc_after:.4g}") + " on the validation split")
         if cfg.method in ("static", "qat"):
             notes.append(f"{len(new)} layer(s) int8 with calibrated activations; {len(folds)} BatchNorm folded, "
                          f"{len(acts)} activation(s) fused")
@@ -239,20 +243,20 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def sensitivity(self, state: ModelState, ctx: StageContext, layer: str, settings: dict[str, Any],
                     score: Score) -> list[dict[str, Any]]:
-        model = self._only(state.module, [layer], ctx)
+        model = self._only(state, [layer], ctx)
         acc, loss = score(model)
         return [{"setting": settings["dtype"], "accuracy": acc, "loss": loss}]
 
-    def _only(self, module: nn.Module, names: list[str], ctx: StageContext) -> nn.Module:
+    def _only(self, state: ModelState, names: list[str], ctx: StageContext) -> nn.Module:
         """A copy of the model with just `names` quantized (qat is measured as static: no training here)."""
         cfg = self.config
         method = "static" if cfg.method == "qat" else cfg.method
         stage = self if method == cfg.method else QuantizeStage(cfg.model_copy(update={"method": method}))
         backend = resolve(ctx.name, method, cfg.dtype, cfg.backend)
-        model = copy.deepcopy(module).to("cpu").eval()
+        model = copy.deepcopy(state.module).to("cpu").eval()
         layers = {n: model.get_submodule(n) for n in names}
         batches = stage._calibration(ctx) if method == "static" else []
-        model, _, _, _ = stage._convert(model, layers, ctx, backend, batches, [])
+        model, _, _, _ = stage._convert(model, layers, ctx, backend, batches, [], state.spec, {})
         return model.eval()
 
     def _mixed_precision(self, state: ModelState, ctx: StageContext, layers: dict[str, nn.Module],
@@ -282,8 +286,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
             if judge is not None:
                 acc = judge.accuracy(quantized, kept)
             else:
-                acc = _accuracy(self._only(state.module, quantized, ctx),
-                                ctx.data.loader("val", ctx.recipe.data.eval_batch_size))
+                acc = _accuracy(self._only(state, quantized, ctx),
+                                ctx.data.loader("val", ctx.recipe.data.eval_batch_size), ctx.task)
             drop = reference - acc
             rows.append({"float layers": ", ".join(kept) or "(none)", "int8 layers": len(quantized),
                          "accuracy": acc, "drop": drop, "fits": "yes" if drop <= limit + 1e-12 else "no"})
@@ -298,10 +302,11 @@ class QuantizeStage(Stage[QuantizeConfig]):
     # -- pieces ----------------------------------------------------------------------------------
 
     def _convert(self, model: nn.Module, layers: dict[str, nn.Module], ctx: StageContext, backend: QuantBackend,
-                 batches: list[torch.Tensor], notes: list[str],
+                 batches: list[Any], notes: list[str], spec: Any, skipped: dict[str, str],
                  ) -> tuple[nn.Module, dict[str, nn.Module], dict[str, str], dict[str, Callable]]:
         """Fold BatchNorm into the selected convolutions, calibrate (and train, for qat), and swap in the quantized
-        layers; returns (model, new layers by name, conv -> folded BatchNorm, fused activations)."""
+        layers, except those the model's own code needs as they are (added to `skipped`); returns (model, new layers
+        by name, conv -> folded BatchNorm, fused activations)."""
         cfg = self.config
         wants_fold = cfg.fold_bn and cfg.method != "dynamic"
         folds, acts, trace_error = analyse(model, wants_fold)
@@ -337,15 +342,21 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 q = _from_float(m, "static", 8, cfg.per_channel, n in acts, backend)
                 q.set_activation_ranges(*ranges[n])
                 new[n] = q
+        for n, why in breaks_model(model, new, spec).items():
+            new.pop(n)
+            skipped[n] = why
+        if not new:
+            raise StageConfigError(ctx.name, "no quantizable layer left: "
+                                   + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
         for n, m in new.items():
             model = set_submodule(model, n, m)
         return model, new, folds, acts
 
-    def _calibration(self, ctx: StageContext) -> list[torch.Tensor]:
+    def _calibration(self, ctx: StageContext) -> list[Any]:
         if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
             raise StageConfigError(ctx.name, f"method {self.config.method} needs calibration data, but the "
                                              "calibration split is empty; raise data.calibration_samples")
-        return [x.float() for x, _ in ctx.batches("calibration", self.config.calibration.batches)]
+        return [float_to(x, torch.float32) for x, _ in ctx.batches("calibration", self.config.calibration.batches)]
 
     def _qat(self, model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable],
              ranges: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
@@ -437,10 +448,11 @@ def _count_params(model: nn.Module) -> int:
     return count_params(model)
 
 
-def _accuracy(model: nn.Module, loader: Any) -> float:
+def _accuracy(model: nn.Module, loader: Any, task: str = "classification") -> float:
+    """The task's default metric (top-1 accuracy for classification)."""
     from compresspipe.metrics import evaluate
 
-    return evaluate(model, loader, "cpu")[0]
+    return evaluate(model, loader, "cpu", task)[0]
 
 
 class _FileJudge:
