@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from benchmarks.bench_prune import paired_speedup
 from benchmarks.common import run_recipe_dict, stage
@@ -70,6 +70,7 @@ def _case(trained: Path, report: dict[str, Any], tmp: Path, model: str, method: 
     from compresspipe.metrics import evaluate
     from compresspipe.recipe import load_recipe
     from compresspipe.stages.context import StageContext, StageRecord
+    from compresspipe.stages.quantize import QuantizeConfig
     from compresspipe.stages.quantize.stage import QuantizeStage
     from compresspipe.ui import UI
 
@@ -86,9 +87,10 @@ def _case(trained: Path, report: dict[str, Any], tmp: Path, model: str, method: 
     parsed = load_recipe(folder / "recipe.yaml")
     data = load_data(parsed.data, 0, (1, 8, 8))
     train_row = stage(report, "train")
-    ctx = StageContext(parsed, 2, "quantize", folder, torch.device("cpu"), 2, data, UI(quiet=True),
-                       {"train": StageRecord(1, "train", "train", trained, train_row)})
-    result = QuantizeStage(parsed.stages[0]).run(load_model(trained), ctx)
+    ctx = StageContext(recipe=parsed, index=2, name="quantize", stage_dir=folder, device=torch.device("cpu"), seed=2,
+                       data=data, ui=UI(quiet=True),
+                       history={"train": StageRecord(1, "train", "train", trained, train_row)})
+    result = QuantizeStage(cast(QuantizeConfig, parsed.stages[0])).run(load_model(trained), ctx)
     save_model(result.state, folder / "model")
     quantized = load_model(folder / "model").module
     reference = load_model(trained).module

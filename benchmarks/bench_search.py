@@ -60,13 +60,14 @@ def _timed(files: dict[str, Path], rounds: int = 9) -> dict[str, dict[int, list[
     """Per-round ms of each file at batch 1 and 64, interleaved in the same rounds (one thread)."""
     import torch
 
+    from compresspipe.artifacts.io import ModelIO
     from compresspipe.deploy.timing import caller, interleaved, set_threads
 
     previous = set_threads(1)
     try:
         out: dict[str, dict[int, list[float]]] = {k: {} for k in files}
         for batch in (1, 64):
-            calls = {k: caller("onnx_int8", p.parent, [p.name], batch, (1, 8, 8), 1) for k, p in files.items()}
+            calls = {k: caller("onnx_int8", p.parent, [p.name], batch, ModelIO.single((1, 8, 8)), 1) for k, p in files.items()}
             samples = interleaved({k: c for k, c in calls.items() if c is not None}, rounds, 5, 200)
             for k in files:
                 out[k][batch] = samples[k]
