@@ -42,7 +42,7 @@ acceptance: install
 
 lint: install
 	$(BIN)/ruff check compresspipe tests benchmarks
-	$(BIN)/mypy compresspipe
+	$(BIN)/mypy compresspipe benchmarks
 
 bench: install
 	$(BIN)/python -m benchmarks

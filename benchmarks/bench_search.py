@@ -207,15 +207,17 @@ def mixed_precision(tmp: Path) -> dict[str, Any]:
 
     from compresspipe.artifacts.model import load_model
 
-    train = {"compresspipe": 1, "name": "bench-mixed-train", "seed": 0, "device": "cpu",
+    train: dict[str, Any] = {"compresspipe": 1, "name": "bench-mixed-train", "seed": 0, "device": "cpu",
              "model": {"builtin": "digits-cnn", "input_shape": [1, 8, 8]},
              "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 64, "calibration_samples": 1024},
              "evaluate": {"latency": {"enabled": False}}, "stages": [{"type": "train", "epochs": 10, "lr": 1e-3}]}
     report = _run(train, tmp / "mixed-train")
     model = load_model(tmp / "mixed-train" / "run" / report["stages"][-1]["folder"]).module
     with torch.no_grad():  # unit 0 of fc1 never fires; fc2's weights on it are huge, and ignored in float
-        model.fc1.bias[0] = -1000.0
-        model.fc2.weight[:, 0] = 400.0
+        fc1: Any = model.get_submodule("fc1")
+        fc2: Any = model.get_submodule("fc2")
+        fc1.bias[0] = -1000.0
+        fc2.weight[:, 0] = 400.0
     checkpoint = tmp / "outlier.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
     limit = 0.003
