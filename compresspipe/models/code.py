@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
 import importlib.util
 import re
 import sys
@@ -63,6 +64,22 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class _CheckedSource(importlib.abc.SourceLoader):
+    """Imports a file from the bytes whose sha256 was just checked (read once: the file cannot change in between),
+    through the import system like any module; writes no bytecode cache next to the user's file."""
+
+    def __init__(self, path: Path, data: bytes):
+        self.path, self.data = path, data
+
+    def get_filename(self, fullname: str) -> str:
+        return str(self.path)
+
+    def get_data(self, path: str) -> bytes:
+        if path != str(self.path):  # a bytecode cache it might look for: there is none
+            raise OSError(path)
+        return self.data
+
+
 def load_factory(path: Path, factory: str, sha256: str | None) -> Callable[..., Any]:
     """Import the file (once per content hash) and return its factory; the hash must match when given."""
     if not code_allowed():
@@ -77,14 +94,14 @@ def load_factory(path: Path, factory: str, sha256: str | None) -> Callable[..., 
     module = _MODULES.get(key)
     if module is None:
         name = f"compresspipe_user_model_{actual[:16]}"
-        spec = importlib.util.spec_from_loader(name, loader=None, origin=str(path))
+        loader = _CheckedSource(path, data)
+        spec = importlib.util.spec_from_loader(name, loader, origin=str(path))
         if spec is None:  # pragma: no cover - spec_from_loader returns a spec for any name
             raise ImportError(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
-        module.__file__ = str(path)
         sys.modules[name] = module  # dataclasses and typing look their module up by name
         try:
-            exec(compile(data, str(path), "exec"), module.__dict__)  # noqa: S102 - the user opted in (--allow-code)
+            loader.exec_module(module)  # the import system runs the file: the user opted in (--allow-code)
         except BaseException:
             sys.modules.pop(name, None)
             raise

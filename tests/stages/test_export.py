@@ -356,3 +356,21 @@ def test_every_onnx_file_loads_in_onnxruntime_without_a_warning(tmp_path):
         assert done.returncode == 0, done.stderr[-1000:]
         warnings = [line for line in done.stderr.splitlines() if "[W:" in line or " W:" in line]
         assert warnings == [], (path.name, warnings)
+
+
+def test_warnings_while_exporting_become_notes_once_each_and_none_is_dropped_unseen():
+    import warnings
+    from types import SimpleNamespace
+
+    from compresspipe.stages.export.job import MAX_WARNING_NOTES, warnings_as_notes
+
+    job = SimpleNamespace(notes=[])
+    with warnings_as_notes(job, "torchscript"):  # type: ignore[arg-type]
+        for _ in range(3):
+            warnings.warn("`torch.jit.trace` is deprecated", FutureWarning, stacklevel=1)
+        for i in range(MAX_WARNING_NOTES + 2):
+            warnings.warn(f"caveat {i}\nsecond line", UserWarning, stacklevel=1)
+    assert job.notes[0] == "torchscript: FutureWarning: `torch.jit.trace` is deprecated"
+    assert len(job.notes) == MAX_WARNING_NOTES + 1
+    assert job.notes[-1] == "torchscript: 3 more distinct warning(s)"
+    assert "caveat 0" in job.notes[1] and "second line" not in job.notes[1]

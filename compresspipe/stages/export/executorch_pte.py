@@ -9,7 +9,6 @@ Optional extra: pip install 'compresspipe[mobile]'.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from compresspipe.stages.export.job import (
     dynamic_batch_shapes,
     per_sample,
     time_batches,
+    warnings_as_notes,
 )
 
 INSTALL = "pip install 'compresspipe[mobile]'"
@@ -66,8 +66,7 @@ def export_float(job: ExportJob, folder: Path) -> list[Path]:
                          "dequantized in the program, activations rounded to the calibrated grid) on float "
                          "kernels; executorch_int8 runs XNNPACK's int8 kernels")
     path = folder / "model.pte"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_as_notes(job, "executorch"):
         _lower(_export(job.module, job.example(1)), path)
     return [path]
 
@@ -107,8 +106,7 @@ def _quantized(job: ExportJob) -> nn.Module:
 
 def export_int8(job: ExportJob, folder: Path) -> list[Path]:
     path = folder / "model.int8.pte"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_as_notes(job, "executorch_int8"):
         converted = _quantized(job)
         _lower(_export(converted, job.example(1)), path)
     job.notes.append(f"model.int8.pte: XNNPACK int8 (PT2E, {job.config.int8.calibration_batches} calibration "

@@ -9,8 +9,10 @@ batches. A batch is one tensor or a dict of named tensors (`models.inputs`); the
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,3 +259,29 @@ def onnx_axes(job: ExportJob, batch: bool | None = None) -> dict[str, dict[int, 
     if out:
         axes[OUTPUT_NAME] = out
     return axes
+
+
+MAX_WARNING_NOTES = 5  # distinct warnings kept per step; the rest are counted
+
+
+@contextlib.contextmanager
+def warnings_as_notes(job: ExportJob, step: str) -> Iterator[None]:
+    """Warnings raised while a step exports or loads a file (deprecations, tracer caveats) become the stage's
+    notes, each once, where report.md and report.json show them, rather than lines scrolling through the progress
+    display. None is dropped unseen: past MAX_WARNING_NOTES distinct ones, the rest are counted."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen: list[str] = []
+            for w in caught:
+                text = str(w.message).strip()
+                line = f"{w.category.__name__}: {text.splitlines()[0][:200] if text else ''}"
+                if line not in seen:
+                    seen.append(line)
+            for line in seen[:MAX_WARNING_NOTES]:
+                if f"{step}: {line}" not in job.notes:
+                    job.notes.append(f"{step}: {line}")
+            if len(seen) > MAX_WARNING_NOTES:
+                job.notes.append(f"{step}: {len(seen) - MAX_WARNING_NOTES} more distinct warning(s)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from compresspipe.stages.export.job import (
     onnx_axes,
     per_sample,
     time_batches,
+    warnings_as_notes,
 )
 
 DYNAMO_MIN_OPSET = 18
@@ -58,7 +59,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
     dynamo_error = None
     if opset >= DYNAMO_MIN_OPSET:
         try:
-            with _quiet():
+            with _quiet(job, path.name):
                 torch.onnx.export(
                     module, args, str(path), kwargs=kwargs or None, dynamo=True, verbose=False, opset_version=opset,
                     input_names=names, output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch_shapes(job),
@@ -71,7 +72,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
                else f"opset {opset} is below the dynamo exporter's minimum ({DYNAMO_MIN_OPSET})")
         job.notes.append(f"{path.name}: {why}; used the TorchScript-based exporter (dynamo=False)")
         positional = args if args else tuple(kwargs[n] for n in names)
-        with _quiet():
+        with _quiet(job, path.name):
             torch.onnx.export(module, positional, str(path), dynamo=False, opset_version=opset,
                               input_names=names, output_names=[OUTPUT_NAME], dynamic_axes=onnx_axes(job) or None)
     data = path.with_name(path.name + ".data")
@@ -166,10 +167,9 @@ def compact_names(graph: Any) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The exporters print progress and warn about deprecated paths; the stage reports what matters."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+def _quiet(job: ExportJob, step: str) -> Iterator[None]:
+    """The exporters print progress (dropped) and warn about deprecated paths (kept, as the stage's notes)."""
+    with warnings_as_notes(job, step), contextlib.redirect_stdout(io.StringIO()):
         yield
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,14 @@ from compresspipe.stages.export.job import (
     time_batches,
     torch_runner,
     torch_threads,
+    warnings_as_notes,
 )
 
 
 def export(job: ExportJob, folder: Path) -> list[Path]:
     path = folder / "model.pt2"
     example = job.example(2 if job.config.dynamic_batch else 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_as_notes(job, "torch_export"):
         args, kwargs = args_and_kwargs(example)
         program = torch.export.export(job.module, args, kwargs=kwargs or None,
                                       dynamic_shapes=dynamic_batch_shapes(job, infer_ranges=True))
@@ -37,8 +36,7 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
 
 
 def verify(files: list[Path], job: ExportJob) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_as_notes(job, "torch_export (load)"):
         module = torch.export.load(str(files[0])).module()
     run = torch_runner(module)
     metrics = compare(job, run if job.config.dynamic_batch else per_sample(run))

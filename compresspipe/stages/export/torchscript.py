@@ -6,7 +6,6 @@ for mobile and `torch_export` for servers.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,13 @@ from compresspipe.stages.export.job import (
     time_batches,
     torch_runner,
     torch_threads,
+    warnings_as_notes,
 )
 
 
 def export(job: ExportJob, folder: Path) -> list[Path]:
     path = folder / "model.torchscript.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_as_notes(job, "torchscript"):
         example = job.example(2)
         if isinstance(example, dict):  # named inputs: traced as keywords, called as keywords
             traced = torch.jit.trace(job.module, example_kwarg_inputs=example, check_trace=False)
@@ -41,8 +40,7 @@ def export(job: ExportJob, folder: Path) -> list[Path]:
 
 
 def verify(files: list[Path], job: ExportJob) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings_as_notes(job, "torchscript (load)"):
         module = torch.jit.load(str(files[0]), map_location="cpu")
     run = torch_runner(module)
     metrics = compare(job, run)
