@@ -83,7 +83,7 @@ class Executor:
         for note in setup.data.notes:
             self.ui.log(f"data: {note}")
         with self.ui.progress("checking every stage's plan on the model", None):
-            preflight(self.recipe, setup)
+            preflight(self.recipe, setup, self.ui)
         self.dist = init_from_env(setup.device)
         if not self.dist.is_main:  # only rank 0 prints and writes the run folder
             self.ui = UI(quiet=True, stream=io.StringIO())

@@ -7,7 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from compresspipe.artifacts.model import ModelState
+from compresspipe.errors import CompressPipeError, StageError
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.recipe.spec import Recipe
 from compresspipe.report.build import deploy_summary
@@ -50,10 +53,13 @@ def recipe_warnings(recipe: Recipe) -> list[dict[str, str]]:
     return out
 
 
-def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState, preflight: bool = False) -> list[dict[str, Any]]:
+def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState,
+                 preflight: UI | None = None) -> list[dict[str, Any]]:
     """Every stage's plan in order on the untrained model: selectors, ranks, shapes and stage order checked.
 
-    A stage that finds its configuration cannot apply raises StageConfigError here, before anything ran."""
+    A stage that finds its configuration cannot apply raises StageConfigError here, before anything ran. A plan
+    that fails otherwise is exit 3 for `plan`; in the run's preflight (`preflight`: the run's UI) it is a warning,
+    and that stage and those after it run unchecked (where the stage fails, error.log keeps the traceback)."""
     rows: list[dict[str, Any]] = []
     ui = UI(quiet=True)
     planned = {"baseline": state}
@@ -61,8 +67,18 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState, preflight: 
         for i, (cfg, stage) in enumerate(zip(recipe.stages, setup.stages, strict=True), start=1):
             ctx = StageContext(recipe=recipe, index=i, name=str(cfg.name), stage_dir=Path(tmp), device=setup.device,
                                seed=recipe.seed + i, data=setup.data, ui=ui, reference=reference_name(recipe),
-                               planned=dict(planned), preflight=preflight)
-            prediction = stage.plan(state.clone(), ctx)
+                               planned=dict(planned), preflight=preflight is not None)
+            try:
+                prediction = stage.plan(state.clone(), ctx)
+            except CompressPipeError:
+                raise
+            except Exception as exc:  # a plan that breaks is not a verdict on the recipe
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+                if preflight is None:
+                    raise StageError(str(cfg.name), f"its plan could not be made ({why})") from exc
+                preflight.log(f"[bold yellow]warning:[/] stage {cfg.name}'s plan could not be checked before the run "
+                              f"({escape(why)}); it and the stages after it run unchecked")
+                return rows
             row: dict[str, Any] = {"index": i, "name": cfg.name, "type": cfg.type, "predicted": prediction is not None,
                                    "layers": {}, "notes": []}
             if prediction is not None:
@@ -70,16 +86,17 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState, preflight: 
                     state = prediction.state
                 row["layers"] = prediction.layers
                 row["notes"] = prediction.notes
-            row["params"] = count_params(state.module) if prediction is not None else None
-            row["macs"] = count_macs(state.module, state.spec) if prediction is not None else None
+            if preflight is None:  # the figures `plan` shows; the preflight only checks
+                row["params"] = count_params(state.module) if prediction is not None else None
+                row["macs"] = count_macs(state.module, state.spec) if prediction is not None else None
             rows.append(row)
             planned[str(cfg.name)] = state
     return rows
 
 
-def preflight(recipe: Recipe, setup: RunSetup) -> None:
+def preflight(recipe: Recipe, setup: RunSetup, ui: UI) -> None:
     """What `run` checks before it writes anything: the plan of every stage (exit 2 on a config error)."""
-    replay_plans(recipe, setup, setup.baseline(), preflight=True)
+    replay_plans(recipe, setup, setup.baseline(), preflight=ui)
 
 
 def plan_recipe(recipe: Recipe) -> dict[str, Any]:

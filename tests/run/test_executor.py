@@ -321,3 +321,22 @@ def test_a_text_model_runs_end_to_end_with_named_inputs_and_dynamic_sequence(tmp
     with torch.no_grad():
         want = forward(model, {"input_ids": ids, "attention_mask": mask})
     assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
+
+
+def test_a_plan_that_breaks_is_a_warning_in_run_and_exit_3_in_plan(tmp_path, monkeypatch):
+    """Only a config error found by a plan stops the run before it starts; a plan that crashes does not."""
+    from compresspipe.stages.factorize.stage import FactorizeStage
+    from tests.fixtures import cli
+
+    def broken(self, state, ctx):
+        raise RuntimeError("plan bug")
+
+    monkeypatch.setattr(FactorizeStage, "plan", broken)
+    stages = [{"type": "train", "epochs": 1}, {"type": "factorize", "rank": {"ratio": 0.5}}]
+    path = write_recipe(tmp_path, tiny_recipe(stages=stages))
+    result = cli("run", path, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "plan could not be checked before the run (RuntimeError: plan bug)" in " ".join(result.output.split())
+    planned = cli("plan", path)
+    assert planned.exit_code == 3 and "its plan could not be made (RuntimeError: plan bug)" in planned.output
+    assert "Traceback" not in planned.output
