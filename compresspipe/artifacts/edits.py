@@ -12,7 +12,6 @@ rebuild what the kind allows (a fixed set of torch.nn layers, shapes and int att
 
 from __future__ import annotations
 
-import keyword
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,10 +90,19 @@ def apply_edit(module: nn.Module, edit: dict[str, Any]) -> nn.Module:
 
 
 def check_name(name: str, what: str = "module") -> str:
-    """A dotted module path whose parts are plain identifiers ('' is the model itself)."""
-    if name and not all(p.isidentifier() and not keyword.iskeyword(p) or p.isdigit() for p in name.split(".")):
-        raise ArtifactError(f"{what} name {name!r} is not a dotted path of identifiers")
+    """A dotted module path ('' is the model itself) whose parts are names PyTorch's `add_module` accepts.
+
+    Any non-empty name without a dot is legal in PyTorch and common in libraries (torchvision's RegNet has
+    `block1-0`); refused are empty parts, control characters and dunder names (`__class__`), which could reach
+    Python attributes rather than submodules."""
+    if name and not all(_module_part(p) for p in name.split(".")):
+        raise ArtifactError(f"{what} name {name!r} is not a dotted path of module names (non-empty, printable, "
+                            "no dunder names)")
     return name
+
+
+def _module_part(part: str) -> bool:
+    return (0 < len(part) <= 256 and part.isprintable() and not (part.startswith("__") and part.endswith("__")))
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:
@@ -112,7 +120,11 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
         return new
     parent_name, _, child = name.rpartition(".")
     parent = get_submodule(root, parent_name)
-    setattr(parent, child, new)
+    check_name(child)
+    if child in parent._modules:  # works for any legal name (`block1-0`), not only identifiers
+        parent._modules[child] = new
+    else:
+        parent.add_module(child, new)
     return root
 
 
@@ -302,8 +314,8 @@ def build_layer(spec: LayerSpec | dict[str, Any], depth: int = 0) -> nn.Module:
     if cls is nn.Sequential:
         seq = nn.Sequential()
         for name, child in spec.children:
-            if not name.isidentifier() and not name.isdigit():
-                raise ArtifactError(f"child name {name!r} of a replaced Sequential is not an identifier")
+            if not _module_part(name):
+                raise ArtifactError(f"child name {name!r} of a replaced Sequential is not a module name")
             seq.add_module(name, build_layer(child, depth + 1))
         return seq
     unknown = set(spec.kwargs) - allowed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -248,7 +249,14 @@ def _load_model(folder: Path, map_location: str | torch.device) -> ModelState:
             raise ArtifactError(f"{desc_path}: records.{kind}: {exc}") from None
     header = _header_shapes(weights)
     aliases = desc.get("aliases", {})
-    expected = {k: tuple(v.shape) for k, v in _build(desc, desc_path, "meta").state_dict().items()}
+    built: nn.Module | None = None
+    try:
+        skeleton = _build(desc, desc_path, "meta")  # no memory: shapes only
+    except ArtifactError:
+        # some constructors compute on their tensors (torchvision's RegNet copies values while it builds), which the
+        # meta device cannot: build it for real once and use that model below
+        skeleton = built = _build(desc, desc_path, "cpu")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     problems = []
     for name, shape in expected.items():
         stored = name if name in header else aliases.get(name)
@@ -260,7 +268,7 @@ def _load_model(folder: Path, map_location: str | torch.device) -> ModelState:
     if problems:
         raise ArtifactError(f"{weights}: weights do not match the model {desc_path.name} describes "
                             f"({'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''})")
-    module = _build(desc, desc_path, "cpu")
+    module = built if built is not None else _build(desc, desc_path, "cpu")
     state = ModelState(module, desc["source"], tuple(desc["input_shape"]), desc.get("num_classes"),
                        list(desc.get("edits", [])), records, desc["io"])
     try:
@@ -270,6 +278,11 @@ def _load_model(folder: Path, map_location: str | torch.device) -> ModelState:
     for alias, canonical in aliases.items():
         if canonical in tensors:
             tensors[alias] = tensors[canonical]
+    # a state_dict carries each module's version in `_metadata`, which some modules' loaders read (torchvision's
+    # MNASNet refuses a state without it); safetensors keeps tensors only, so the rebuilt model's own versions
+    # go with them: the weights were saved from this same model code
+    tensors = OrderedDict(tensors)
+    tensors._metadata = getattr(state.module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         result = state.module.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:

@@ -185,3 +185,39 @@ print(type(state.module.fc2).__name__)
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "QuantLinear"
+
+
+def test_module_names_pytorch_accepts_are_accepted_and_python_attributes_are_not(tmp_path):
+    from compresspipe.artifacts.edits import check_name, get_submodule, set_submodule
+
+    model = nn.Sequential()
+    block = nn.Sequential()
+    block.add_module("block1-0", nn.Conv2d(1, 2, 1))  # torchvision's RegNet names its blocks like this
+    model.add_module("trunk", block)
+    assert check_name("trunk.block1-0") == "trunk.block1-0"
+    set_submodule(model, "trunk.block1-0", nn.Identity())
+    assert isinstance(get_submodule(model, "trunk.block1-0"), nn.Identity)
+    for bad in ("trunk.__class__", "trunk..x", "a\x1b[2J", "__dict__"):
+        with pytest.raises(ArtifactError):
+            check_name(bad)
+
+
+def test_torchvision_models_with_odd_names_and_versioned_state_reload_after_quantize(tmp_path):
+    """RegNet names blocks `block1-0`; MNASNet's loader reads the state dict's version metadata."""
+    pytest.importorskip("torchvision")
+    from compresspipe.stages.quantize.layers import QuantConv2d, quantize_edit
+
+    for name in ("regnet_x_400mf", "mnasnet0_5"):
+        source = {"torchvision": name, "kwargs": {"num_classes": 10}}
+        torch.manual_seed(0)
+        state = ModelState(build_model(source).eval(), source, (3, 32, 32), 10)
+        convs = [n for n, m in state.module.named_modules() if type(m) is nn.Conv2d][:3]
+        new = {n: QuantConv2d.from_float(state.module.get_submodule(n), "weight_only", 8, True, False) for n in convs}
+        from compresspipe.artifacts.edits import set_submodule
+
+        for n, m in new.items():
+            set_submodule(state.module, n, m)
+        state.record(quantize_edit("weight_only", new, []))
+        save_model(state, tmp_path / name)
+        loaded = load_model(tmp_path / name)
+        assert _same_outputs(state.module, loaded.module, (2, 3, 32, 32)), name
