@@ -102,7 +102,8 @@ def check_name(name: str, what: str = "module") -> str:
 
 
 def _module_part(part: str) -> bool:
-    return (0 < len(part) <= 256 and part.isprintable() and not (part.startswith("__") and part.endswith("__")))
+    return (0 < len(part) <= 256 and "." not in part and part.isprintable()
+            and not (part.startswith("__") and part.endswith("__")))
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:

@@ -189,7 +189,7 @@ def test_a_deflate_bomb_checkpoint_is_refused(tmp_path):
                                                                        "device": "meta"}}}]), "not device"),
     (lambda d: d.update(edits=[{"kind": "replace", "version": 1, "module": "fc1",
                                 "layer": {"type": "Sequential", "children": [["a.b", {"type": "ReLU"}]]}}]),
-     "not an identifier"),
+     "not a module name"),
     (lambda d: d.update(edits=[{"kind": "resize", "version": 1, "modules": {"fc1": {"tensors": {}}}}] * 2
                         + [json.loads("[" * 900 + "]" * 900)]), "edits"),
 ])
