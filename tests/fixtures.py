@@ -38,7 +38,8 @@ def run(folder: Path, recipe: dict[str, Any], out: str = "run", **options: Any) 
     from compresspipe.ui import UI
 
     path = write_recipe(folder, recipe, f"{out}.yaml")
-    return run_recipe(load_recipe(path), path, RunOptions(out=folder / out, **options), UI(quiet=True))
+    parsed = load_recipe(path, allow_code=bool(options.get("allow_code")))
+    return run_recipe(parsed, path, RunOptions(out=folder / out, **options), UI(quiet=True))
 
 
 def cli(*args: Any) -> Any:

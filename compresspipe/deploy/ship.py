@@ -53,12 +53,22 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
     loss, `metric` and its `score`, every metric under `metrics`), agreement with
     the PyTorch model, max |logit difference|, notes, and for int8 ONNX the CPUs it is exact on.
     """
+    from compresspipe.stages.export.job import compare, fidelity, torch_runner
+    from compresspipe.stages.export.stage import build_job, exporter, int8_record
+
     if fmt == "torch":
         files = [WEIGHTS_FILE, MODEL_FILE]
-        return {"format": "torch", "files": files, "bytes": sum((folder / f).stat().st_size for f in files),
-                **{k: torch_metrics.get(k) for k in ("accuracy", "loss", "metric", "score", "metrics")},
-                "agreement": 1.0, "max_abs_diff": 0.0, "notes": []}
-    from compresspipe.stages.export.stage import build_job, exporter, int8_record
+        entry: dict[str, Any] = {"format": "torch", "files": files, "bytes": sum((folder / f).stat().st_size for f in files),
+                 **{k: torch_metrics.get(k) for k in ("accuracy", "loss", "metric", "score", "metrics")},
+                 "agreement": 1.0, "max_abs_diff": 0.0, "notes": []}
+        if is_int8(state):  # the int8 emulation against the float model it quantizes
+            job = build_job(export_config(ctx.recipe, "onnx_int8"), state, ctx, ["onnx_int8"], None, None)
+            entry["fidelity"] = fidelity(compare(job, torch_runner(job.module)), job, int8=True)
+        else:
+            entry["fidelity"] = {"source": "pytorch model", "agreement": 1.0, "drop": 0.0, "passed": True,
+                                 "failures": []}
+        _fidelity_note(entry)
+        return entry
 
     ex = exporter(fmt)
     reason = ex.available()
@@ -76,7 +86,7 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
         raise StageError(ctx.name, f"cannot build or run its {fmt} file for deploy: {type(exc).__name__}: "
                                    f"{str(exc).strip()[:400]}. Measure the PyTorch model instead with "
                                    "deploy.runtime: torch") from exc
-    entry: dict[str, Any] = {
+    entry = {
         "format": fmt, "files": [p.relative_to(folder).as_posix() for p in paths],
         "bytes": sum(p.stat().st_size for p in paths),
         **{k: metrics.get(k) for k in ("accuracy", "loss", "metric", "score", "metrics")},
@@ -85,8 +95,22 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
     }
     if fmt == "onnx_int8":
         entry["int8"] = int8_record(paths[0], job)
-    min_agreement = job.config.verify.min_agreement
-    if ex.int8 and metrics["top1_agreement"] < min_agreement:
-        entry["notes"].append(f"{fmt}: top-1 agreement with the PyTorch model {metrics['top1_agreement']:.4f} "
-                              f"< {min_agreement} on the validation split")
+    entry["fidelity"] = metrics.get("fidelity") or fidelity(metrics, job, int8=ex.int8)
+    if fmt == "onnx_int8":
+        from compresspipe.stages.export.onnx_int8 import float_layers_of
+
+        job.float_layers = job.float_layers or float_layers_of(paths[0])
+    if job.float_layers:
+        entry["fidelity"]["float_layers"] = list(job.float_layers)
+    if job.diagnosis:
+        entry["fidelity"]["diverging"] = list(job.diagnosis)
+    _fidelity_note(entry)
     return entry
+
+
+def _fidelity_note(entry: dict[str, Any]) -> None:
+    fid = entry["fidelity"]
+    if not fid["passed"]:
+        worst = ", ".join(f"{d['layer']} ({d['cause']})" for d in fid.get("diverging", [])[:3])
+        entry["notes"].append(f"{entry['format']} does not follow its source: {'; '.join(fid['failures'])} "
+                              f"(deploy.fidelity)" + (f"; most diverging layers: {worst}" if worst else ""))

@@ -445,6 +445,26 @@ def runtime_missing(runtime: str) -> str | None:
     return None
 
 
+class FidelitySpec(StrictModel):
+    """How closely every shipped file must follow the model it came from: a file below these limits fails the run
+    (exit 1, every artifact kept). An int8 file is compared with the float model it quantizes; any other file with
+    the PyTorch model of its stage. Both on the whole validation split, in the deploy runtime."""
+
+    min_agreement: float = Field(
+        0.99, ge=0, le=1, description="smallest top-1 agreement with the source model (per token for token tasks; "
+                                      "regression: outputs within 5% of the source's spread)")
+    max_drop: float = Field(
+        0.01, ge=0, le=1, description="largest top-1 accuracy drop against the source model (0.01 = one point, give "
+                                      "or take one sample); tasks without top-1 are judged by agreement alone")
+    tie_margin: float = Field(
+        0.1, ge=0, description="samples whose source model scores its top two classes within this many logits of "
+                               "each other (a probability ratio under 1.1 at the default) are ties, left out of the "
+                               "agreement: a model with small margins flips them under any rounding")
+    mixed_precision: bool = Field(
+        True, description="an int8 file below the limits keeps its most diverging layers float, a few more at a "
+                          "time (up to half the quantized layers), until it fits; the layers are listed in the report")
+
+
 class DeploySpec(StrictModel):
     """What ships and where. Every row of the report is exported to this runtime's file and measured there:
     size is the file's bytes, accuracy and latency are measured in the runtime. PyTorch figures stay as
@@ -469,6 +489,8 @@ class DeploySpec(StrictModel):
         5, ge=3, le=50, description="interleaved timing rounds: every row is timed once per round, beside the "
                                     "reference, and the spread of the per-round ratios bounds the noise"
     )
+    fidelity: FidelitySpec = Field(default_factory=lambda: FidelitySpec(),
+                                   description="how closely every shipped file must follow its source model")
 
     @field_validator("runtime")
     @classmethod

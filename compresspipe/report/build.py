@@ -64,7 +64,7 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         for name, entry in (row.get("formats") or {fmt: fig}).items():
             formats[name] = {k: entry.get(k) for k in (
                 "files", "bytes", "accuracy", "loss", "metric", "score", "metrics", "agreement", "max_abs_diff",
-                "latency_ms", "latency_iqr_ms", "int8")}
+                "latency_ms", "latency_iqr_ms", "int8", "fidelity")}
             formats[name]["files"] = [f"{row.get('folder')}/{f}" for f in entry.get("files") or []]
             formats[name]["vs_reference"] = compare(entry, ref, row, ref_row)
         notes = list(row.get("notes") or [])
@@ -84,6 +84,7 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
             "score": fig.get("score") if fig.get("metric") else fig.get("accuracy"),
             "metrics": dict(fig.get("metrics") or {}),
             "agreement": fig.get("agreement"),
+            "fidelity": formats[fmt].get("fidelity"),
             "bytes": fig.get("bytes"),
             "latency_ms": dict(fig.get("latency_ms") or {}),
             "latency_iqr_ms": dict(fig.get("latency_iqr_ms") or {}),
@@ -107,8 +108,66 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         "status": status,
         "reference": ref_row["name"],
         "stages": stages,
+        "recommendation": recommend(stages, rows),
         **(extra or {}),
     }
+
+
+NOISE = 0.05  # latencies closer than this share are a tie: the smaller file wins
+
+
+def recommend(stages: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The file to ship from the last stage: the fastest of its candidates that follow their source (deploy.fidelity)
+    at the first deploy batch size, timed interleaved in the same rounds; a tie within NOISE goes to the smaller file.
+
+    Candidates: the last row's shipped file, its other files in the same runtime that are not float emulations of
+    int8 layers, and for an int8 row the float file of the stage it quantized (int8 may be slower than float on a
+    CPU without fast int8 instructions, or for a tiny model whose time is per-call overhead)."""
+    if not stages or not rows:
+        return None
+    last, raw = stages[-1], rows[-1]
+    candidates: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
+    for fmt, entry in (last.get("formats") or {}).items():
+        emulation = bool(raw.get("emulated")) and fmt not in INT8_FORMATS and fmt != "torch"
+        if fmt == last["format"] or (not emulation and _same_runtime(fmt, last["format"])):
+            candidates.append((last, fmt, entry))
+    if last.get("format") in INT8_FORMATS or raw.get("emulated"):
+        source = next((s for s in reversed(stages[:-1]) if s.get("kind") != "quantized" and s.get("kind") != "export"
+                       and s.get("format") not in INT8_FORMATS), None)
+        if source is not None and _same_runtime(source["format"], last["format"]):
+            candidates.append((source, source["format"], source["formats"][source["format"]]))
+    if not candidates:
+        return None
+    batches = sorted({bs for _, _, e in candidates for bs in (e.get("latency_ms") or {})}, key=int)
+    batch = next((bs for bs in batches if all(isinstance((e.get("latency_ms") or {}).get(bs), float)
+                                               for _, _, e in candidates)), None)
+    listed = [{"stage": s["name"], "format": f, "files": e.get("files"), "bytes": e.get("bytes"),
+               "latency_ms": e.get("latency_ms") or {}, "fidelity_passed": bool((e.get("fidelity") or {}).get(
+                   "passed", True))} for s, f, e in candidates]
+    right = [c for c in listed if c["fidelity_passed"]]
+    if not right:
+        return {"stage": None, "format": None, "files": [], "batch": batch, "candidates": listed,
+                "reason": "no candidate file follows its source model within deploy.fidelity: ship none of them"}
+    if batch is None:  # not timed: the smallest right file
+        best = min(right, key=lambda c: c["bytes"] or 0)
+        reason = "latency was not measured: the smallest file that follows its source"
+    else:
+        fastest = min(right, key=lambda c: c["latency_ms"][batch])
+        ties = [c for c in right if c["latency_ms"][batch] <= fastest["latency_ms"][batch] * (1 + NOISE)]
+        best = min(ties, key=lambda c: c["bytes"] or 0)
+        others = [c for c in listed if c is not best]
+        parts = [f"{c['format']} of '{c['stage']}' runs at {best['latency_ms'][batch] / c['latency_ms'][batch]:.2f}x "
+                 f"its speed" + ("" if c["fidelity_passed"] else " but does not follow its source (deploy.fidelity)")
+                 for c in others]
+        reason = (f"at batch {batch} on this CPU, {best['format']} of '{best['stage']}' is the fastest file that "
+                  f"follows its source ({best['latency_ms'][batch]:.3f} ms)" + ("; " + "; ".join(parts) if parts else "")
+                  + ("; within 5% the smaller file wins" if len(ties) > 1 else ""))
+    return {"stage": best["stage"], "format": best["format"], "files": best["files"], "batch": batch,
+            "reason": reason, "candidates": listed}
+
+
+def _same_runtime(a: str, b: str) -> bool:
+    return a.split("_")[0] == b.split("_")[0]
 
 
 INT8_FORMATS = ("onnx_int8", "executorch_int8")
@@ -291,6 +350,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {g['scope']} | {g['gate']} | {_cell(g['value'])} | {_cell(g['limit'])} | "
                   f"{'pass' if g['passed'] else '**FAIL**'}{' (within noise)' if g.get('within_noise') else ''} |"
                   for g in gates]
+    rec = report.get("recommendation")
+    if rec:
+        lines += ["", "## The file to ship", "",
+                  f"**{', '.join(rec['files']) or 'none'}**: {rec['reason']}" if rec.get("files") else rec["reason"]]
+    failed_fidelity = [g for g in gates if g.get("scope") == "deploy.fidelity" and not g["passed"]]
+    if failed_fidelity:
+        lines += ["", "## Files that do not follow their source (deploy.fidelity)", ""]
+        lines += [f"- **{g['stage']}** {g['format']}: {g['description']}" for g in failed_fidelity]
     warnings = report.get("warnings") or []
     if warnings:
         lines[3:3] = ["", *[f"> **Warning:** {w}" for w in warnings]]

@@ -140,7 +140,34 @@ def evaluate_gates(recipe: Recipe, report: dict[str, Any], remeasured: bool = Fa
                             "description": "accuracy of the reference every ratio compares with",
                             "format": ref.get("format"), "value": value, "limit": limit,
                             "passed": value is not None and value >= limit - 1e-12})
-    return results
+    return results + fidelity_gates(report)
+
+
+def fidelity_gates(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """deploy.fidelity, a default gate: every shipped int8 file against the float model it quantizes, and any file
+    that does not follow its source. A file below the limits fails the run (exit 1) with every artifact kept."""
+    out = []
+    for row in report["stages"]:
+        for fmt, entry in (row.get("formats") or {}).items():
+            fid = entry.get("fidelity") if isinstance(entry, dict) else None
+            if not fid or (fid["passed"] and fid.get("source") != "float model"):
+                continue
+            what = f"top-1 agreement of the {fmt} file with its {fid.get('source', 'source')}"
+            if fid.get("drop") is not None:
+                what += f", accuracy drop {100 * fid['drop']:.2f} points (max_drop {fid.get('max_drop')})"
+            if fid.get("float_layers"):
+                what += f"; kept float: {', '.join(fid['float_layers'][:6])}"
+            if not fid["passed"]:
+                what += "; " + "; ".join(fid["failures"])
+                worst = fid.get("diverging") or []
+                if worst:
+                    what += "; most diverging layers: " + ", ".join(
+                        f"{d['layer']} ({d['cause']})" for d in worst[:3])
+            out.append({"scope": "deploy.fidelity", "stage": row["name"], "gate": f"{row['name']}.{fmt}",
+                        "description": what,
+                        "format": fmt, "value": fid["agreement"], "limit": fid.get("min_agreement"),
+                        "passed": bool(fid["passed"])})
+    return out
 
 
 def describe_failures(results: list[dict[str, Any]]) -> str:

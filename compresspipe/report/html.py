@@ -318,6 +318,18 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(_html_table(["scope", "gate", "value", "limit", "result"], gate_rows, {0, 1, 4},
                                  cell_classes={"pass": "pass", "FAIL": "fail"}))
 
+    failed = [g for g in gates if g.get("scope") == "deploy.fidelity" and not g.get("passed")]
+    if failed:
+        parts.append('<h2 id="fidelity">Files that do not follow their source (deploy.fidelity)</h2><ul class="notes">')
+        parts += [f'<li class="fail"><strong>{escape(str(g.get("stage")))}</strong> {escape(str(g.get("format")))}: '
+                  f'{escape(str(g.get("description")))}</li>' for g in failed]
+        parts.append("</ul>")
+    rec = report.get("recommendation")
+    if isinstance(rec, dict) and rec.get("reason"):
+        files = ", ".join(str(f) for f in rec.get("files") or []) or "none"
+        parts.append(f'<h2 id="ship">The file to ship</h2><p><strong>{escape(files)}</strong>: '
+                     f'{escape(str(rec["reason"]))}</p>')
+
     notes = [(s["name"], n) for s in stages for n in (s.get("notes") or [])]
     if notes:
         parts.append('<h2 id="notes">Notes</h2>')

@@ -283,6 +283,9 @@ class Executor:
             gates = evaluate_gates(self.recipe, report, remeasured=True)
         report["gates"] = gates
         report["gates_passed"] = all(g["passed"] for g in gates)
+        rec = report.get("recommendation")
+        if rec:
+            self.ui.log(f"[bold]ship:[/] {', '.join(rec['files']) or 'nothing'}: {rec['reason']}")
         self._write_reports(report)
         if self.options.junit is not None:
             write_junit(self.options.junit, self.recipe.name, gates)

@@ -16,10 +16,18 @@ ACT_FUNCTIONS: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with libraries' BatchNorm subclasses (timm's BatchNormAct2d) kept whole, so they are
+    found after their convolution instead of being traced into functional calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+
+
 def analyse(model: nn.Module, fold: bool) -> tuple[dict[str, str], dict[str, Callable], str | None]:
     """(conv -> BatchNorm to fold, layer -> activation to fuse, why tracing failed or None)."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as exc:  # data-dependent control flow etc.: quantize without folding/fusion
         return {}, {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     modules = dict(model.named_modules())
@@ -40,7 +48,8 @@ def analyse(model: nn.Module, fold: bool) -> tuple[dict[str, str], dict[str, Cal
             user = next(iter(node.users))
             bn = modules.get(user.target) if user.op == "call_module" else None
             if (isinstance(bn, nn.BatchNorm2d) and calls[user.target] == 1 and bn.track_running_stats
-                    and bn.num_features == layer.out_channels and bn.running_mean is not None):
+                    and bn.num_features == layer.out_channels and bn.running_mean is not None
+                    and (type(bn).forward is nn.BatchNorm2d.forward or norm_act_parts(bn) is not None)):
                 folds[node.target] = user.target
                 tail = user
         if len(tail.users) == 1:
@@ -55,6 +64,20 @@ def analyse(model: nn.Module, fold: bool) -> tuple[dict[str, str], dict[str, Cal
             if act is not None:
                 acts[node.target] = act
     return folds, acts, None
+
+
+def norm_act_parts(bn: nn.Module) -> nn.Module | None:
+    """What follows the normalisation in a library's fused BatchNorm+activation layer (timm's BatchNormAct2d:
+    `drop` then `act`), as one module that replaces it once the BatchNorm is folded; None if not such a layer."""
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    if not isinstance(drop, nn.Module) or not isinstance(act, nn.Module) or type(bn).__name__ != "BatchNormAct2d":
+        return None
+    return nn.Sequential(drop, act)
+
+
+def fold_target(bn: nn.Module) -> nn.Module:
+    """The module a folded BatchNorm becomes: Identity, or a fused layer's activation (timm's BatchNormAct2d)."""
+    return norm_act_parts(bn) or nn.Identity()
 
 
 def fold_bn(conv: Any, bn: Any) -> None:

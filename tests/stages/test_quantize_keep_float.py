@@ -52,7 +52,9 @@ def _recipe(checkpoint, keep_float):
 
 def test_keep_float_keeps_the_sensitive_layer_float_in_the_shipped_file(tmp_path):
     checkpoint = _outlier_mlp(tmp_path)
-    full = run(tmp_path, _recipe(checkpoint, None), "full").report["stages"][-1]
+    whole = _recipe(checkpoint, None)  # every layer int8, deploy.fidelity's mixed precision and limits off
+    whole["deploy"]["fidelity"] = {"mixed_precision": False, "min_agreement": 0.0, "max_drop": 1.0}
+    full = run(tmp_path, whole, "full").report["stages"][-1]
     assert -full["vs_reference"]["accuracy_delta"] > 0.02  # every layer int8: the file loses a lot
     mixed = run(tmp_path, _recipe(checkpoint, 0.02), "mixed").report
     row = mixed["stages"][-1]
@@ -67,6 +69,13 @@ def test_keep_float_keeps_the_sensitive_layer_float_in_the_shipped_file(tmp_path
     assert table["fc2"]["quantized"] == "yes"
     record = json.loads((tmp_path / "mixed" / row["folder"] / "model.json").read_text())["records"]["quantize"]
     assert record["onnx_int8"]["keep_float"] == ["fc1"]
+
+
+def test_without_keep_float_the_fidelity_gate_keeps_the_diverging_layer_float_by_itself(tmp_path):
+    checkpoint = _outlier_mlp(tmp_path)
+    row = run(tmp_path, _recipe(checkpoint, None), "auto").report["stages"][-1]
+    assert row["fidelity"]["passed"] and "fc1" in row["fidelity"]["float_layers"], row["fidelity"]
+    assert -row["vs_reference"]["accuracy_delta"] <= 0.02
 
 
 @pytest.mark.parametrize("stage, message", [

@@ -77,8 +77,9 @@ class VerifySettings(StrictModel):
     atol: float = Field(1e-4, gt=0, description="largest allowed |exported - pytorch| logit difference (float formats)")
     min_agreement: float = Field(
         0.97, gt=0, le=1,
-        description="smallest allowed top-1 agreement with PyTorch for int8 formats and float16/bfloat16 models, "
-                    "which are judged by agreement because atol on logits is meaningless after rounding",
+        description="smallest allowed top-1 agreement with PyTorch for float16/bfloat16 models and float files of "
+                    "int8 layers, judged by agreement because atol on logits is meaningless after rounding; int8 "
+                    "files are judged against their float source by deploy.fidelity",
     )
     max_accuracy_drop: float = Field(
         0.05, ge=0, le=1,

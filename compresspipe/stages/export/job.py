@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from compresspipe.ui import UI
 
 INPUT_NAME = "input"
+NEAR_CHANCE = 1.5  # a source below 1.5x chance accuracy has not learned (the report warns about it too)
 OUTPUT_NAME = "logits"
 
 
@@ -56,6 +57,11 @@ class ExportJob:
 
     num_classes: int | None = None
     metrics: list[str] = field(default_factory=list)  # metrics beyond the task's that gates name
+    # the float source's answers on `batches` (int8 formats are judged against the model they quantize)
+    float_reference: list[torch.Tensor] | None = None
+    fidelity: Any = None  # the recipe's deploy.fidelity (FidelitySpec): how closely a file must follow its source
+    float_layers: list[str] = field(default_factory=list)  # what the int8 file kept float, and why (notes)
+    diagnosis: list[dict[str, Any]] = field(default_factory=list)  # the int8 file's most diverging layers
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -91,9 +97,11 @@ def dtype_label(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def agreement(task: str, out: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+def agreement(task: str, out: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor,
+              margin: float = 0.0) -> tuple[int, int]:
     """(agreeing, compared): rows (samples, or labelled positions) whose top class is PyTorch's; regression:
-    values within 5% of the spread of PyTorch's outputs (at least 1e-6) of them."""
+    values within 5% of the spread of PyTorch's outputs (at least 1e-6) of them. With `margin`, rows where the
+    reference scores its top two classes within `margin` logits of each other are ties and not compared."""
     from compresspipe.metrics.tasks import TASKS, flatten
 
     if TASKS[task].float_targets:
@@ -101,7 +109,18 @@ def agreement(task: str, out: torch.Tensor, ref: torch.Tensor, labels: torch.Ten
         return int(((out.float() - ref.float()).abs() <= tol).sum()), int(ref.numel())
     o, lab = flatten(task, out, labels)
     r, _ = flatten(task, ref, labels)
-    return int((o.argmax(dim=1) == r.argmax(dim=1)).sum()), int(lab.numel())
+    same = o.argmax(dim=1) == r.argmax(dim=1)
+    if margin > 0 and r.shape[1] > 1:
+        top2 = r.float().topk(2, dim=1).values
+        decided = (top2[:, 0] - top2[:, 1]) >= margin
+        return int((same & decided).sum()), int(decided.sum())
+    return int(same.sum()), int(lab.numel())
+
+
+def per_position(job: ExportJob) -> bool:
+    from compresspipe.metrics.tasks import TASKS
+
+    return bool(TASKS[job.io.task].per_position)
 
 
 def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any]:
@@ -115,8 +134,13 @@ def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any
 
     scorer = Scorer(task, job.num_classes, list(dict.fromkeys([*TASKS[task].metrics, *job.metrics])))
     ref_scorer = Scorer(task, job.num_classes, ["top1"] if task != "regression" else ["mse"])
-    max_diff, agree, compared, count = 0.0, 0, 0, 0
-    for (inputs, labels), ref in zip(job.batches, job.reference, strict=True):
+    src_scorer = Scorer(task, job.num_classes, ["top1"] if task != "regression" else ["mse"])
+    sources: list[torch.Tensor | None] = (list(job.float_reference) if job.float_reference is not None
+                                          else [None for _ in job.reference])
+    max_diff, agree, compared, count, src_agree, src_compared = 0.0, 0, 0, 0, 0, 0
+    own_agree, own_compared = 0, 0
+    margin = job.fidelity.tie_margin if job.fidelity is not None else 0.0
+    for (inputs, labels), ref, src in zip(job.batches, job.reference, sources, strict=True):
         out = torch.as_tensor(run(inputs)).float().reshape(ref.shape)
         ref = ref.float()
         diff = float((out - ref).abs().max())
@@ -126,15 +150,62 @@ def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any
         ref_scorer.update(ref, labels)
         a, c = agreement(task, out, ref, labels)
         agree, compared = agree + a, compared + c
+        if src is not None:
+            src_scorer.update(src.float(), labels)
+            a, c = agreement(task, out, src.float().reshape(ref.shape), labels, margin)
+            src_agree, src_compared = src_agree + a, src_compared + c
+        a, c = agreement(task, out, ref, labels, margin)
+        own_agree, own_compared = own_agree + a, own_compared + c
         count += int(labels.shape[0])
     figures = task_figures(scorer.result(), task)
-    return {
+    out_metrics = {
         "samples": count,
         "max_abs_diff": max_diff,
         "top1_agreement": agree / max(compared, 1),
         **figures,
         "pytorch_accuracy": ref_scorer.result().get("top1"),
     }
+    out_metrics["decided_agreement"] = own_agree / own_compared if own_compared else 1.0
+    out_metrics["decided"] = own_compared
+    if job.float_reference is not None:
+        out_metrics["source_agreement"] = src_agree / src_compared if src_compared else 1.0
+        out_metrics["decided"] = src_compared
+        out_metrics["source_accuracy"] = src_scorer.result().get("top1")
+    return out_metrics
+
+
+def fidelity(metrics: dict[str, Any], job: ExportJob, int8: bool) -> dict[str, Any]:
+    """How closely a file follows the model it came from (deploy.fidelity): an int8 file its float source, any
+    other file the PyTorch model of its stage. `passed` False means the file must not ship."""
+    spec = job.fidelity
+    against_float = int8 and metrics.get("source_agreement") is not None
+    agree = metrics["source_agreement"] if against_float else metrics.get("decided_agreement",
+                                                                          metrics["top1_agreement"])
+    source_acc = metrics["source_accuracy"] if against_float else metrics.get("pytorch_accuracy")
+    acc = metrics.get("accuracy")
+    drop = source_acc - acc if isinstance(source_acc, float) and isinstance(acc, float) else None
+    samples = max(int(metrics.get("samples") or 1), 1)
+    min_agreement = spec.min_agreement if spec is not None else 0.99
+    max_drop = spec.max_drop if spec is not None else 0.01
+    failures = []
+    # agreement with a model that has not learned (near chance, as the report warns) measures noise: its calls
+    # flip under any rounding; such a file is judged by its accuracy alone
+    chance = 1 / job.num_classes if job.num_classes else None
+    near_chance = chance is not None and isinstance(source_acc, float) and source_acc < NEAR_CHANCE * chance
+    if near_chance:
+        pass
+    elif not agree >= min_agreement - 1e-12:
+        failures.append(f"top-1 agreement with {'its float source' if against_float else 'the PyTorch model'} "
+                        f"{agree:.4f} < {min_agreement} (on {metrics.get('decided', samples)} samples it does not "
+                        "score as ties)")
+    if drop is not None and drop > max_drop + 1 / samples + 1e-12:
+        failures.append(f"accuracy {100 * drop:.2f} points below {'its float source' if against_float else 'PyTorch'}"
+                        f" (max_drop {max_drop})")
+    return {"source": "float model" if against_float else "pytorch model", "agreement": agree, "drop": drop,
+            "agreement_judged": not near_chance,
+            "samples": samples, "ties": samples - int(metrics.get("decided", samples)) if not per_position(job)
+            else None, "tie_margin": spec.tie_margin if spec is not None else 0.0, "min_agreement": min_agreement, "max_drop": max_drop, "passed": not failures,
+            "failures": failures}
 
 
 def per_sample(run: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:

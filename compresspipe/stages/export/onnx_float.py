@@ -116,6 +116,7 @@ def strip_debug_info(path: Path, keep_names: bool = True) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=True)
+    scopes = [node_scope(node) for node in model.graph.node]
     graphs = [model.graph]
     nested = False
     while graphs:
@@ -130,8 +131,23 @@ def strip_debug_info(path: Path, keep_names: bool = True) -> None:
     if not nested:  # subgraphs may name outer tensors: renaming or dropping them is not worth the risk
         drop_unused_initializers(model.graph)
         if not keep_names:
-            compact_names(model.graph)
+            compact_names(model.graph, dict(enumerate(scopes)))
     onnx.save(model, str(path), save_as_external_data=False)
+
+
+def node_scope(node: Any) -> str | None:
+    """The PyTorch module a node was exported from (`features.3.conv`), from the dynamo exporter's metadata."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)  # a list of str, written by the exporter; literals only
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(scopes, list) and len(scopes) >= 2 and all(isinstance(x, str) for x in scopes):
+                return scopes[-2] or scopes[-1] or None  # a top-level op: its own name (`cat`, `slice_1`)
+    return None
 
 
 def drop_unused_initializers(graph: Any) -> int:
@@ -143,8 +159,9 @@ def drop_unused_initializers(graph: Any) -> int:
     return len(unused)
 
 
-def compact_names(graph: Any) -> None:
-    """Rename nodes and internal tensors to short ids; drop intermediate value_info (runtimes infer it)."""
+def compact_names(graph: Any, scopes: dict[int, str | None] | None = None) -> None:
+    """Rename internal tensors to short ids and nodes to the PyTorch module they came from (`layer1.0.conv1/Conv`,
+    so int8 exclusions and reports can name layers), else a short id; drop intermediate value_info."""
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
     renamed: dict[str, str] = {}
 
@@ -159,8 +176,16 @@ def compact_names(graph: Any) -> None:
         init.name = short(init.name)
     for sparse in graph.sparse_initializer:
         sparse.values.name = short(sparse.values.name)
+    used: set[str] = set()
     for i, node in enumerate(graph.node):
-        node.name = f"n{i}"
+        scope = (scopes or {}).get(i)
+        name = f"{scope}/{node.op_type}" if scope else f"n{i}"
+        k = 1
+        while name in used:
+            k += 1
+            name = f"{scope}/{node.op_type}_{k}" if scope else f"n{i}_{k}"
+        used.add(name)
+        node.name = name
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
     del graph.value_info[:]

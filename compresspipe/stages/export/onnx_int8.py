@@ -56,13 +56,16 @@ def settings(job: ExportJob) -> dict[str, Any]:
     cfg = job.config.int8
     out: dict[str, Any] = {"method": cfg.onnx_method, "per_channel": cfg.per_channel,
                            "calibrate_method": cfg.calibrate_method, "calibration_batches": cfg.calibration_batches,
-                           "batch_size": cfg.batch_size, "nodes_to_exclude": []}
+                           "batch_size": cfg.batch_size, "nodes_to_exclude": [], "extra_options": {}}
     hand = job.handoff
     if hand is not None:
         out.update(method=hand.method, per_channel=hand.per_channel,
                    calibrate_method=OBSERVER_TO_METHOD[hand.observer],
                    calibration_batches=hand.calibration_batches, batch_size=hand.batch_size,
                    nodes_to_exclude=list(hand.nodes_to_exclude))
+        if hand.observer == "percentile" and hand.percentile is not None:
+            # the quantize stage's percentile reaches the file's calibration as the same value
+            out["extra_options"] = {"CalibPercentile": hand.percentile}
     return out
 
 
@@ -158,32 +161,42 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                 job.notes.append(f"model.int8.onnx: {len(small)} conv(s) summing over fewer than "
                                  f"{SMALL_CONV_REDUCTION} inputs per output stay float (faster than int8 in "
                                  "ONNX Runtime; int8.float_small_convs)")
+        calib = {"method": opts["calibrate_method"], "extra": dict(opts["extra_options"])}
+
+        def quantize(exclude: list[str]) -> None:
+            if method == "static":
+                reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
+                names = [i.name for i in graph_model.graph.input]
+                ui = job.ui or UI(quiet=True)
+                with ui.progress(f"{job.stage}: calibrating model.int8.onnx", opts["calibration_batches"]) as bar:
+                    quantize_static(
+                        str(prepared), str(out),
+                        reader_cls(job, names, opts["batch_size"], opts["calibration_batches"], bar),
+                        quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                          "percentile": CalibrationMethod.Percentile}[calib["method"]],
+                        nodes_to_exclude=exclude or None, reduce_range=reduce_range,
+                        extra_options=calib["extra"],
+                    )
+                if job.config.int8.float_output:
+                    float_outputs(out)
+            else:
+                # MatMul/Gemm weights and embedding tables int8, activations quantized per call; convolutions (a
+                # ViT's patch embedding) stay float: ONNX Runtime cannot run them dynamically quantized
+                kinds = ["MatMul", "Gemm", "Gather", "Attention", "LSTM"] if ops & CONV_OPS or transformer else None
+                quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude or None, reduce_range=reduce_range,
+                                 op_types_to_quantize=kinds)
+
+        quantize(excluded)
         if method == "static":
-            reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
-            names = [i.name for i in graph_model.graph.input]
-            ui = job.ui or UI(quiet=True)
-            with ui.progress(f"{job.stage}: calibrating model.int8.onnx", opts["calibration_batches"]) as bar:
-                quantize_static(
-                    str(prepared), str(out),
-                    reader_cls(job, names, opts["batch_size"], opts["calibration_batches"], bar),
-                    quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                      "percentile": CalibrationMethod.Percentile}[opts["calibrate_method"]],
-                    nodes_to_exclude=excluded or None, reduce_range=reduce_range,
-                )
-            if job.config.int8.float_output:
-                float_outputs(out)
-        else:
-            # MatMul/Gemm weights and embedding tables int8, activations quantized per call; convolutions (a
-            # ViT's patch embedding) stay float: ONNX Runtime cannot run them dynamically quantized
-            kinds = ["MatMul", "Gemm", "Gather", "Attention", "LSTM"] if ops & CONV_OPS or transformer else None
-            quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded or None, reduce_range=reduce_range, op_types_to_quantize=kinds)
-            if transformer:
-                job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
-                                 "embedding tables int8, activations quantized per call); softmax, LayerNorm and "
-                                 "convolutions stay float, where static int8 loses accuracy")
+            _fit_fidelity(job, prepared, out, excluded, quantize, graph_model, calib)
+            opts["calibrate_method"] = calib["method"]
+        elif transformer:
+            job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
+                             "embedding tables int8, activations quantized per call); softmax, LayerNorm and "
+                             "convolutions stay float, where static int8 loses accuracy")
         strip_debug_info(out, job.config.keep_names)
         add_metadata(out, job)
         widest = weight_abs_max(out)
@@ -201,6 +214,229 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         for leftover in folder.glob("*-inferred.onnx"):  # quantize_static's scratch files
             leftover.unlink(missing_ok=True)
     return [out]
+
+
+QUANTIZABLE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+DIAGNOSIS_BATCHES = 4  # calibration batches the per-layer comparison runs on
+FLOAT_LAYERS_KEY = "compresspipe.float_layers"
+
+
+def _measure(job: ExportJob, path: Path) -> dict[str, Any]:
+    """The file's fidelity (deploy.fidelity) on the job's validation batches, against its float source."""
+    import torch
+
+    from compresspipe.stages.export.job import compare, fidelity, per_sample
+    from compresspipe.stages.export.onnx_float import feed_types, session
+
+    sess = session(path, 1)
+    names, dtypes = feed_types(sess)
+
+    def run(x: Any) -> Any:
+        return torch.from_numpy(sess.run(None, numpy_feed(x, names, dtypes))[0])
+
+    metrics = compare(job, run if job.config.dynamic_batch else per_sample(run))
+    return fidelity(metrics, job, int8=True)
+
+
+def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantize: Any,
+                  graph_model: Any, calib: dict[str, Any]) -> None:
+    """When the int8 file does not follow its float source within deploy.fidelity: first a calibration that clips
+    outliers (min/max ranges are blown by a few large activations in mobile networks' hard-swish and
+    squeeze-excitation layers: percentile 99.99, then 99.9), then automatic mixed precision: the layers where the
+    int8 graph diverges most from the float one stay float, 1, 2, 4, ... at a time, up to half the quantized nodes.
+    The divergence is ONNX Runtime's own QDQ debugging (`qdq_loss_debug`: every intermediate tensor of both graphs
+    on calibration batches); what changed, or why the file still fails, reaches the report (job.notes,
+    job.float_layers, job.diagnosis)."""
+    if job.fidelity is None:
+        return
+    first = _measure(job, out)
+    if first["passed"]:
+        return
+    if calib["method"] == "minmax" and job.fidelity.mixed_precision:
+        tried = [f"minmax {first['agreement']:.4f}"]
+        best_calib, best_agreement = dict(calib), first["agreement"]
+        for pct in (99.99, 99.9):
+            calib.update(method="percentile", extra={**calib["extra"], "CalibPercentile": pct})
+            quantize(excluded)
+            result = _measure(job, out)
+            tried.append(f"percentile {pct} {result['agreement']:.4f}")
+            if result["passed"]:
+                job.notes.append(f"model.int8.onnx: min/max calibration did not follow the float model within "
+                                 f"deploy.fidelity; calibrated with percentile {pct} instead (agreement: "
+                                 f"{', '.join(tried)})")
+                return
+            if result["agreement"] > best_agreement:
+                best_calib, best_agreement = dict(calib), result["agreement"]
+        calib.clear()
+        calib.update(best_calib)
+        job.notes.append(f"model.int8.onnx: no calibration follows the float model by itself (agreement: "
+                         f"{', '.join(tried)}); {calib['method']} kept")
+        quantize(excluded)
+        first = _measure(job, out)
+    try:
+        ranked = _diverging(job, prepared, out, graph_model)
+    except Exception as exc:  # debugging is best effort: the gate still judges the file
+        job.notes.append(f"model.int8.onnx: could not compare its layers with the float graph ({type(exc).__name__})")
+        return
+    job.diagnosis = [{k: r[k] for k in ("layer", "op", "sqnr_db", "lost_db", "cause")} for r in ranked[:5]]
+    # any node may stay float: an elementwise op (a Mul, a HardSigmoid) often loses more than a convolution
+    candidates = [r for r in ranked if r["node"] and r["node"] not in excluded and r["lost_db"] > 0]
+    quantized = len(ranked)  # nodes whose int8 output could be compared: what the runtime quantized
+    limit = max(1, quantized // 2)
+    if not job.fidelity.mixed_precision or not candidates:
+        return
+    # a node's int8 error comes in through the grid of its inputs: data-movement and elementwise ops before it
+    # (a Concat, a Slice, a Mul) share that grid, so they stay float with it
+    producer = {o: n for n in graph_model.graph.node for o in n.output}
+
+    def group(name: str) -> list[str]:
+        """The node, the non-compute ops before it, and the compute op that feeds them (a Gemm whose fused Relu
+        shows the error)."""
+        node = next(n for n in graph_model.graph.node if n.name == name)
+        out, todo = [name], [(i, 0) for i in node.input]
+        while todo:
+            tensor, depth = todo.pop()
+            up = producer.get(tensor)
+            if up is None or depth >= 4 or not up.name or up.name in out:
+                continue
+            out.append(up.name)
+            if up.op_type not in QUANTIZABLE_OPS:
+                todo += [(i, depth + 1) for i in up.input]
+        return out
+
+    k, best = 1, first
+    while True:
+        keep = candidates[:k]
+        kept_nodes = list(dict.fromkeys(n for r in keep for n in group(r["node"])))
+        if k > 1 and len(kept_nodes) > limit:  # no more than half the graph float: then the file fails
+            keep = candidates[: k // 2]
+            kept_nodes = list(dict.fromkeys(n for r in keep for n in group(r["node"])))
+            quantize(excluded + kept_nodes)
+            best = _measure(job, out)
+            break
+        quantize(excluded + kept_nodes)
+        result = _measure(job, out)
+        best = result
+        if result["passed"] or k >= min(limit, len(candidates)):
+            break
+        k = min(2 * k, limit, len(candidates))
+    job.float_layers = list(dict.fromkeys(n.rsplit("/", 1)[0] if "/" in n else n for n in kept_nodes))
+    _set_metadata(out, {FLOAT_LAYERS_KEY: ",".join(job.float_layers)})
+    verdict = "fits" if best["passed"] else "still does not fit"
+    job.notes.append(f"model.int8.onnx: {len(kept_nodes)} of {quantized} quantized node(s) kept float (automatic mixed "
+                     f"precision, deploy.fidelity): {', '.join(job.float_layers)}; agreement with the float model "
+                     f"{first['agreement']:.4f} -> {best['agreement']:.4f}, which {verdict}")
+    if best["passed"]:
+        job.diagnosis = []
+
+
+def _diverging(job: ExportJob, prepared: Path, out: Path, graph_model: Any) -> list[dict[str, Any]]:
+    """The float graph's nodes ranked by how much int8 error each adds (SQNR at its inputs minus at its output, float
+    vs int8 graph), with the likely cause of each."""
+    import tempfile
+
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    from compresspipe.deploy.cpu import VNNI_FLAGS, host_isa
+
+    names = [i.name for i in graph_model.graph.input]
+    batches = [numpy_feed(x, names) for x in job.calibration(8, DIAGNOSIS_BATCHES)]
+
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(batches)
+
+        def get_next(self) -> Any:
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory(prefix=".qdq-debug-", dir=out.parent) as scratch:
+        f_aug, q_aug = Path(scratch) / "float.onnx", Path(scratch) / "int8.onnx"
+        modify_model_output_intermediate_tensors(str(prepared), str(f_aug))
+        modify_model_output_intermediate_tensors(str(out), str(q_aug))
+        f_act = collect_activations(str(f_aug), Reader(), execution_providers=["CPUExecutionProvider"])
+        q_act = collect_activations(str(q_aug), Reader(), execution_providers=["CPUExecutionProvider"])
+    errors = compute_activation_error(create_activation_matching(q_act, f_act))
+    sqnr = {name: float(e["xmodel_err"]) for name, e in errors.items() if "xmodel_err" in e}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph_model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    saturates = job.cpu in ("x86-vnni", "arm64") and not any(f in host_isa() for f in VNNI_FLAGS)
+    producer = {o: node for node in graph_model.graph.node for o in node.output}
+    exact = 100.0  # graph inputs and weights: no int8 error yet
+    upstream: dict[str, float] = {}
+
+    def before(tensor: str, depth: int = 0) -> float:
+        """SQNR of the nearest compared tensor upstream (a fused Conv->Relu has none in between)."""
+        if tensor in sqnr:
+            return sqnr[tensor]
+        if tensor not in producer or depth > 50:
+            return exact
+        if tensor not in upstream:
+            ins = [before(i, depth + 1) for i in producer[tensor].input if i]
+            upstream[tensor] = min(ins) if ins else exact
+        return upstream[tensor]
+
+    rows = []
+    for node in graph_model.graph.node:
+        outs = [sqnr[o] for o in node.output if o in sqnr]
+        if not outs:
+            continue
+        after = min(outs)
+        ins = [before(i) for i in node.input if i]
+        before_db = min(ins) if ins else exact
+        out_name = next(o for o in node.output if o in sqnr)
+        rows.append({"node": node.name, "layer": node.name.rsplit("/", 1)[0] if "/" in node.name else node.name,
+                     "op": node.op_type, "sqnr_db": round(after, 2), "lost_db": round(before_db - after, 2),
+                     "cause": _cause(node, out_name, f_act, consumers, saturates, after)})
+    rows.sort(key=lambda r: -r["lost_db"])
+    return rows
+
+
+def _cause(node: Any, out_name: str, f_act: dict[str, list[np.ndarray]], consumers: dict[str, list[Any]],
+           saturates: bool, sqnr: float) -> str:
+    """The likely reason one node's int8 output strays from the float one."""
+    if any(c.op_type == "BatchNormalization" for c in consumers.get(out_name, [])):
+        return "an unfolded BatchNorm follows it (its int8 output is rescaled in float)"
+    values = np.abs(np.concatenate([a.reshape(-1) for a in f_act.get(out_name, [])] or [np.zeros(1)]))
+    if values.size > 100:
+        top, p999 = float(values.max()), float(np.percentile(values, 99.9))
+        if p999 > 0 and top / p999 > 4:
+            return (f"its activation range is blown by outliers (max {top:.3g}, 99.9th percentile {p999:.3g}): "
+                    "observer: percentile clips them")
+    if node.op_type not in QUANTIZABLE_OPS:
+        return f"{node.op_type} runs on 8-bit inputs and outputs in the runtime (an operator int8 handles coarsely)"
+    if saturates:
+        return "8-bit weights: this CPU's int8 kernels saturate (no VNNI); deploy.cpu: portable avoids it"
+    return f"int8 rounding noise ({sqnr:.1f} dB signal-to-noise after it)"
+
+
+def _set_metadata(path: Path, entries: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def float_layers_of(path: Path) -> list[str]:
+    """The layers an int8 file kept float (automatic mixed precision), from its metadata."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    value = next((p.value for p in model.metadata_props if p.key == FLOAT_LAYERS_KEY), "")
+    return [v for v in value.split(",") if v]
 
 
 def weight_abs_max(path: Path) -> int | None:
@@ -232,6 +468,12 @@ def layer_nodes(module: Any, model: Any, names: list[str], input_shape: tuple[in
     import torch
     from torch import nn
 
+    by_scope: dict[str, list[str]] = {}
+    for node in model.graph.node:  # nodes named after their PyTorch module (onnx_float.compact_names)
+        if node.op_type in ("Conv", "Gemm", "MatMul") and "/" in node.name:
+            by_scope.setdefault(node.name.rsplit("/", 1)[0], []).append(node.name)
+    if by_scope:
+        return ([n for name in names for n in by_scope.get(name, [])], [name for name in names if name not in by_scope])
     order: list[tuple[str, tuple[int, ...]]] = []
     hooks = []
     for name, layer in module.named_modules():
@@ -323,10 +565,37 @@ def _preprocess(source: Path, target: Path, job: ExportJob) -> Path:
     try:
         with tempfile.TemporaryDirectory(prefix=".ort-pre-", dir=target.parent) as scratch, contextlib.chdir(scratch):
             quant_pre_process(str(source), str(target))
+        name_nodes(target)
         return target
     except Exception as exc:  # optional step: quantization still works without it
         job.notes.append(f"model.int8.onnx: ONNX Runtime pre-processing skipped ({type(exc).__name__})")
         return source
+
+
+def name_nodes(path: Path) -> int:
+    """Name the nodes pre-processing added without a name (a HardSwish decomposed into HardSigmoid and Mul) after
+    the module of the node that feeds them, so they can stay float and be named in reports. Returns how many."""
+    import onnx
+
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    used = {n.name for n in model.graph.node if n.name}
+    named = 0
+    for i, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        source = next((producer[t].name for t in node.input if t in producer and producer[t].name), "")
+        base = f"{source.rsplit('/', 1)[0]}/{node.op_type}" if "/" in source else f"n{i}_{node.op_type}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        used.add(name)
+        named += 1
+    if named:
+        onnx.save(model, str(path))
+    return named
 
 
 EXPORTERS = {

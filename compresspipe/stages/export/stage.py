@@ -18,7 +18,14 @@ from compresspipe.errors import StageConfigError, StageError
 from compresspipe.models.inputs import float_to
 from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
 from compresspipe.stages.export import FORMAT_MODULES, FORMAT_ORDER, ExportConfig
-from compresspipe.stages.export.job import Exporter, ExportJob, dtype_label, input_dtype, torch_runner
+from compresspipe.stages.export.job import (
+    Exporter,
+    ExportJob,
+    dtype_label,
+    fidelity,
+    input_dtype,
+    torch_runner,
+)
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeRecord
 
 if TYPE_CHECKING:
@@ -80,6 +87,10 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
     batches = [(float_to(x, dtype), y) for x, y in ctx.batches("val", verify_batches)]
     run = torch_runner(module)
     reference = [run(x).detach() for x, _ in batches]
+    float_reference = None
+    if float_module is not None:  # int8 files are judged against the float model they quantize
+        source = torch_runner(float_module)
+        float_reference = [source(x).detach() for x, _ in batches]
 
     def calibration(batch_size: int, count: int):
         for x, _ in ctx.batches("calibration", count, batch_size):
@@ -87,7 +98,8 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
 
     return ExportJob(config, state, module, ctx.name, batches, reference, calibration, latency, handoff,
                      float_module, cpu=resolve(ctx.recipe.deploy.cpu), ui=ctx.ui, num_classes=ctx.data.num_classes,
-                     metrics=named_metrics(ctx.recipe))
+                     metrics=named_metrics(ctx.recipe), float_reference=float_reference,
+                     fidelity=ctx.recipe.deploy.fidelity)
 
 
 def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
@@ -171,7 +183,13 @@ class ExportStage(Stage[ExportConfig]):
                 written: dict[str, list[str]], sizes: list[str]) -> None:
         """One format's verdict, table row, manifest entries and written files."""
         verdict = self._judge(fmt, ex, metrics, job)
-        if verdict != "pass":
+        if ex.int8 and "error" not in metrics:
+            # judged against the float model it quantizes; below deploy.fidelity the run's fidelity gate fails
+            # (exit 1, every file kept for inspection) rather than this stage
+            metrics["fidelity"] = fidelity(metrics, job, int8=True)
+            verdict = "pass" if metrics["fidelity"]["passed"] else (
+                "below deploy.fidelity: " + "; ".join(metrics["fidelity"]["failures"]))
+        elif verdict != "pass":
             failures.append(f"{fmt}: {verdict}")
         rows.append(self._row(fmt, files, folder, metrics, verdict, sizes))
         written[fmt] = [f.relative_to(ctx.stage_dir).as_posix() for f in files]

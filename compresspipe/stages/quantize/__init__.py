@@ -146,6 +146,7 @@ class OnnxInt8Handoff(StrictModel):
     method: Literal["static", "dynamic"]
     per_channel: bool
     observer: Literal["minmax", "histogram", "percentile"]
+    percentile: float | None = None  # observer percentile: the file's calibration keeps the same share
     calibration_batches: PositiveInt
     batch_size: PositiveInt
     layers: list[str] = Field(default_factory=list)

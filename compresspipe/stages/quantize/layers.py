@@ -413,9 +413,10 @@ def dequantized(model: nn.Module) -> nn.Module:
 
 
 def _apply_quantize(model: nn.Module, edit: QuantizeEdit) -> nn.Module:
-    for _conv, bn in edit.folded:
-        get_submodule(model, bn)
-        model = set_submodule(model, bn, nn.Identity())
+    from compresspipe.stages.graph import fold_target
+
+    for _conv, bn in edit.folded:  # a fused BatchNorm+activation keeps its activation (the model's own modules)
+        model = set_submodule(model, bn, fold_target(get_submodule(model, bn)))
     for name, spec in edit.layers.items():
         old = get_submodule(model, name)
         device = next((t.device for t in (*old.parameters(), *old.buffers())), None)

@@ -22,7 +22,7 @@ from compresspipe.errors import StageConfigError
 from compresspipe.metrics.tasks import TASKS
 from compresspipe.models.inputs import float_to, forward
 from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
-from compresspipe.stages.graph import analyse, fold_bn
+from compresspipe.stages.graph import analyse, fold_bn, fold_target
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
 from compresspipe.stages.quantize.layers import (
@@ -317,8 +317,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
             acts = {}
         acts = {n: a for n, a in acts.items() if n in layers}
         for conv, bn in folds.items():
-            fold_bn(layers[conv], model.get_submodule(bn))
-            model = set_submodule(model, bn, nn.Identity())
+            module = model.get_submodule(bn)
+            fold_bn(layers[conv], module)
+            model = set_submodule(model, bn, fold_target(module))
 
         new: dict[str, nn.Module] = {}
         if cfg.method in CAST_DTYPES:
@@ -396,6 +397,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if method in ("static", "qat", "dynamic"):
             handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
                                       per_channel=cfg.per_channel, observer=cfg.observer,
+                                      percentile=cfg.percentile if cfg.observer == "percentile" else None,
                                       calibration_batches=max(cfg.calibration.batches, 1),
                                       batch_size=ctx.recipe.data.eval_batch_size, layers=layers,
                                       keep_float=sorted(keep_float or []))
@@ -461,8 +463,15 @@ class _FileJudge:
     and the float layers excluded."""
 
     def __init__(self, state: ModelState, ctx: StageContext, stage: QuantizeStage):
+        import dataclasses
+
         from compresspipe.recipe.spec import RUNTIME_FORMATS
 
+        # each candidate is judged as it is: the export's own automatic mixed precision stays out of it
+        deploy = ctx.recipe.deploy
+        recipe = ctx.recipe.model_copy(update={"deploy": deploy.model_copy(update={
+            "fidelity": deploy.fidelity.model_copy(update={"mixed_precision": False})})})
+        ctx = dataclasses.replace(ctx, recipe=recipe)
         self.state, self.ctx, self.stage = state, ctx, stage
         self.float_fmt, self.int8_fmt = RUNTIME_FORMATS[ctx.recipe.deploy_runtime()]
         self.root = ctx.stage_dir / ".keep-float"

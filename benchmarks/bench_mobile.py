@@ -1,0 +1,86 @@
+"""The mobile zoo: mobile-class networks from torchvision and timm, each trained briefly on synthetic images, through
+prune -> static int8 -> export with default settings, in ONNX Runtime on this machine's CPU.
+
+Models (no weights are downloaded: every model starts from its own random init and is trained here):
+torchvision mobilenet_v2 (width 0.5), mobilenet_v3_small, mnasnet0_5, regnet_x_400mf; timm mobilenetv3_small_050,
+efficientnet_b0 (timm's BatchNormAct2d layers), ghostnet_050 (if timm knows it). Each row prints the shipped
+int8 file's agreement with its float source (the deploy.fidelity gate, with the layers automatic mixed precision
+kept float), its accuracy drop, size ratio and batch-1 / batch-32 speed against the float file of the same model
+(timed interleaved in one run), and the file the report recommends.
+
+Goal (issue 21): every int8 file at >= 0.99 agreement and <= 1 point drop; every recommended file at least as
+fast as the float file. `BENCH_MOBILE=name1,name2 python -m benchmarks mobile` runs a subset.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from benchmarks.common import run_recipe_dict, stage
+
+TITLE = "mobile zoo: prune -> int8 -> export, int8 file vs its float file, ONNX Runtime on this CPU"
+MODELS: dict[str, dict[str, Any]] = {
+    "tv mobilenet_v2 x0.5": {"torchvision": "mobilenet_v2", "kwargs": {"num_classes": 10, "width_mult": 0.5}},
+    "tv mobilenet_v3_small": {"torchvision": "mobilenet_v3_small", "kwargs": {"num_classes": 10}},
+    "tv mnasnet0_5": {"torchvision": "mnasnet0_5", "kwargs": {"num_classes": 10}},
+    "tv regnet_x_400mf": {"torchvision": "regnet_x_400mf", "kwargs": {"num_classes": 10}},
+    "timm mobilenetv3_small_050": {"timm": "mobilenetv3_small_050", "kwargs": {"num_classes": 10}},
+    "timm efficientnet_b0": {"timm": "efficientnet_b0", "kwargs": {"num_classes": 10}},
+    "timm ghostnet_050": {"timm": "ghostnet_050", "kwargs": {"num_classes": 10}},
+}
+
+
+def recipe(model: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "compresspipe": 1, "name": "mobile", "seed": 0, "device": "cpu",
+        "model": {**model, "input_shape": [3, 32, 32]},
+        "data": {"dataset": "synthetic", "shape": [3, 32, 32], "num_classes": 10, "samples": 2048, "noise": 1.0,
+                 "batch_size": 64, "eval_batch_size": 64},
+        "evaluate": {"latency": {"batch_sizes": [1, 32], "warmup": 3, "iters": 20, "threads": 1}},
+        "deploy": {"runtime": "onnxruntime", "rounds": 7},
+        "stages": [
+            {"type": "train", "epochs": 6, "lr": 2.0e-3},
+            {"type": "prune", "method": "structured", "amount": 0.25,
+             "finetune": {"epochs": 2, "lr": 5.0e-4, "distill": "baseline"}},
+            {"type": "quantize", "method": "static"},
+            {"type": "export", "formats": ["onnx_int8"]},
+        ],
+    }
+
+
+def run() -> list[dict[str, Any]]:
+    from compresspipe.deploy.cpu import cpu_model, host_target
+
+    wanted = [w for w in os.environ.get("BENCH_MOBILE", "").split(",") if w]
+    rows: list[dict[str, Any]] = []
+    for case, model in MODELS.items():
+        if wanted and not any(w in case for w in wanted):
+            continue
+        report: dict[str, Any] | None = None
+        try:
+            report = run_recipe_dict(recipe(model))
+        except Exception as exc:  # a model this timm/torchvision does not have, or a failed gate
+            report = getattr(exc, "report", None)
+            if report is None:
+                rows.append({"case": case, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+                continue
+        assert report is not None
+        final = report["stages"][-1]
+        source = stage(report, "prune")
+        fid = final.get("fidelity") or {}
+        rec = report.get("recommendation") or {}
+        lat, flat = final.get("latency_ms") or {}, source.get("latency_ms") or {}
+        rows.append({
+            "case": case,
+            "agreement": fid.get("agreement"),
+            "drop pts": None if fid.get("drop") is None else 100 * fid["drop"],
+            "float layers": len(fid.get("float_layers") or []),
+            "fidelity": "pass" if fid.get("passed") else "FAIL",
+            "size x": (source["bytes"] / final["bytes"]) if final.get("bytes") else None,
+            "b1 x": flat["1"] / lat["1"] if lat.get("1") and flat.get("1") else None,
+            "b32 x": flat["32"] / lat["32"] if lat.get("32") and flat.get("32") else None,
+            "ships": f"{rec.get('format')} of {rec.get('stage')}",
+            "cpu": f"{cpu_model()[:28]} ({host_target()})",
+        })
+    return rows

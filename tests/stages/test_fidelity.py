@@ -1,0 +1,166 @@
+"""deploy.fidelity: every shipped file follows the model it came from, or the run fails (exit 1) and says why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.fixtures import run
+
+pytest.importorskip("onnxruntime")
+
+# A CNN that appends a constant channel of 1000 to its first layer's output and drops it again: float is unchanged,
+# but an 8-bit grid over [0, 1000] rounds every informative channel to a few levels, so a fully int8 file cannot
+# follow the float model.
+OUTLIER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Outlier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.cat([x, x[:, :1] * 0 + 1000.0], 1)[:, :8]  # the constant channel widens the tensor's range
+        x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+def build():
+    return Outlier()
+'''
+
+
+def _recipe(tmp_path, mixed_precision: bool) -> dict:
+    (tmp_path / "outlier.py").write_text(OUTLIER_MODEL, encoding="utf-8")
+    return {
+        "compresspipe": 1, "name": "outlier", "seed": 0, "device": "cpu",
+        "model": {"python": str(tmp_path / "outlier.py") + ":build", "input_shape": [1, 8, 8]},
+        "data": {"dataset": "digits", "batch_size": 64, "val_fraction": 0.2, "max_samples": 900},
+        "evaluate": {"latency": {"batch_sizes": [1], "warmup": 1, "iters": 2, "threads": 1}},
+        "deploy": {"runtime": "onnxruntime", "rounds": 3, "fidelity": {"mixed_precision": mixed_precision}},
+        "stages": [{"type": "train", "epochs": 6, "lr": 3.0e-3},
+                   {"type": "quantize", "method": "static", "calibration": {"batches": 4}}],
+    }
+
+
+def test_an_int8_file_that_cannot_follow_its_float_model_fails_the_run_naming_the_diverging_layers(tmp_path):
+    from compresspipe.errors import GateFailed
+
+    recipe = _recipe(tmp_path, mixed_precision=False)
+    with pytest.raises(GateFailed) as info:
+        run(tmp_path, recipe, allow_code=True)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    fidelity = [g for g in report["gates"] if g["scope"] == "deploy.fidelity"]
+    assert fidelity and not fidelity[0]["passed"], fidelity
+    row = report["stages"][-1]
+    assert row["format"] == "onnx_int8" and row["fidelity"]["passed"] is False
+    assert row["fidelity"]["agreement"] < 0.9
+    assert row["fidelity"]["diverging"], "the report names the layers where the int8 file diverges"
+    assert "fidelity" in str(info.value)
+    assert (tmp_path / "run" / "02-quantize" / "deploy" / "model.int8.onnx").is_file()  # every artifact kept
+    # nothing recommends a file that does not follow its source
+    assert report["recommendation"]["format"] != "onnx_int8"
+
+
+def test_automatic_mixed_precision_keeps_the_diverging_layers_float_until_the_file_follows(tmp_path):
+    recipe = _recipe(tmp_path, mixed_precision=True)
+    result = run(tmp_path, recipe, allow_code=True)
+    row = result.report["stages"][-1]
+    assert row["format"] == "onnx_int8"
+    assert row["fidelity"]["passed"], row["fidelity"]
+    assert row["fidelity"]["float_layers"], "some layers were kept float"
+    assert row["fidelity"]["agreement"] >= 0.99
+    assert any("kept float" in n for n in row["notes"])
+
+
+def test_fidelity_judges_agreement_without_ties_and_not_for_a_model_that_has_not_learned():
+    import torch
+
+    from compresspipe.recipe.spec import FidelitySpec
+    from compresspipe.stages.export.job import agreement, fidelity
+
+    ref = torch.tensor([[2.0, 0.0], [1.0, 1.05], [0.0, 3.0]])
+    out = torch.tensor([[2.0, 0.0], [1.1, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    assert agreement("classification", out, ref, labels) == (1, 3)
+    assert agreement("classification", out, ref, labels, margin=0.1) == (1, 2)  # row 2 is a tie
+
+    class Job:
+        num_classes = 10
+        fidelity = FidelitySpec()
+        io = type("IO", (), {"task": "classification"})()
+
+    good = {"source_agreement": 0.995, "source_accuracy": 0.9, "accuracy": 0.895, "samples": 400, "decided": 390,
+            "top1_agreement": 0.9}
+    assert fidelity(good, Job, int8=True)["passed"]
+    bad = {**good, "source_agreement": 0.8}
+    assert not fidelity(bad, Job, int8=True)["passed"]
+    dropped = {**good, "accuracy": 0.85}
+    assert "points below" in fidelity(dropped, Job, int8=True)["failures"][0]
+    chance = {**bad, "source_accuracy": 0.12, "accuracy": 0.12}
+    verdict = fidelity(chance, Job, int8=True)
+    assert verdict["passed"] and not verdict["agreement_judged"]
+
+
+def test_timm_batchnorm_with_activation_is_folded_and_keeps_its_activation():
+    """timm's BatchNormAct2d (BatchNorm + activation in one layer) folds into the conv before it; the activation
+    stays, so the folded model computes what the original did."""
+    timm = pytest.importorskip("timm")
+    import copy
+
+    import torch
+
+    from compresspipe.artifacts.edits import set_submodule
+    from compresspipe.stages.graph import analyse, fold_bn, fold_target
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    for m in model.modules():  # non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folds, _, error = analyse(model, True)
+    assert error is None and len(folds) > 10, folds
+    folded = copy.deepcopy(model)
+    for conv, bn in folds.items():
+        module = folded.get_submodule(bn)
+        fold_bn(folded.get_submodule(conv), module)
+        folded = set_submodule(folded, bn, fold_target(module))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), atol=1e-4)
+
+
+def _rows(int8_ms: float, float_ms: float, int8_passed: bool = True) -> tuple[list[dict], list[dict]]:
+    def stage(name, kind, fmt, ms, size, passed=True):
+        entry = {"files": [f"{name}/{fmt}"], "bytes": size, "latency_ms": {"1": ms, "32": ms * 10},
+                 "fidelity": {"passed": passed}}
+        return {"name": name, "kind": kind, "format": fmt, "formats": {fmt: entry}, **entry}
+
+    stages = [stage("train", "weights", "onnx", 1.0, 4000), stage("prune", "structural", "onnx", float_ms, 2000),
+              stage("quantize", "quantized", "onnx_int8", int8_ms, 500, int8_passed)]
+    rows = [{"name": s["name"], "emulated": s["kind"] == "quantized"} for s in stages]
+    return stages, rows
+
+
+@pytest.mark.parametrize("int8_ms, float_ms, passed, ships", [
+    (0.030, 0.043, True, "onnx_int8"),   # int8 pays: ship it
+    (0.043, 0.030, True, "onnx"),        # int8 slower on this CPU (AVX2-only, tiny model): ship the float file
+    (0.010, 0.030, False, "onnx"),       # int8 faster but does not follow its source: never shipped
+    (0.0300, 0.0295, True, "onnx_int8"),  # within 5%: the smaller file
+])
+def test_the_recommended_file_is_the_fastest_that_follows_its_source(int8_ms, float_ms, passed, ships):
+    from compresspipe.report.build import recommend
+
+    stages, rows = _rows(int8_ms, float_ms, passed)
+    rec = recommend(stages, rows)
+    assert rec["format"] == ships, rec
+    assert rec["batch"] == "1" and rec["reason"] and len(rec["candidates"]) == 2
+    assert rec["stage"] == ("quantize" if ships == "onnx_int8" else "prune")
