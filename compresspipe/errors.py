@@ -4,17 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_INTERRUPTED = False
+_INTERRUPTED: int | None = None  # the signal that interrupted this process (2 SIGINT, 15 SIGTERM)
+SIGNAL_NAMES = {2: "interrupted (Ctrl-C, SIGINT)", 15: "terminated (SIGTERM, as CI sends when it cancels a job)"}
 
 
-def mark_interrupted() -> None:
-    """A Ctrl-C (SIGINT) arrived: an error raised while it unwinds is the interrupt, not a finding."""
+def mark_interrupted(signum: int = 2) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM arrived: an error raised while it unwinds is the interrupt, not a finding."""
     global _INTERRUPTED
-    _INTERRUPTED = True
+    _INTERRUPTED = signum
 
 
 def interrupted() -> bool:
-    return _INTERRUPTED
+    return _INTERRUPTED is not None
+
+
+def interruption() -> str:
+    """What stopped the process, in words (for run.json, report.json and the terminal)."""
+    return SIGNAL_NAMES.get(_INTERRUPTED or 2, f"interrupted (signal {_INTERRUPTED})")
+
+
+def interrupt_exit_code() -> int:
+    """128 + the signal's number, as shells report it: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (_INTERRUPTED or 2)
 
 
 class CompressPipeError(Exception):

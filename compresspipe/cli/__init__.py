@@ -24,7 +24,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_STAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_STAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 def fail(message: str, code: int) -> None:
@@ -39,15 +39,15 @@ def handle_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from compresspipe.errors import CompressPipeError, interrupted
+        from compresspipe.errors import CompressPipeError, interrupt_exit_code, interrupted, interruption
 
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            fail("interrupted; finished stages are kept, continue with --resume", EXIT_INTERRUPTED)
+            fail(f"{interruption()}; finished stages are kept, continue with --resume", interrupt_exit_code())
         except CompressPipeError as exc:
             if interrupted():  # e.g. an import probe that Ctrl-C cut short reads as "not installed"
-                fail("interrupted; finished stages are kept, continue with --resume", EXIT_INTERRUPTED)
+                fail(f"{interruption()}; finished stages are kept, continue with --resume", interrupt_exit_code())
             fail(_escape(str(exc)), exc.exit_code)
         return None
 
@@ -97,17 +97,25 @@ from compresspipe.cli import (  # noqa: E402,F401
 )
 
 
-def _on_sigint(signum: int, frame: object) -> None:
-    from compresspipe.errors import mark_interrupted
+def _on_signal(signum: int, frame: object) -> None:
+    """Ctrl-C and SIGTERM (what CI runners send when they cancel or time out a job) stop the command the same way:
+    finished work is kept and the reports say `interrupted`. A second signal while that is being written is
+    ignored, so the cleanup cannot be cut in half (SIGKILL still ends it; every file is written atomically)."""
+    from compresspipe.errors import interrupted, mark_interrupted
 
-    mark_interrupted()
+    if interrupted():
+        return
+    mark_interrupted(signum)
     raise KeyboardInterrupt
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         app()
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        from compresspipe.errors import interrupt_exit_code, interruption
+
+        print(f"error: {interruption()}", file=sys.stderr)
+        sys.exit(interrupt_exit_code())

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED, app, fail, handle_errors
+from compresspipe.cli import EXIT_GATE, EXIT_INPUT, app, fail, handle_errors
+from compresspipe.errors import interrupt_exit_code, interruption
 
 
 @app.command()
@@ -61,13 +62,13 @@ def search(
                             spawn=worker_index is None, joined=join is not None)
     result = run_search(setup, loaded, options, ui, write_outputs=not no_outputs)
     if no_outputs:
-        raise typer.Exit(EXIT_INTERRUPTED if result.interrupted else 0)
+        raise typer.Exit(interrupt_exit_code() if result.interrupted else 0)
     _print(ui, setup, result.doc)
     if json_out:
         print(json.dumps(result.doc, indent=2))
     if result.interrupted:
-        fail("interrupted; every finished trial is in the study: run the same command again to continue",
-             EXIT_INTERRUPTED)
+        fail(f"{interruption()}; every finished trial is in the study: run the same command again to continue",
+             interrupt_exit_code())
     if result.doc.get("picked") is None:
         fail(f"no trial to pick: {result.doc.get('pick_reason')}; best.yaml not written", EXIT_GATE)
 

@@ -108,7 +108,9 @@ class Executor:
                     status = "complete"
                     return self._finish(setup, lock)
                 except KeyboardInterrupt:
-                    error = "interrupted (Ctrl-C)"
+                    from compresspipe.errors import interruption
+
+                    error = interruption()
                     raise
                 except GateFailed:
                     status = "complete"

@@ -196,7 +196,7 @@ class _Stop:
     @classmethod
     def handler(cls, signum: int, frame: Any) -> None:
         cls.asked = True
-        mark_interrupted()  # the run in progress then reads an error raised while this unwinds as the interrupt
+        mark_interrupted(signum)  # the run in progress then reads an error raised while this unwinds as the interrupt
         raise KeyboardInterrupt
 
     @classmethod

@@ -173,8 +173,24 @@ def _parallel(recipe: Recipe, index: int, model_dir: Path, layers: list[str], se
     ui.log(f"measuring {len(layers)} layer(s) in {workers} processes, {threads} thread(s) each")
     out: dict[str, list[dict[str, Any]]] = {}
     errors = []
-    for proc, (spec_path, part) in zip(procs, specs, strict=True):
-        _, err = proc.communicate()
+    results = []
+    try:
+        for proc in procs:
+            results.append(proc.communicate())
+    except BaseException:  # Ctrl-C or SIGTERM here: the workers stop too (what they measured is in the cache)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for spec_path, part in specs:
+            spec_path.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
+        raise
+    for proc, (spec_path, part), (_, err) in zip(procs, specs, results, strict=True):
         if proc.returncode != 0 or not part.is_file():
             errors.append(err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
         else:

@@ -187,6 +187,31 @@ def test_interrupt_signal_exits_130_and_keeps_stages(tmp_path):
     assert (out / "01-train" / "manifest.json").exists()
 
 
+def test_sigterm_is_an_interrupt_reports_say_so_and_resume_gives_the_same_weights(tmp_path):
+    """CI cancels a job with SIGTERM: exit 143, report.json and run.json `interrupted`, finished stages kept, and
+    --resume ends with the weights of a run that was never stopped."""
+    recipe = tiny_recipe(stages=[{"type": "train", "epochs": 1}, {"type": "train", "epochs": 60, "lr": 1e-3}])
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "compresspipe", "run", str(path), "--out", str(out), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "01-train" / "manifest.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "SIGTERM" in err and "--resume" in err
+    state = json.loads((out / "run.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert state["status"] == "interrupted" and report["status"] == "interrupted" and "SIGTERM" in report["error"]
+    assert (out / "01-train" / "manifest.json").exists() and not (out / "02-train-2").exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    full = _run(tmp_path, recipe=recipe, out="full")
+    assert _weights_hashes(out) == _weights_hashes(full.folder)
+
+
 def test_resume_inside_a_stage_continues_from_the_last_finished_epoch(tmp_path, monkeypatch):
     recipe = tiny_recipe(stages=[{"type": "train", "epochs": 4, "lr": 3e-3, "optimizer": "sgd"}])
     full = _run(tmp_path, recipe=recipe, out="full")

@@ -176,6 +176,29 @@ def test_a_killed_or_interrupted_search_resumes_and_loses_no_finished_trial(tmp_
     assert sorted(t["params"]["vars.amount"] for t in doc["trials"] if t["state"] == "complete") == [0.25, 0.5, 0.75]
 
 
+def test_a_worker_terminated_by_sigterm_leaves_no_running_trial_and_the_other_finishes_the_search(tmp_path):
+    """CI cancels one worker (SIGTERM) of two sharing a study: its trial is marked failed, not RUNNING forever, and
+    the other worker completes every trial."""
+    import optuna
+
+    path, out = _recipe(tmp_path, RECIPE.replace("epochs: 2", "epochs: 6")), tmp_path / "out"
+    parent = _spawn(path, "--out", out, "--workers", "2", cwd=tmp_path)
+
+    def running() -> list[Path]:
+        return [f for f in (out / "trials").glob("0*") if _status(f) == "running"] if (out / "trials").is_dir() else []
+
+    _wait_for(lambda: len(running()) >= 2, "both workers to run a trial", parent)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+    assert children, "the second worker is a child process"
+    os.kill(int(children[0]), signal.SIGTERM)
+    output = parent.communicate(timeout=600)[0].decode()
+    assert parent.returncode == 0, output
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}").trials
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") == 3, states
+    assert all(t.user_attrs.get("interrupted") for t in trials if t.state.name == "FAIL")
+
+
 def test_early_stop_prunes_hopeless_trials_and_no_pick_is_exit_1(tmp_path):
     path = _recipe(tmp_path, n_trials=1, early_stop={"after": "prune", "min_mac_reduction": 50})
     out = tmp_path / "out"
