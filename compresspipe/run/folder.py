@@ -213,6 +213,11 @@ class RunFolder:
                 hint = "" if done else "--resume to continue it, "
                 raise RunFolderError(f"{self.path}: holds {what}; use {hint}--force to overwrite it, "
                                      "or --out to choose another folder")
+            if foreign:  # --force removes a run, never what someone else put beside it
+                shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+                raise RunFolderError(f"{self.path}: holds a run and files no run wrote ({shown}); --force removes "
+                                     "only what a run writes and refuses a folder shared with other files: move "
+                                     "them, or choose another folder with --out")
             return 0, self.clear()
         if foreign:
             shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")

@@ -42,9 +42,17 @@ def test_force_removes_only_what_a_run_wrote(tmp_path):
     recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
     out = tmp_path / "run"
     assert cli("run", recipe, "--out", out, "-q").exit_code == 0
-    (out / "analysis.md").write_text("my notes")
-    assert cli("run", recipe, "--out", out, "-q", "--force").exit_code == 0
-    assert (out / "analysis.md").read_text() == "my notes"
+    assert cli("run", recipe, "--out", out, "-q", "--force").exit_code == 0  # a run's own files: replaced
+    # a file, a hidden file, a folder or a link that no run wrote: --force refuses, nothing is removed
+    for name, make in [("analysis.md", lambda p: p.write_text("my notes")), (".notes", lambda p: p.write_text("x")),
+                       ("plots", lambda p: p.mkdir()), ("link", lambda p: p.symlink_to(tmp_path))]:
+        make(out / name)
+        before = sorted(p.name for p in out.iterdir())
+        refused = cli("run", recipe, "--out", out, "-q", "--force")
+        assert refused.exit_code == 2 and name in refused.output and "files no run wrote" in refused.output, \
+            refused.output
+        assert sorted(p.name for p in out.iterdir()) == before
+        (out / name).rmdir() if (out / name).is_dir() and not (out / name).is_symlink() else (out / name).unlink()
     # a run into the working directory, which holds the recipe: refused, with or without --force, nothing removed
     here = tmp_path / "here"
     here.mkdir()
