@@ -42,6 +42,9 @@ def load_report(path: Path) -> dict[str, Any]:
                          f"(this compresspipe reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(report.get("stages"), list):
         raise InputError(f"{file}: report has no stage list")
+    from compresspipe.report.schema import validate_report
+
+    validate_report(report, file)  # every figure compare reads has its type and range, or exit 2 naming the key
     report["stages"] = [_clean_row(file, i, row) for i, row in enumerate(report["stages"])]
     return report
 

@@ -89,6 +89,35 @@ def test_compare_refuses_missing_or_foreign_input(two_runs, tmp_path):
     assert "Traceback" not in out.output
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("accuracy", "0.9", "stages[1].accuracy"),
+    ("bytes", [1, 2], "stages[1].bytes"),
+    ("params", 10**400, "stages[1].params"),
+    ("latency_ms", {"1": "fast"}, "stages[1].latency_ms.1"),
+    ("accuracy", True, "stages[1].accuracy"),
+    ("macs", -5, "stages[1].macs"),
+])
+def test_compare_refuses_a_tampered_report_naming_file_and_key(two_runs, tmp_path, key, value, message):
+    a, b = two_runs
+    report = json.loads((b / "report.json").read_text())
+    report["stages"][1][key] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report))
+    out = runner.invoke(app, ["compare", str(a), str(bad)])
+    assert out.exit_code == 2, out.output
+    assert str(bad) in out.output and message in out.output and "Traceback" not in out.output
+
+
+def test_every_report_a_run_writes_follows_its_model(tmp_path):
+    from compresspipe.report.schema import validate_report
+
+    path = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1},
+                                                     {"type": "quantize", "method": "dynamic"}]))
+    assert runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]).exit_code == 0
+    report = validate_report(json.loads((tmp_path / "r" / "report.json").read_text()), "report.json")
+    assert report.version == 2 and [s.name for s in report.stages] == ["baseline", "train", "quantize"]
+
+
 def test_compare_two_real_runs(tmp_path):
     """Two real runs of the tiny recipe, one with a smaller hidden layer: the deltas follow."""
     small = tiny_recipe(model={**tiny_recipe()["model"], "kwargs": {"hidden": 16}})
