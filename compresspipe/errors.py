@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 _INTERRUPTED: int | None = None  # the signal that interrupted this process (2 SIGINT, 15 SIGTERM)
@@ -28,6 +29,15 @@ def interrupt_exit_code() -> int:
     return 128 + (_INTERRUPTED or 2)
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)(?P<secret>[^\s@/]+)@")
+
+
+def redact_secrets(text: str) -> str:
+    """Text with the password of every URL in it replaced by *** (`postgresql://user:***@host/db`): messages,
+    logs and files never show a storage's password, whatever echoes the URL."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
+
+
 class CompressPipeError(Exception):
     """Base of every error compresspipe raises on purpose; its message is for the user."""
 
@@ -50,7 +60,8 @@ class Problem:
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
-        return f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return redact_secrets(text)
 
 
 class RecipeError(CompressPipeError):

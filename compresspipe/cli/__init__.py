@@ -30,6 +30,9 @@ EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_STAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 
 def fail(message: str, code: int) -> None:
     from rich.console import Console
 
+    from compresspipe.errors import redact_secrets
+
+    message = redact_secrets(message)
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
     raise typer.Exit(code)
 

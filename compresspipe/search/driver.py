@@ -88,6 +88,9 @@ def setup_from(loaded: LoadedRecipe, folder: Path | None) -> SearchSetup:
     if not recipe.stages:
         raise InputError("a search needs stages to run")
     raw = absolute_paths(loaded.raw, loaded.base_dir)
+    search = raw.get("search")
+    if isinstance(search, dict) and isinstance(search.get("storage"), str):  # what is stored or shown: no password
+        raw = {**raw, "search": {**search, "storage": redacted(search["storage"])}}
     return SearchSetup(recipe, raw, (folder or Path("runs") / f"{recipe.name}-search").resolve(), loaded.base_dir)
 
 
@@ -313,7 +316,7 @@ def join_setup(target: str, study_name: str | None, out: Path | None) -> tuple[S
     url = storage_url(target, Path("."))
     _, name, raw = load_joined(url, study_name)
     raw = dict(raw)
-    raw["search"] = {**(raw.get("search") or {}), "storage": target, "study": name}
+    raw["search"] = {**(raw.get("search") or {}), "storage": redacted(target), "study": name}
     local = (out or Path("runs") / f"{raw.get('name', name)}-search").resolve()
     local.mkdir(parents=True, exist_ok=True)
     path = local / SEARCH_RECIPE

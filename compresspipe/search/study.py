@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,16 +35,38 @@ STUDY_ATTR = "compresspipe.search"
 MUTABLE = ("n_trials", "timeout", "pick", "storage", "study")
 
 
+PASSWORD_ENV = "COMPRESSPIPE_STORAGE_PASSWORD"
+
+
 def storage_url(storage: str | None, folder: Path) -> str:
-    """The storage as Optuna takes it: an SQLAlchemy URL, or `journal:` and a file path."""
+    """The storage as Optuna takes it: an SQLAlchemy URL, or `journal:` and a file path.
+
+    A URL written without its password (or with `***`, as compresspipe stores it) takes the password from the
+    environment variable COMPRESSPIPE_STORAGE_PASSWORD, so no file needs to hold it."""
     if storage is None:
         return f"sqlite:///{(folder / 'study.db').resolve()}"
     if "://" in storage:
+        storage = _with_password(storage)
         if storage.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
                 and importlib.util.find_spec("psycopg") is not None:
             return "postgresql+psycopg://" + storage[len("postgresql://"):]
         return storage
     return f"journal:{storage}"
+
+
+def _with_password(url: str) -> str:
+    password = os.environ.get(PASSWORD_ENV)
+    if not password:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # not an SQLAlchemy URL: open_storage says so
+        return url
+    if parsed.username and parsed.password in (None, "", "***"):
+        return parsed.set(password=password).render_as_string(hide_password=False)
+    return url
 
 
 def redacted(url: str) -> str:
@@ -72,6 +95,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             path = Path(url[len("journal:"):])
             if path.is_dir():
                 raise InputError(f"journal storage {path}: is a folder; give a file path")
+            _ours_or_new(path, _is_journal, "an Optuna journal")
             path.parent.mkdir(parents=True, exist_ok=True)
             from optuna.storages.journal import JournalFileBackend
 
@@ -81,8 +105,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             engine = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
         elif url.startswith("sqlite"):
             engine = {"connect_args": {"timeout": 120}}  # workers of one machine wait for each other's writes
-            db = url.removeprefix("sqlite:///")
+            db = _sqlite_path(url)
             if db and db != ":memory:":
+                _ours_or_new(Path(db), _is_optuna_db, "an Optuna SQLite database")
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -93,6 +118,64 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as exc:  # drivers raise their own types: unreachable host, bad credentials, no such driver
         text = " ".join(str(exc).split())
         raise InputError(f"cannot reach the study storage {redacted(url)}: {type(exc).__name__}: {text[:300]}") from None
+
+
+def _sqlite_path(url: str) -> str:
+    """The database file of an sqlite URL; a URL with a user, a password or a host is refused (it is not a file,
+    and its parts must never become folder names)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise InputError(f"storage {redacted(url)}: not a valid SQLAlchemy URL; SQLite is sqlite:///PATH") from None
+    if parsed.username or parsed.password or parsed.host or parsed.port:
+        raise InputError(f"storage {redacted(url)}: an SQLite URL names a file only (sqlite:///PATH): no user, "
+                         "password or host")
+    return str(parsed.database or "")
+
+
+def _ours_or_new(path: Path, is_ours: Any, what: str) -> None:
+    """A storage file is created by the search or is one it created before: never a file of someone else's,
+    which Optuna would append to or add tables to. Refused before anything is written."""
+    if path.is_symlink():
+        raise InputError(f"storage {path}: is a symbolic link; give the path of the file itself")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise InputError(f"storage {path}: is not a regular file")
+    if path.stat().st_size and not is_ours(path):
+        raise InputError(f"storage {path}: exists and is not {what}; compresspipe never writes into a file it did "
+                         "not create: give a new path (or the storage of an earlier search)")
+
+
+def _is_journal(path: Path) -> bool:
+    """Whether the file starts as an Optuna journal: JSON lines with an `op_code`."""
+    with path.open("rb") as fh:
+        first = fh.readline(1 << 20)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _is_optuna_db(path: Path) -> bool:
+    """Whether the file is an SQLite database holding Optuna's tables (read only)."""
+    import sqlite3
+
+    with path.open("rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            return False
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return not tables or {"studies", "trials"} <= tables
 
 
 def identity(raw: dict[str, Any]) -> str:

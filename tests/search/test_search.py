@@ -238,6 +238,54 @@ def test_a_journal_file_storage(tmp_path):
     result = cli("search", path, "--out", out)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "study.journal").is_file() and _doc(out)["storage"].startswith("journal:")
+    again = cli("search", path, "--out", out)  # the journal it wrote is its own: the search continues
+    assert again.exit_code == 0, again.output
+
+
+def test_a_storage_file_that_is_not_ours_is_refused_and_left_untouched(tmp_path):
+    import sqlite3
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    db = tmp_path / "mine.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE expenses (amount REAL)")
+    con.commit()
+    con.close()
+    (tmp_path / "link.journal").symlink_to(notes)
+    before = {p: p.read_bytes() for p in (notes, db)}
+    for storage in ("notes.txt", f"sqlite:///{notes}", f"sqlite:///{db}", "link.journal"):
+        result = cli("search", _recipe(tmp_path, n_trials=1, storage=storage), "--out", tmp_path / "out")
+        assert result.exit_code == 2, (storage, result.output)
+        assert "Traceback" not in result.output
+        assert {p: p.read_bytes() for p in before} == before, storage
+    assert not (tmp_path / "out" / "search.yaml").exists()
+
+
+def test_a_storage_password_reaches_no_file_message_or_folder(tmp_path, postgres_url, monkeypatch):
+    import optuna
+
+    secret = "s3cr3t-pw"
+    url = postgres_url.replace("compresspipe@", f"compresspipe:{secret}@")
+    path = _recipe(tmp_path, storage=url, study="pw", n_trials=1)
+    monkeypatch.chdir(tmp_path)
+    result = cli("search", path, "--out", tmp_path / "a")
+    assert result.exit_code == 0 and secret not in result.output, result.output
+    joined = cli("search", "--join", url, "--out", tmp_path / "b")
+    assert joined.exit_code == 0 and secret not in joined.output, joined.output
+    # search.yaml keeps the URL without its password: joining by folder takes it from the environment
+    monkeypatch.setenv("COMPRESSPIPE_STORAGE_PASSWORD", secret)
+    by_folder = cli("search", "--join", tmp_path / "a", "--out", tmp_path / "c")
+    assert by_folder.exit_code == 0 and secret not in by_folder.output, by_folder.output
+    bad_set = cli("search", path, "--set", f"search.storage={url}", "--set", "search.n_trials=-1")
+    assert bad_set.exit_code == 2 and secret not in bad_set.output
+    bad_url = cli("search", path, "--out", tmp_path / "d", "--set", f"search.storage=sqlite://u:{secret}@host/x.db")
+    assert bad_url.exit_code == 2 and secret not in bad_url.output, bad_url.output
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
+    assert written and not [p for p in written if secret.encode() in p.read_bytes()]
+    assert not [p for p in tmp_path.rglob("*") if secret in str(p)]
+    study = optuna.load_study(study_name="pw", storage=postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    assert secret not in json.dumps(study.user_attrs, default=str)
 
 
 def test_two_workers_share_a_postgresql_study_and_another_machine_joins(tmp_path, postgres_url):
