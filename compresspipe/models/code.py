@@ -80,6 +80,36 @@ class _CheckedSource(importlib.abc.SourceLoader):
         return self.data
 
 
+class _NoSiblings(importlib.abc.MetaPathFinder):
+    """Refuses, while the user's file runs, an import of a module that lives beside it: only the model file's sha256
+    is recorded and checked, so a helper module next to it could change the model without notice."""
+
+    def __init__(self, path: Path):
+        self.path, self.folder = path, path.resolve().parent
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if path is not None:  # a submodule of a package already imported: its parent was checked
+            return None
+        top = fullname.split(".")[0]
+        for candidate in (self.folder / f"{top}.py", self.folder / top / "__init__.py"):
+            if candidate.is_file() and candidate.resolve() != self.path.resolve():
+                raise ImportError(f"{self.path} imports {top!r} from its own folder ({candidate}); compresspipe "
+                                  f"records and checks the sha256 of {self.path.name} only, so a module beside it "
+                                  f"could change the model unnoticed: put that code in {self.path.name}, or install "
+                                  "it as a package")
+        return None
+
+
+@contextlib.contextmanager
+def _siblings_refused(path: Path) -> Iterator[None]:
+    finder = _NoSiblings(path)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
 def load_factory(path: Path, factory: str, sha256: str | None) -> Callable[..., Any]:
     """Import the file (once per content hash) and return its factory; the hash must match when given."""
     if not code_allowed():
@@ -101,7 +131,8 @@ def load_factory(path: Path, factory: str, sha256: str | None) -> Callable[..., 
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and typing look their module up by name
         try:
-            loader.exec_module(module)  # the import system runs the file: the user opted in (--allow-code)
+            with _siblings_refused(path):
+                loader.exec_module(module)  # the import system runs the file: the user opted in (--allow-code)
         except BaseException:
             sys.modules.pop(name, None)
             raise
@@ -111,4 +142,9 @@ def load_factory(path: Path, factory: str, sha256: str | None) -> Callable[..., 
         known = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise AttributeError(f"{path} has no function or class {factory!r}; callables there: "
                              f"{', '.join(known) or '(none)'}")
-    return fn  # type: ignore[no-any-return]
+
+    def build(*args: Any, **kwargs: Any) -> Any:  # an import inside the factory is held to the same rule
+        with _siblings_refused(path):
+            return fn(*args, **kwargs)
+
+    return build

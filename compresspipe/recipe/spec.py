@@ -311,6 +311,29 @@ class ModelSpec(StrictModel):
             raise ValueError(f"file not found: {path}")
         return f"{path}:{factory}"
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha256_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"a sha256 is 64 hexadecimal characters written as a string; YAML read this one as a "
+                             f"{type(value).__name__} ({str(value)[:20]}): quote it, sha256: \"...\"")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_matches(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A pin is checked where it is written: a file with other contents is a problem at this line."""
+        python = info.data.get("python")
+        if value is None or not python or not (info.context or {}).get("check_paths", True):
+            return value
+        from compresspipe.models.code import file_sha256, split_ref
+
+        path = Path(split_ref(python)[0])
+        if path.is_file() and (actual := file_sha256(path)) != value:
+            raise ValueError(f"{path} does not match its pin: the file's sha256 is {actual}; restore the file, or "
+                             "update the pin if you changed it on purpose")
+        return value
+
     @field_validator("kwargs")
     @classmethod
     def _no_downloads(cls, value: dict[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,7 @@ def _check_files(run_dir: Path, recipe: Any, lock: dict[str, Any], report: dict[
         run_problems.append("recipe.lock.yaml's recipe does not match its recorded sha256")
     if state_file.is_file() and _object(state_file, "run state").get("recipe") != lock.get("recipe"):
         run_problems.append("run.json and recipe.lock.yaml describe different recipes")
+    run_problems += _code_problems(recipe, lock)
     for row in _stage_rows(report, run_dir / "report.json"):
         problems = _manifest_problems(run_dir / row["folder"])
         files = row.get("files") or []
@@ -130,6 +131,25 @@ def _check_files(run_dir: Path, recipe: Any, lock: dict[str, Any], report: dict[
     ok = all(r["ok"] for r in rows) and not run_problems
     return {"run": str(run_dir), "mode": "fast", "deterministic": None, "ok": ok, "problems": run_problems,
             "stages": rows}
+
+
+def _code_problems(recipe: Any, lock: dict[str, Any]) -> list[str]:
+    """A `python:` model's file must be the code the run was made from (its sha256 in the lock): hashing reads the
+    file and runs nothing, so this holds with or without --allow-code."""
+    from compresspipe.models.code import file_sha256, split_ref
+
+    recorded = (lock.get("inputs") or {}).get("model_code")
+    python = getattr(recipe.model, "python", None)
+    if not recorded or not python:
+        return []
+    path = Path(split_ref(python)[0])
+    if not path.is_file():
+        return [f"the model's code {path} is missing (the run was made from sha256 {str(recorded)[:12]}...)"]
+    actual = file_sha256(path)
+    if actual != recorded:
+        return [f"the model's code {path} changed since the run (sha256 {str(recorded)[:12]}... then, {actual[:12]}... "
+                "now): the run's models were not made by this code"]
+    return []
 
 
 def _compare(run_dir: Path, recipe: Any, lock: dict, original: dict, out: Path, tol: Tolerances) -> dict[str, Any]:

@@ -189,3 +189,39 @@ def test_recipe_errors_name_the_flag_and_the_folder(tmp_path):
         load_recipe(write_recipe(tmp_path, text_recipe(model={"python": "nope.py:build"})))
     with pytest.raises(RecipeError, match="expects 'path/to/file.py:factory'"):
         load_recipe(write_recipe(tmp_path, text_recipe(model={"python": "nope.py"})), allow_code=True)
+
+
+def test_opted_in_code_stays_the_code_that_was_checked(tmp_path):
+    """A pin is checked where it is written, a pin YAML reads as a number says to quote it, a module beside the
+    model file is refused (only the model file is hashed), and verify --fast finds an edited model file."""
+    import hashlib
+
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    model = {"python": "mymodel.py:build", "kwargs": {"width": 8}, "sha256": "a" * 64}
+    path = write_recipe(tmp_path, text_recipe(model=model), "pin.yaml")
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "sha256:" in text)
+    result = cli("validate", path, "--allow-code")
+    assert result.exit_code == 2 and f"pin.yaml:{line}:" in result.output and "model.sha256" in result.output
+    assert "does not match its pin" in result.output and "Traceback" not in result.output
+    path.write_text(path.read_text().replace("a" * 64, "0" * 64))  # unquoted zeros: YAML reads the number 0
+    result = cli("validate", path, "--allow-code")
+    assert result.exit_code == 2 and "quote it" in result.output, result.output
+    good = hashlib.sha256((tmp_path / "mymodel.py").read_bytes()).hexdigest()
+    path.write_text(path.read_text().replace("0" * 64, good))
+    assert cli("validate", path, "--allow-code").exit_code == 0
+
+    (tmp_path / "helper.py").write_text("WIDTH = 8\n")
+    (tmp_path / "withhelper.py").write_text("from helper import WIDTH\n" + USER_MODEL)
+    sibling = write_recipe(tmp_path, text_recipe(model={"python": "withhelper.py:build"}), "sibling.yaml")
+    result = cli("plan", sibling, "--allow-code")
+    assert result.exit_code == 2 and "imports 'helper' from its own folder" in result.output, result.output
+
+    run_path = write_recipe(tmp_path, text_recipe(model={"python": "mymodel.py:build", "kwargs": {"width": 8}},
+                                                  stages=[{"type": "train", "epochs": 1}]), "run.yaml")
+    assert cli("run", run_path, "--out", tmp_path / "run", "-q", "--allow-code").exit_code == 0
+    assert cli("verify", tmp_path / "run", "--fast", "--allow-code").exit_code == 0
+    (tmp_path / "mymodel.py").write_text(USER_MODEL + "\n# edited\n")
+    result = cli("verify", tmp_path / "run", "--fast", "--allow-code")
+    assert result.exit_code != 0 and "changed since the run" in result.output, result.output
+    result = cli("verify", tmp_path / "run", "--fast")  # without the opt-in, nothing of it is trusted either
+    assert result.exit_code == 2 and "--allow-code" in result.output
