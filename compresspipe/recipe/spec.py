@@ -147,7 +147,67 @@ def check_hf_config(config: Any, where: str = "config", overrides: bool = False)
         if config.get(key) not in (None, *HF_ATTENTION):
             raise ValueError(f"{where}.{key} {config[key]!r}: only {' or '.join(HF_ATTENTION)} (others load kernels "
                              "from the hub or need extra packages)")
+    if not overrides:
+        check_hf_size(config, where)
     return config
+
+
+def _first_int(config: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        for sub in ("text_config", "vision_config"):  # composite configs
+            inner = config.get(sub)
+            if isinstance(inner, dict) and isinstance(inner.get(key), int):
+                return int(inner[key])
+    return None
+
+
+def hf_param_estimate(config: dict[str, Any]) -> int | None:
+    """About how many parameters a transformers config asks for, from the sizes every family names (embedding,
+    attention and MLP per layer); None when it names none. A lower bound: norms and biases are left out."""
+    hidden = _first_int(config, "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+    layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
+    if hidden is None or layers is None:
+        return None
+    vocab = _first_int(config, "vocab_size") or 0
+    inner = _first_int(config, "intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim") or 4 * hidden
+    positions = _first_int(config, "max_position_embeddings", "n_positions") or 0
+    gated = 3 if config.get("hidden_act") in ("silu", "swiglu") or config.get("model_type") in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral") else 2
+    experts = _first_int(config, "num_local_experts", "num_experts") or 1
+    per_layer = 4 * hidden * hidden + gated * hidden * inner * max(experts, 1)
+    return vocab * hidden + positions * hidden + layers * per_layer
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory (Linux /proc/meminfo, else os.sysconf); None if unknown."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_hf_size(config: dict[str, Any], where: str = "config") -> None:
+    """Refuse a config whose float32 weights alone cannot fit in this machine's memory, before anything is built."""
+    params = hf_param_estimate(config)
+    total = memory_bytes()
+    if params is None or total is None:
+        return
+    need = 4 * params
+    if need > 0.8 * total:
+        raise ValueError(f"{where} asks for about {params / 1e9:.2f}G parameters: {need / 2**30:.1f} GiB of float32 "
+                         f"weights alone (training needs about 4x that), and this machine has {total / 2**30:.1f} GiB "
+                         "of memory; make the model smaller (hidden size, layers, vocabulary)")
 
 
 HF_AUTO_CLASSES = {

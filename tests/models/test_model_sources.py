@@ -225,3 +225,15 @@ def test_opted_in_code_stays_the_code_that_was_checked(tmp_path):
     assert result.exit_code != 0 and "changed since the run" in result.output, result.output
     result = cli("verify", tmp_path / "run", "--fast")  # without the opt-in, nothing of it is trusted either
     assert result.exit_code == 2 and "--allow-code" in result.output
+
+
+@pytest.mark.parametrize("changes", [{"hidden_size": 100_000, "intermediate_size": 400_000},
+                                     {"num_hidden_layers": 10**7}, {"vocab_size": 10**10}])
+def test_a_huggingface_config_too_large_for_this_machine_is_exit_2_before_anything_is_built(tmp_path, changes):
+    config = {**TINY_BERT, **changes}
+    path = write_recipe(tmp_path, text_recipe(model={"huggingface": {"config": config}}), "huge.yaml")
+    for command in ("validate", "run"):
+        result = cli(command, path, *(["--out", tmp_path / "out"] if command == "run" else []))
+        assert result.exit_code == 2 and "GiB of float32 weights" in result.output, result.output
+        assert "huge.yaml:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
