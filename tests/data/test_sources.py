@@ -201,6 +201,24 @@ def test_imagefolder_errors(tmp_path):
         load_data(ImageFolderData(dataset="imagefolder", path=str(good)), seed=0, input_shape=(3, 4, 4))
 
 
+def test_imagefolder_refuses_truncated_images_and_empty_classes_before_any_stage(tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good"
+    _write_images(good)
+    full = good / "cat" / "big.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(full)
+    data = full.read_bytes()
+    full.write_bytes(data[: len(data) // 2])  # a truncated file: its header reads, its pixels do not
+    with pytest.raises(InputError, match="big.png: cannot read image"):
+        load_data(ImageFolderData(dataset="imagefolder", path=str(good)), seed=0, input_shape=(3, 4, 4))
+    full.unlink()
+    (good / "bird").mkdir()  # a class folder with no image: a class no sample belongs to
+    (good / "bird" / "notes.txt").write_text("todo")
+    with pytest.raises(InputError, match="class folder\\(s\\) bird hold no images"):
+        load_data(ImageFolderData(dataset="imagefolder", path=str(good)), seed=0, input_shape=(3, 4, 4))
+
+
 class _Squares(Dataset):
     """A plugin-style dataset that is not a TensorDataset."""
 
