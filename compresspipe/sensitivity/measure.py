@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from compresspipe.stages.base import Stage
     from compresspipe.stages.context import StageContext
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: every curve carries the sha256 of its key, layer and points (hand edits are found)
 
 
 def cache_root() -> Path:
@@ -84,13 +84,26 @@ class Scorer:
 
 
 class CurveCache:
-    """Curves of one (model, settings, samples) key: {layer: points}; read and merged under an exclusive lock."""
+    """Curves of one key: {layer: points}; read and merged under an exclusive lock.
+
+    The key is what produced a curve: the model's hash, the stage's settings, the validation samples' fingerprint
+    and the code (compresspipe's version and the cache format). Each curve is stored with the sha256 of the key, its
+    layer and its points, checked on every read: an entry edited by hand, or written by other code, is measured
+    again (`rejected` names them) rather than trusted."""
 
     def __init__(self, key: dict[str, Any], root: Path | None = None):
+        from compresspipe import __version__
+
+        key = {**key, "code": {"compresspipe": __version__, "cache": CACHE_VERSION}}
         text = json.dumps(key, sort_keys=True, default=str)
         self.key = key
         self.digest = hashlib.sha256(text.encode()).hexdigest()
         self.path = (root or cache_root()) / "sensitivity" / f"{self.digest[:32]}.json"
+        self.rejected: list[str] = []
+
+    def _seal(self, layer: str, points: list[dict[str, Any]]) -> str:
+        body = json.dumps([self.digest, layer, points], sort_keys=True, default=str)
+        return hashlib.sha256(body.encode()).hexdigest()
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
         try:
@@ -98,17 +111,26 @@ class CurveCache:
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("key") != self.digest:
+            self.rejected = ["(the whole file)"] if self.path.exists() else []
             return {}
         layers = data.get("layers")
-        return layers if isinstance(layers, dict) else {}
+        out: dict[str, list[dict[str, Any]]] = {}
+        self.rejected = []
+        for layer, entry in (layers if isinstance(layers, dict) else {}).items():
+            points = entry.get("points") if isinstance(entry, dict) else None
+            if isinstance(points, list) and entry.get("sha256") == self._seal(layer, points):
+                out[layer] = points
+            else:
+                self.rejected.append(layer)
+        return out
 
     def add(self, layer: str, points: list[dict[str, Any]]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "a+") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                layers = self.read()
-                layers[layer] = points
+                layers = {n: {"points": p, "sha256": self._seal(n, p)} for n, p in self.read().items()}
+                layers[layer] = {"points": points, "sha256": self._seal(layer, points)}
                 atomic_write_json(self.path, {"version": CACHE_VERSION, "key": self.digest, "settings": self.key,
                                               "layers": layers})
         except OSError:
@@ -132,6 +154,9 @@ def measure(stage: Stage, state: ModelState, ctx: StageContext, settings: dict[s
     cache = CurveCache({"model": model_hash(state), "settings": settings, "data": scorer.fingerprint,
                         "samples": scorer.samples})
     stored = cache.read() if use_cache else {}
+    if cache.rejected:
+        ctx.ui.log(f"sensitivity cache {cache.path}: {len(cache.rejected)} curve(s) do not match the checksum of what "
+                   f"produced them ({', '.join(cache.rejected[:5])}); measured again")
     cached = {**stored, **(precomputed or {})}
     rows, hits = [], 0
     for name in wanted:

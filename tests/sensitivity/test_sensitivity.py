@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,23 @@ def test_prune_curves_are_measured_once_then_read_from_the_cache(tmp_path):
     changed = trained_cnn()
     changed.module.fc2.bias.data += 1
     assert model_hash(changed) != model_hash(trained_cnn())
+
+
+def test_a_cache_entry_edited_by_hand_is_measured_again_not_trusted(tmp_path):
+    cfg, ctx = _ctx(tmp_path, {"type": "prune", "amount": 0.5})
+    stage = PruneStage(cfg)
+    settings = stage.sensitivity_settings([0.5])
+    first = measure(stage, trained_cnn(), ctx, settings, samples=100)
+    path = Path(first["cache"])
+    data = json.loads(path.read_text())
+    data["layers"]["c1"]["points"][0]["accuracy"] = 1.0  # a hand edit: c1 now looks harmless to prune
+    path.write_text(json.dumps(data))
+    logged = []
+    ctx.ui.log = logged.append
+    again = measure(stage, trained_cnn(), ctx, settings, samples=100)
+    assert again["cached_layers"] == 2 and again["measured_layers"] == 1
+    assert again["layers"] == first["layers"]  # c1 measured again: the edit changed nothing
+    assert any("do not match the checksum" in line and "c1" in line for line in logged), logged
 
 
 def test_quantize_and_factorize_curves(tmp_path):
