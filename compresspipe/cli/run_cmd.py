@@ -53,6 +53,10 @@ def run(
     try:
         result = run_recipe(parsed, recipe, options, ui)
     except BaseException as exc:
+        from compresspipe.errors import InputError, RecipeError, RunFolderError
+
+        if isinstance(exc, RunFolderError | RecipeError | InputError):  # nothing ran: an old report is not news
+            raise
         report = getattr(exc, "report", None) or _written_report(folder)
         if report and report.get("stages"):
             _print_table(ui, report, folder, wide)

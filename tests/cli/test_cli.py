@@ -109,3 +109,13 @@ def test_json_outputs_are_one_document(tmp_path):
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["format"] == "compresspipe.report" and len(report["stages"]) == 2
+
+
+def test_a_refused_rerun_prints_only_the_refusal_not_the_old_table(tmp_path):
+    from tests.fixtures import cli
+
+    recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    assert cli("run", recipe, "--out", tmp_path / "r", "-q").exit_code == 0
+    again = cli("run", recipe, "--out", tmp_path / "r")
+    assert again.exit_code == 2 and "holds a finished run" in again.output
+    assert "(complete)" not in again.output and "run folder:" not in again.output, again.output
