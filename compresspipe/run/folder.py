@@ -6,7 +6,9 @@ Layout (default runs/<name>/):
   recipe.lock.yaml    the resolved recipe, package versions, seed, device, input hashes
   00-baseline/ 01-<stage>/ ...   one folder per finished stage (written as .NN-name.partial, then renamed)
   report.json report.md report.html error.log
-`--force` removes only these entries; anything else in the folder (a user's notes) is left alone.
+`--force` removes only these entries, and refuses a folder that holds anything else (a user's notes, a hidden
+file, a folder or a link): what a run writes is told by name *and* kind (a run writes no links; a stage folder
+holds its manifest), so a user's `2024-results/` or a link named `01-train` is never taken for a run's.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from compresspipe.artifacts.files import atomic_write_json, read_json
-from compresspipe.artifacts.stage_folder import intact
+from compresspipe.artifacts.stage_folder import MANIFEST_FILE, METRICS_FILE, intact
 from compresspipe.errors import RunFolderError
 
 RUN_FORMAT = "compresspipe.run"
@@ -31,8 +34,12 @@ STATE_FILE = "run.json"
 LOCK_FILE = ".lock"
 REPORTS = ("report.json", "report.md", "report.html")
 RUN_FILES = (STATE_FILE, "recipe.lock.yaml", "error.log", *REPORTS)
-STAGE_DIR = re.compile(r"^\.?\d{2,}-[A-Za-z0-9][A-Za-z0-9._-]*(\.partial)?$")
+STAGE_DIR = re.compile(r"^\d{2,}-[A-Za-z0-9][A-Za-z0-9._-]*$")
+PARTIAL_DIR = re.compile(r"^\.\d{2,}-[A-Za-z0-9][A-Za-z0-9._-]*\.partial$")
 RANK_LOG = re.compile(r"^error\.rank\d+\.log$")
+# what an atomic write of one of the run's files leaves if the process is killed (artifacts.files: mkstemp)
+TEMP_FILE = re.compile(r"^\.(run\.json|recipe\.lock\.yaml|error\.log|error\.rank\d+\.log|report\.(json|md|html))"
+                       r"\.[A-Za-z0-9_]+\.tmp$")
 
 
 def diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -80,7 +87,7 @@ class RunFolder:
         self._check_location()
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,6 +99,22 @@ class RunFolder:
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._lock_fd = fd  # the OS releases the lock when this process ends, however it ends
         return self
+
+    def _open_lock(self) -> int:
+        """The lock file, opened for writing only if it is a plain file of its own: never through a link (which
+        would truncate the file it points to) or a hard link shared with another file."""
+        path = self.path / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise RunFolderError(f"{path}: cannot be used as the run's lock file ({exc.strerror}: a run writes a "
+                                 "plain file there); remove it, or choose another folder with --out") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise RunFolderError(f"{path}: cannot be used as the run's lock file (not a plain file of its own, or "
+                                 "a hard link to another file); remove it, or choose another folder with --out")
+        return fd
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._lock_fd is not None:
@@ -131,10 +154,18 @@ class RunFolder:
         })
 
     def ours(self, entry: Path) -> bool:
-        """Whether a run writes this entry (so --force may remove it)."""
+        """Whether a run writes this entry (so --force may remove it): its name and its kind. A run writes plain
+        files and real folders, never links; a finished stage folder holds its manifest or metrics."""
         name = entry.name
-        return (name in RUN_FILES or name == LOCK_FILE or bool(STAGE_DIR.match(name)) or bool(RANK_LOG.match(name))
-                or (name.startswith(".") and name.endswith(".tmp")))
+        if entry.is_symlink():
+            return False
+        if name in RUN_FILES or name == LOCK_FILE or RANK_LOG.match(name) or TEMP_FILE.match(name):
+            return entry.is_file()
+        if PARTIAL_DIR.match(name):
+            return entry.is_dir()
+        if STAGE_DIR.match(name) and entry.is_dir():
+            return any((entry / f).is_file() and not (entry / f).is_symlink() for f in (MANIFEST_FILE, METRICS_FILE))
+        return False
 
     def clear(self) -> list[str]:
         """Remove what a run wrote (never the folder itself, never what a link points to); return what stays."""

@@ -64,6 +64,42 @@ def test_force_removes_only_what_a_run_wrote(tmp_path):
     assert sorted(p.name for p in here.iterdir()) == ["r.yaml"]
 
 
+def test_force_tells_a_run_s_entries_by_kind_not_only_by_name(tmp_path):
+    """Entries named like a run's but not of its kind are a user's: a folder `2024-results` (a stage folder's name,
+    no manifest), a link named like a stage folder or a report, a hidden folder or a `.tmp` file of the user's.
+    --force refuses and removes nothing; a `.lock` that is a link or a hard link is never written through."""
+    recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "-q").exit_code == 0
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    cases = [("2024-results", lambda p: (p.mkdir(), (p / "table.csv").write_text("a,b"))),
+             ("05-notes", lambda p: p.mkdir()),
+             (".01-train", lambda p: p.mkdir()),
+             ("07-link", lambda p: p.symlink_to(out / "01-train", target_is_directory=True)),
+             ("report.html", lambda p: (p.unlink(), p.symlink_to(target))),
+             (".backup.tmp", lambda p: p.write_text("mine"))]
+    for name, make in cases:
+        make(out / name)
+        before = {p.name: (p.is_symlink(), p.is_dir()) for p in out.iterdir()}
+        refused = cli("run", recipe, "--out", out, "-q", "--force")
+        assert refused.exit_code == 2 and name in refused.output and "files no run wrote" in refused.output, \
+            (name, refused.output)
+        assert {p.name: (p.is_symlink(), p.is_dir()) for p in out.iterdir()} == before, name
+        entry = out / name
+        entry.unlink() if entry.is_symlink() or entry.is_file() else __import__("shutil").rmtree(entry)
+    assert target.read_text() == "keep me"
+    assert cli("run", recipe, "--out", out, "-q", "--force").exit_code == 0  # only the run's own entries left
+    # the lock file as a link to, or a hard link of, a user's file: refused before anything is written through it
+    for link in (lambda p: p.symlink_to(target), lambda p: os.link(target, p)):
+        (out / ".lock").unlink()
+        link(out / ".lock")
+        refused = cli("run", recipe, "--out", out, "-q", "--force")
+        assert refused.exit_code == 2 and ".lock" in refused.output and "Traceback" not in refused.output, \
+            refused.output
+        assert target.read_text() == "keep me"
+
+
 def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder(tmp_path):
     recipe = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
     out = tmp_path / "run"
