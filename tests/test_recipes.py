@@ -130,6 +130,9 @@ def _timm(report: dict[str, Any], run: Path) -> None:
     train, pruned = report["stages"][1:3]
     assert pruned["kind"] == "structural" and pruned["macs"] < 0.5 * train["macs"]
     assert report["stages"][-1]["format"] == "onnx_int8"
+    fidelity = report["stages"][-1]["fidelity"]
+    assert fidelity["source"] == "float model" and 0 <= fidelity["agreement"] <= 1
+    assert report["recommendation"]["files"], report["recommendation"]
 
 
 def _python_model(report: dict[str, Any], run: Path) -> None:
@@ -165,7 +168,10 @@ BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
                                "gates=null", "evaluate.latency.batch_sizes=[1]", *FAST], _huggingface_text),
     "timm.yaml": (["data.samples=128", "data.shape=[3, 16, 16]", "model.input_shape=[3, 16, 16]",
                    "model.timm=resnet10t", "stages.0.epochs=1", "stages.1.finetune.epochs=1",
-                   "stages.2.calibration.batches=1", "gates=null", "evaluate.latency.batch_sizes=[1]", *FAST], _timm),
+                   "stages.2.calibration.batches=1", "gates=null", "evaluate.latency.batch_sizes=[1]",
+                   # one epoch on 128 images leaves the model near chance, where int8 flips close calls on any CPU:
+                   # the fidelity limits are off like the other gates (the figures are still measured and checked)
+                   "deploy.fidelity.min_agreement=0", "deploy.fidelity.max_drop=1", *FAST], _timm),
     "python_model.yaml": (["data.max_samples=400", "stages.0.epochs=2", "stages.2.finetune.epochs=1",
                            "model.kwargs.width=8", "gates=null", *FAST], _python_model),
     "export.yaml": (["stages.0.epochs=3", "stages.0.lr=0.01", "data.max_samples=700", "stages.1.verify.batches=1",

@@ -264,9 +264,12 @@ def test_a_storage_file_that_is_not_ours_is_refused_and_left_untouched(tmp_path)
 
 def test_a_storage_password_reaches_no_file_message_or_folder(tmp_path, postgres_url, monkeypatch):
     import optuna
+    import psycopg
 
+    with psycopg.connect(postgres_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        conn.execute("CREATE DATABASE secrets")  # its own database: the other tests' study list stays theirs
     secret = "s3cr3t-pw"
-    url = postgres_url.replace("compresspipe@", f"compresspipe:{secret}@")
+    url = postgres_url.rsplit("/", 1)[0].replace("compresspipe@", f"compresspipe:{secret}@") + "/secrets"
     path = _recipe(tmp_path, storage=url, study="pw", n_trials=1)
     monkeypatch.chdir(tmp_path)
     result = cli("search", path, "--out", tmp_path / "a")
@@ -284,7 +287,8 @@ def test_a_storage_password_reaches_no_file_message_or_folder(tmp_path, postgres
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
     assert written and not [p for p in written if secret.encode() in p.read_bytes()]
     assert not [p for p in tmp_path.rglob("*") if secret in str(p)]
-    study = optuna.load_study(study_name="pw", storage=postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    plain = postgres_url.rsplit("/", 1)[0] + "/secrets"
+    study = optuna.load_study(study_name="pw", storage=plain.replace("postgresql://", "postgresql+psycopg://"))
     assert secret not in json.dumps(study.user_attrs, default=str)
 
 
