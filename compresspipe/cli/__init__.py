@@ -52,6 +52,10 @@ def handle_errors(fn: F) -> F:
             if interrupted():  # e.g. an import probe that Ctrl-C cut short reads as "not installed"
                 fail(f"{interruption()}; finished stages are kept, continue with --resume", interrupt_exit_code())
             fail(_escape(str(exc)), exc.exit_code)
+        except Exception:
+            if interrupted():  # any error raised while the signal unwinds (a module half-imported) is the interrupt
+                fail(f"{interruption()}; finished stages are kept, continue with --resume", interrupt_exit_code())
+            raise
         return None
 
     return wrapper  # type: ignore[return-value]

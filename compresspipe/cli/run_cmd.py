@@ -97,9 +97,11 @@ def _json(report: dict) -> str:
 def launch(nproc: int, argv: list[str]) -> int:
     """Re-run `compresspipe run ARGV` in `nproc` processes under PyTorch's elastic launcher.
 
-    Returns the exit code to use: the workers' own (2 input, 3 stage failure, 130 interrupted) when
-    one failed, else 0.
+    Returns the exit code to use: the workers' own (2 input, 3 stage failure, 130 interrupted, 143 terminated)
+    when one failed, else 0. Ctrl-C or SIGTERM sent to this launcher (torch's agent handles them here: it passes
+    the signal on to the workers, which stop as a run does) is the same interrupt as without --nproc.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as elastic_run
@@ -111,6 +113,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         elastic_run(args)
     except ChildFailedError as exc:
         codes = [f.exitcode for _, f in sorted(exc.failures.items())]
-        own = [c for c in codes if c in (1, 2, 3, 130)]
+        own = [c for c in codes if c in (1, 2, 3, 130, 143)]
         return own[0] if own else 3
+    except SignalException as exc:
+        from compresspipe.errors import mark_interrupted
+
+        mark_interrupted(int(exc.sigval))
+        raise KeyboardInterrupt from None
     return 0

@@ -119,6 +119,11 @@ class Executor:
                     status, error = "stopped", str(exc)
                     raise
                 except BaseException as exc:
+                    if interrupted():  # an error raised while Ctrl-C or SIGTERM unwinds (an import cut short)
+                        from compresspipe.errors import interruption
+
+                        error = interruption()
+                        raise KeyboardInterrupt from exc
                     status, error = "failed", f"{type(exc).__name__}: {exc}"
                     raise
                 finally:
