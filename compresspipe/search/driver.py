@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from compresspipe.artifacts.files import atomic_write_text
 from compresspipe.errors import CompressPipeError, InputError, mark_interrupted
+from compresspipe.errors import interrupted as was_interrupted
 from compresspipe.recipe.compose import PATH_KEYS
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.run.workers import child_env
@@ -198,6 +199,8 @@ class _Stop:
 
     @classmethod
     def handler(cls, signum: int, frame: Any) -> None:
+        if cls.asked:  # a second signal (CI signals the whole group, then this worker's parent forwards one) must
+            return  # not cut the cleanup of the first in half: the trial's report, its state in the study
         cls.asked = True
         mark_interrupted(signum)  # the run in progress then reads an error raised while this unwinds as the interrupt
         raise KeyboardInterrupt
@@ -217,7 +220,7 @@ def work(setup: SearchSetup, study: optuna.Study, options: SearchOptions, ui: UI
         torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) // options.workers))
     runner = TrialRunner(setup)
     start, ran = time.monotonic(), 0
-    while counted(study) < spec.trials():
+    while counted(study) < spec.trials() or _waiting(study):  # a waiting trial is a retry: it counts, and runs
         if _Stop.asked:
             raise KeyboardInterrupt
         if spec.timeout is not None and time.monotonic() - start > spec.timeout:
@@ -229,6 +232,12 @@ def work(setup: SearchSetup, study: optuna.Study, options: SearchOptions, ui: UI
         if runner.last is not None:
             ui.log(_line(next(t for t in study.get_trials(deepcopy=False) if t.number == runner.last), spec))
     return ran
+
+
+def _waiting(study: optuna.Study) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _line(trial: optuna.trial.FrozenTrial, spec: Any) -> str:
@@ -280,8 +289,15 @@ def run_search(setup: SearchSetup, loaded: LoadedRecipe | None, options: SearchO
         work(setup, study, options, ui)
         for p in procs:
             p.wait()
-    except KeyboardInterrupt:
-        interrupted = True
+        # a worker stopped mid-trial (SIGTERM, a kill) after this one had finished its share: its trial is retried
+        # here, in its run folder, so the search still ends with n_trials
+        if procs and setup.spec.timeout is None and counted(study) < setup.spec.trials() \
+                and recover(setup, study, storage):
+            work(setup, study, options, ui)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt) and not was_interrupted():
+            raise
+        interrupted = True  # also an error raised while the signal unwinds (a library cut short in an import)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
