@@ -17,3 +17,29 @@ def child_env(threads: int | None = None) -> dict[str, str]:
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
+
+
+def stop_on_signals() -> None:
+    """In a worker process: Ctrl-C and SIGTERM raise KeyboardInterrupt once, as in the command line's own process, so
+    its `finally` blocks clean up and it exits 128 + the signal; a second signal does not cut that short."""
+    import signal
+
+    from compresspipe.errors import interrupted, mark_interrupted
+
+    def handler(signum: int, frame: object) -> None:
+        if interrupted():
+            return
+        mark_interrupted(signum)
+        raise KeyboardInterrupt
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, handler)
+
+
+def stopped_by_signal(returncode: int | None) -> int | None:
+    """The signal (2 SIGINT, 15 SIGTERM) that stopped a worker, from its exit status (128 + n once it handled the
+    signal, -n when the signal ended it before its handler was installed); None for any other exit."""
+    for number in (2, 15):
+        if returncode in (128 + number, -number):
+            return number
+    return None

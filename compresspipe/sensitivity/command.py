@@ -153,7 +153,8 @@ def _parallel(recipe: Recipe, index: int, model_dir: Path, layers: list[str], se
               samples: int, use_cache: bool, workers: int, folder: Path, history: dict[str, Any],
               ui: UI) -> dict[str, list[dict[str, Any]]]:
     """Measure slices of the layers in `workers` processes; their points by layer."""
-    from compresspipe.run.workers import child_env
+    from compresspipe.errors import mark_interrupted
+    from compresspipe.run.workers import child_env, stopped_by_signal
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = child_env(threads)
@@ -190,6 +191,13 @@ def _parallel(recipe: Recipe, index: int, model_dir: Path, layers: list[str], se
             spec_path.unlink(missing_ok=True)
             part.unlink(missing_ok=True)
         raise
+    stopped = [n for n in map(stopped_by_signal, (p.returncode for p in procs)) if n is not None]
+    if stopped:  # a worker was sent SIGTERM (or Ctrl-C) on its own: stop as if this process was (nothing is lost)
+        for spec_path, part in specs:
+            spec_path.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
+        mark_interrupted(stopped[0])
+        raise KeyboardInterrupt
     for proc, (spec_path, part), (_, err) in zip(procs, specs, results, strict=True):
         if proc.returncode != 0 or not part.is_file():
             errors.append(err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
@@ -203,7 +211,19 @@ def _parallel(recipe: Recipe, index: int, model_dir: Path, layers: list[str], se
 
 
 def worker_main(spec_path: str) -> int:
-    """One worker process: measure its slice of the layers, write {layer: points} as JSON."""
+    """One worker process: measure its slice of the layers, write {layer: points} as JSON; 128 + the signal when
+    Ctrl-C or SIGTERM stops it (its scratch folder removed; what it measured is in the cache)."""
+    from compresspipe.errors import interrupt_exit_code
+    from compresspipe.run.workers import stop_on_signals
+
+    stop_on_signals()
+    try:
+        return _worker(spec_path)
+    except KeyboardInterrupt:
+        return interrupt_exit_code()
+
+
+def _worker(spec_path: str) -> int:
     import torch
 
     from compresspipe.artifacts.model import load_model
