@@ -18,7 +18,7 @@ import pytest
 
 from compresspipe.artifacts.files import dumps
 from compresspipe.run.folder import RunFolder
-from tests.fixtures import cli, run, tiny_recipe, write_recipe
+from tests.fixtures import cli, install_plugin, run, tiny_recipe, write_recipe
 
 CAP = 2 << 30
 
@@ -329,3 +329,253 @@ def test_terminal_escapes_in_a_recipe_key_are_shown_escaped(tmp_path):
                     + '"\\e[2K\\rok: fine\\e[8m": 1\n')
     result = cli("validate", path)
     assert result.exit_code == 2 and "\x1b" not in result.output and "\\x1b[2K" in result.output
+
+
+# -- signals CI sends -----------------------------------------------------------------------------------------------
+
+# A stage that waits until a signal stops it: in every process (`all`), or only in the search workers a search
+# starts itself (`spawned`, whose command line has --worker-index), so a test knows which worker holds which trial.
+HOLD_PLUGIN = '''
+import sys
+import time
+from typing import ClassVar, Literal
+from compresspipe.recipe.spec import StageConfig
+from compresspipe.stages.base import Stage, StageResult
+
+
+class HoldConfig(StageConfig):
+    """Wait until a signal arrives (a test plugin)."""
+
+    type: Literal["hold"]
+    who: Literal["all", "spawned"] = "all"
+    implementation: ClassVar[str] = "cp_hold_plugin:HoldStage"
+
+
+class HoldStage(Stage[HoldConfig]):
+    def run(self, state, ctx):
+        while self.config.who == "all" or "--worker-index" in sys.argv:
+            time.sleep(0.05)
+        return StageResult(state=state, kind="weights")
+'''
+
+
+def _held_search(tmp_path: Path, who: str) -> tuple[Path, dict[str, str]]:
+    """A two-trial search whose second stage holds (see HOLD_PLUGIN); returns the recipe and the env to run it."""
+    env = install_plugin(tmp_path, "cp_hold_plugin", HOLD_PLUGIN,
+                         "[compresspipe.stages]\nhold = cp_hold_plugin:HoldConfig\n")
+    recipe = tiny_recipe(name="s", vars={"epochs": 1},
+                         stages=[{"type": "train", "epochs": "${vars.epochs}"}, {"type": "hold", "who": who}],
+                         search={"space": {"vars.epochs": {"choices": [1, 2]}}, "objectives": {"bytes": "minimize"},
+                                 "sampler": "grid"})
+    return write_recipe(tmp_path, recipe, "s.yaml"), env
+
+
+def _until(check, what: str, proc: subprocess.Popen, limit: float = 300) -> None:
+    """Poll until check() holds (the limit only stops a hung test; no timing is asserted)."""
+    import time
+
+    end = time.monotonic() + limit
+    while not check():
+        if proc.poll() is not None:
+            raise AssertionError(f"the command ended before {what}: {proc.communicate()[0][-3000:]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def _trial_runs(out: Path) -> dict[Path, dict]:
+    runs = {}
+    for state in (out / "trials").glob("*/run.json"):
+        try:
+            runs[state.parent] = json.loads(state.read_text())
+        except ValueError:  # pragma: no cover - written atomically; never half a file
+            raise AssertionError(f"{state}: half-written") from None
+    return runs
+
+
+def _in_hold(out: Path, spawned_by: int | None = None) -> list[dict]:
+    """run.json of the trials whose worker is in the hold stage (the train stage finished, the run goes on); with
+    spawned_by, only those of the workers that process started (the first worker's own trial does not hold)."""
+    return [r for f, r in _trial_runs(out).items() if r.get("status") == "running" and (f / "01-train").is_dir()
+            and r.get("pid") != spawned_by]
+
+
+def test_a_second_signal_during_cleanup_is_ignored():
+    """CI signals a whole process group, and a search's first worker forwards SIGTERM to the others: a worker gets
+    two. The second must not cut short the cleanup the first started (the trial's report, its state in the study)."""
+    from compresspipe import errors
+    from compresspipe.cli import _on_signal
+    from compresspipe.search.driver import _Stop
+
+    before = errors._INTERRUPTED
+    try:
+        for handler in (_on_signal, _Stop.handler):
+            errors._INTERRUPTED, _Stop.asked = None, False
+            with pytest.raises(KeyboardInterrupt):
+                handler(15, None)
+            assert errors.interrupt_exit_code() == 143 and "SIGTERM" in errors.interruption()
+            try:
+                handler(15, None)
+                handler(2, None)
+            except KeyboardInterrupt:  # (as an assertion: a KeyboardInterrupt would stop the whole test session)
+                raise AssertionError(f"{handler.__qualname__}: a second signal interrupted the cleanup") from None
+            # ignored; the first signal still counts
+            assert errors.interrupt_exit_code() == 143
+    finally:
+        errors._INTERRUPTED, _Stop.asked = before, False
+
+
+def test_sigterm_to_a_search_s_process_group_leaves_every_trial_interrupted_and_none_running(tmp_path):
+    """What CI does when it cancels a job: SIGTERM to every process of the search at once (the first worker then
+    forwards one more to the other). Exit 143, no traceback, no trial RUNNING in the study, and every trial's run
+    folder says `interrupted` in run.json and report.json."""
+    optuna = pytest.importorskip("optuna")
+    import signal
+
+    path, env = _held_search(tmp_path, "all")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "search", str(path), "--out", str(out),
+                             "--workers", "2", "-q"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _until(lambda: len(_in_hold(out)) == 2, "both workers to hold a trial", proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, output
+    assert "SIGTERM" in output and "Traceback" not in output
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}").trials
+    assert len(trials) == 2 and all(t.state.name == "FAIL" and t.user_attrs.get("interrupted") for t in trials), \
+        [(t.state.name, t.user_attrs) for t in trials]
+    for folder, state in _trial_runs(out).items():
+        report = json.loads((folder / "report.json").read_text())
+        assert state["status"] == report["status"] == "interrupted" and "SIGTERM" in report["error"], folder
+
+
+def test_a_search_worker_terminated_after_the_others_finished_has_its_trial_run_again(tmp_path):
+    """One worker of two is sent SIGTERM while the first worker, its share done, waits for it: the trial it held is
+    marked interrupted (never RUNNING forever), and the first worker runs it again, so the search still ends with
+    its trials complete and exit 0."""
+    optuna = pytest.importorskip("optuna")
+    import signal
+
+    path, env = _held_search(tmp_path, "spawned")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "search", str(path), "--out", str(out),
+                             "--workers", "2", "-q"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def waiting_for_the_other() -> bool:  # the first worker's trial is complete and it waits for its child process
+        done = any(r.get("status") == "complete" for r in _trial_runs(out).values())
+        try:
+            wchan = Path(f"/proc/{proc.pid}/wchan").read_text().strip()
+        except OSError:
+            wchan = ""
+        return done and (wchan == "do_wait" or wchan in ("", "0"))  # where the kernel hides it, the trial suffices
+
+    try:
+        _until(lambda: len(_in_hold(out, proc.pid)) == 1, "the spawned worker to hold its trial", proc)
+        _until(waiting_for_the_other, "the first worker to finish its trial", proc)
+        holding = _in_hold(out, proc.pid)
+        assert len(holding) == 1, (_trial_runs(out), proc.poll())
+        held = holding[0]["pid"]
+        os.kill(held, signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}").trials
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 2 and "RUNNING" not in states and "WAITING" not in states, states
+    assert all(t.user_attrs.get("interrupted") for t in trials if t.state.name == "FAIL")
+    retry = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("retry_of")]
+    assert len(retry) == 1 and retry[0].params == next(t.params for t in trials if t.state.name == "FAIL")
+
+
+def test_sigterm_to_a_data_parallel_run_is_exit_143_and_its_reports_say_interrupted(tmp_path):
+    """`run --nproc 2`: torch's launcher receives the signal and passes it on to the ranks. Exit 143 as without
+    --nproc (not a traceback of torch's SignalException), report.json and run.json say `interrupted`."""
+    import signal
+
+    env = install_plugin(tmp_path, "cp_hold_plugin", HOLD_PLUGIN,
+                         "[compresspipe.stages]\nhold = cp_hold_plugin:HoldConfig\n")
+    path = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}, {"type": "hold"}]))
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "run", str(path), "--out", str(out), "--nproc",
+                             "2", "-q"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        _until(lambda: (out / "01-train" / "manifest.json").is_file(), "the first stage to finish", proc)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output and "SignalException" not in output and "SIGTERM" in output, output[-3000:]
+    state, report = (json.loads((out / name).read_text()) for name in ("run.json", "report.json"))
+    assert state["status"] == report["status"] == "interrupted" and "SIGTERM" in report["error"]
+    assert (out / "01-train" / "manifest.json").is_file() and not (out / "02-hold").exists()
+
+
+def test_an_error_raised_while_a_signal_unwinds_is_the_interrupt_not_a_traceback(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) that lands in an import can leave a module half-imported; the next line then fails with
+    an AttributeError (torch's first use_deterministic_algorithms imports sympy). That error is the interrupt:
+    exit 143, run.json and report.json `interrupted`, no traceback."""
+    import torch
+
+    from compresspipe import errors
+
+    monkeypatch.setattr(errors, "_INTERRUPTED", None)
+
+    def cut_short(*args: object, **kwargs: object) -> None:
+        errors.mark_interrupted(15)
+        raise AttributeError("module 'sympy' has no attribute 'logic'")
+
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", cut_short)
+    path = write_recipe(tmp_path, tiny_recipe(stages=[{"type": "train", "epochs": 1}]))
+    out = tmp_path / "run"
+    result = cli("run", path, "--out", out, "-q")
+    assert result.exit_code == 143 and "SIGTERM" in result.output and "Traceback" not in result.output, \
+        result.output
+    state, report = (json.loads((out / name).read_text()) for name in ("run.json", "report.json"))
+    assert state["status"] == report["status"] == "interrupted" and "SIGTERM" in report["error"]
+
+
+def test_sigterm_to_one_sensitivity_worker_stops_the_command_as_sigterm_and_leaves_no_scratch(tmp_path):
+    """A worker of `sensitivity --workers 2` alone is sent SIGTERM: the command stops as if it had been (exit 143,
+    no traceback, run it again to continue), not `a sensitivity worker failed`, and leaves no scratch files."""
+    import signal
+
+    from tests.fixtures import CNN
+
+    recipe = tiny_recipe(model=CNN, data={"dataset": "digits", "max_samples": 400, "eval_batch_size": 64},
+                         stages=[{"type": "train", "epochs": 1, "lr": 3e-3}, {"type": "prune", "amount": 0.5}])
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "sens"
+    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "sensitivity", str(path), "--out", str(out),
+                             "--workers", "2", "--ratios", "0.3,0.6", "--samples", "64", "-q"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def worker() -> int | None:
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            return next((int(c) for c in children
+                         if b"compresspipe.sensitivity.worker" in Path(f"/proc/{c}/cmdline").read_bytes()), None)
+        except OSError:
+            return None
+
+    try:
+        found: list[int] = []
+        _until(lambda: bool(found.append(worker() or 0) or found[-1]), "a sensitivity worker to start", proc)
+        os.kill(found[-1], signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and "SIGTERM" in output and "Traceback" not in output, output[-3000:]
+    assert not [p.name for p in out.rglob(".*") if p.name.startswith((".part-", ".scratch-"))]
