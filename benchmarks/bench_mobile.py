@@ -41,8 +41,8 @@ def recipe(model: dict[str, Any]) -> dict[str, Any]:
         "deploy": {"runtime": "onnxruntime", "rounds": 7},
         "stages": [
             {"type": "train", "epochs": 6, "lr": 2.0e-3},
-            {"type": "prune", "method": "structured", "amount": 0.25,
-             "finetune": {"epochs": 2, "lr": 5.0e-4, "distill": "baseline"}},
+            {"type": "prune", "method": "structured", "amount": 0.2,
+             "finetune": {"epochs": 6, "lr": 5.0e-4, "distill": "baseline"}},
             {"type": "quantize", "method": "static"},
             {"type": "export", "formats": ["onnx_int8"]},
         ],
