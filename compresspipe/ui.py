@@ -8,6 +8,7 @@ where it is at least every 30 seconds, so a CI log never stays silent for long.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -66,7 +67,9 @@ class UI:
         # the result table always goes to stdout; logs and progress go to stderr and are what quiet silences
         self.console = Console(file=stream or sys.stdout, highlight=False, soft_wrap=False)
         if not self.console.is_terminal:
-            self.console.width = 200  # files and CI logs: never squeeze the table
+            # files and CI logs: the width COLUMNS asks for, else 120 (what CI log viewers show without wrapping)
+            columns = os.environ.get("COLUMNS", "")
+            self.console.width = int(columns) if columns.isdigit() and int(columns) >= 40 else 120
         self.err = Console(file=sys.stderr, quiet=quiet, highlight=False)
         self.live: Progress | None = None
         self.bars: list[_Bar] = []

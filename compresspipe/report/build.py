@@ -390,19 +390,21 @@ def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[
     """The stage table for a terminal `width` columns wide: ratios stacked under their values, and columns
     that do not fit left out (least useful first, as PRIORITY says). Returns the table and what was left out."""
     header, rows = table_rows(report)
+    metric, delta = header[4], header[5]  # the task's metric (accuracy, mse, perplexity, ...) and its change
     kinds = {h: h for h in header}
+    kinds[metric] = "accuracy"  # the task's own metric is kept like accuracy at any width
     for h in header:
         if h.startswith("latency"):
             kinds[h] = "latency"
     stacked = [[_stack(cell) for cell in row] for row in rows]
-    merged_header = [h for h in header if h != "Δacc"]
+    merged_header = [h for h in header if h != delta]
     cells: dict[str, list[str]] = {h: [] for h in merged_header}
     for row in stacked:
         values = dict(zip(header, row, strict=True))
         for h in merged_header:
             text = values[h]
-            if h == "accuracy" and values["Δacc"]:
-                text = f"{text}\n{values['Δacc']}"
+            if h == metric and values[delta]:
+                text = f"{text}\n{values[delta]}"
             cells[h].append(text)
     need = {h: max(len(h), *(len(line) for c in cells[h] for line in c.split("\n"))) + 3 for h in merged_header}
     shown, used = [], 1

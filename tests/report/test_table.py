@@ -47,3 +47,24 @@ def test_the_title_says_when_gates_failed():
     report["gates_passed"] = False
     table, _ = render_table(report, 200)
     assert "gates FAILED" in str(table.title)
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_the_task_metric_stays_at_any_width(width):
+    """A perplexity or mse task: its metric column is kept like accuracy, never the first to go."""
+    report = make_report()
+    for s in report["stages"]:
+        s["metric"], s["score"], s["accuracy"] = "perplexity", 12.5, None
+        s["metrics"] = {"perplexity": 12.5}
+    table, hidden = render_table(report, width)
+    headers = [c.header for c in table.columns]
+    assert "perplexity" in headers and "perplexity" not in hidden, (headers, hidden)
+
+
+def test_a_run_piped_to_a_file_uses_the_width_columns_asks_for(monkeypatch):
+    from compresspipe.ui import UI
+
+    monkeypatch.setenv("COLUMNS", "100")
+    assert UI(stream=io.StringIO()).console.width == 100
+    monkeypatch.delenv("COLUMNS")
+    assert UI(stream=io.StringIO()).console.width == 120
