@@ -113,7 +113,9 @@ def launch(nproc: int, argv: list[str]) -> int:
         elastic_run(args)
     except ChildFailedError as exc:
         codes = [f.exitcode for _, f in sorted(exc.failures.items())]
-        own = [c for c in codes if c in (1, 2, 3, 130, 143)]
+        # a rank that failed on its own comes first: when one rank fails, the launcher sends the others SIGTERM,
+        # and their 143 is the consequence, not the cause
+        own = [c for c in codes if c in (1, 2, 3)] + [c for c in codes if c in (130, 143)]
         return own[0] if own else 3
     except SignalException as exc:
         from compresspipe.errors import mark_interrupted
