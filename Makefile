@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= dev,torchao,mobile,search,timm,huggingface
 
-.PHONY: install system-deps demo test acceptance lint bench clean
+.PHONY: install system-deps demo test test-avx2 acceptance lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,16 @@ demo: install
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: install system-deps
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# The int8 tests (pytest -m int8) on an emulated AVX2-only CPU: ONNX Runtime's u8s8 kernels without VNNI, as on a
+# Haswell..Skylake or Zen 1-3 machine, from any x86-64 machine with qemu-user. The host's VNNI cannot hide a
+# file that is only correct with it. Slow (torch is emulated too): pass TESTS= to narrow it.
+HASWELL := Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm
+TESTS ?= tests
+test-avx2: install system-deps
+	@command -v qemu-x86_64 >/dev/null || { echo "test-avx2 needs qemu-user (make system-deps as root)"; exit 1; }
+	COMPRESSPIPE_EMULATED_CPU=Haswell qemu-x86_64 -cpu $(HASWELL) $(BIN)/python -m pytest -q -m int8 -p no:cacheprovider $(TESTS); \
+	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no int8 tests collected"; exit 0; fi; exit $$rc
 
 # every export format after every compression stage, builtin and torchvision models (~20 min on 2 cores)
 acceptance: install
