@@ -189,6 +189,7 @@ def test_every_recipe_has_a_budget():
 
 
 @pytest.mark.parametrize("name", sorted(BUDGET))
+@pytest.mark.int8
 def test_example_recipe_runs_at_reduced_budget(tmp_path, name):
     sets, check = BUDGET[name]
     recipe = load_recipe(RECIPES / name, allow_code=True)

@@ -105,6 +105,7 @@ def test_failed_verification_exits_3_and_keeps_files(tmp_path):
 # -- after structural edits: resize (structured pruning) and replace (factorization) -----------------------
 
 
+@pytest.mark.int8
 def test_exports_after_resize_and_replace_edits(tmp_path):
     state = trained_cnn()
     model = state.module
@@ -145,6 +146,7 @@ def test_exports_after_resize_and_replace_edits(tmp_path):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
 
 
+@pytest.mark.int8
 def test_linear_only_model_gets_dynamic_int8_and_sparse_zip(tmp_path):
     recipe = tiny_recipe(stages=[])
     ctx = _ctx(tmp_path, recipe)
@@ -186,6 +188,7 @@ def _int8_graph(folder: Path):
     return graph, convs, producer[graph.output[0].name].op_type
 
 
+@pytest.mark.int8
 def test_int8_onnx_keeps_tiny_convs_float_returns_float_logits_and_short_names(tmp_path):
     # SMALL_CNN: c1 is 1 -> 8 channels, 3x3 (9 inputs per output: float); c2 is 8 -> 16 (72: int8)
     ctx = _ctx(tmp_path, digits_cnn_recipe())
@@ -231,6 +234,7 @@ def test_static_batch_and_low_opset_use_the_torchscript_exporter(tmp_path):
 # -- the quantize stage's hand-off, recorded on the model -----------------------------------------------------
 
 
+@pytest.mark.int8
 def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path):
     float_state = trained_cnn()
     float_dir = tmp_path / "01-train"
@@ -254,6 +258,7 @@ def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path)
     ("resnet18", {}, ["onnx", "onnx_int8", "torch_export", "safetensors"]),
     ("mobilenet_v2", {"width_mult": 0.25}, ["onnx", "onnx_int8", "torch_export"]),  # all formats: make acceptance
 ])
+@pytest.mark.int8
 def test_torchvision_classifiers_export(tmp_path, name, kwargs, formats):
     recipe = tiny_recipe(model={"torchvision": name, "kwargs": {"num_classes": 10, **kwargs},
                                 "input_shape": [3, 32, 32]},
@@ -275,6 +280,7 @@ def test_torchvision_classifiers_export(tmp_path, name, kwargs, formats):
 # -- after the real prune, factorize and quantize stages ---------------------------------------------------------
 
 
+@pytest.mark.int8
 def test_export_after_prune_factorize_and_quantize_stages(tmp_path):
     recipe = tiny_recipe(model={**SMALL_CNN, "input_shape": [1, 8, 8]}, stages=[
         {"type": "train", "epochs": 3, "lr": 0.01},
@@ -307,6 +313,7 @@ def test_export_after_prune_factorize_and_quantize_stages(tmp_path):
     assert any("static int8" in n for n in by_name["export"]["notes"])
 
 
+@pytest.mark.int8
 def test_torchvision_classifier_after_prune_and_quantize_exports(tmp_path):
     model = {"torchvision": "resnet18", "kwargs": {"num_classes": 10}, "input_shape": [3, 32, 32]}
     recipe = tiny_recipe(model=model, data={"dataset": "synthetic", "shape": [3, 32, 32], "samples": 96,
@@ -330,6 +337,7 @@ def test_torchvision_classifier_after_prune_and_quantize_exports(tmp_path):
 # -- files people open: no warnings when they load ----------------------------------------------------------
 
 
+@pytest.mark.int8
 def test_every_onnx_file_loads_in_onnxruntime_without_a_warning(tmp_path):
     """ONNX Runtime warns on every load about, e.g., initializers no node reads; our files give it nothing to say."""
     import subprocess

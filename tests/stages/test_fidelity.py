@@ -50,6 +50,7 @@ def _recipe(tmp_path, mixed_precision: bool) -> dict:
     }
 
 
+@pytest.mark.int8
 def test_an_int8_file_that_cannot_follow_its_float_model_fails_the_run_naming_the_diverging_layers(tmp_path):
     from compresspipe.errors import GateFailed
 
@@ -69,6 +70,7 @@ def test_an_int8_file_that_cannot_follow_its_float_model_fails_the_run_naming_th
     assert report["recommendation"]["format"] != "onnx_int8"
 
 
+@pytest.mark.int8
 def test_automatic_mixed_precision_keeps_the_diverging_layers_float_until_the_file_follows(tmp_path):
     recipe = _recipe(tmp_path, mixed_precision=True)
     result = run(tmp_path, recipe, allow_code=True)

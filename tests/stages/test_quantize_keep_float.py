@@ -50,6 +50,7 @@ def _recipe(checkpoint, keep_float):
                        evaluate={"latency": {"batch_sizes": [1], "warmup": 0, "iters": 2}}, stages=[stage])
 
 
+@pytest.mark.int8
 def test_keep_float_keeps_the_sensitive_layer_float_in_the_shipped_file(tmp_path):
     checkpoint = _outlier_mlp(tmp_path)
     whole = _recipe(checkpoint, None)  # every layer int8, deploy.fidelity's mixed precision and limits off
@@ -71,6 +72,7 @@ def test_keep_float_keeps_the_sensitive_layer_float_in_the_shipped_file(tmp_path
     assert record["onnx_int8"]["keep_float"] == ["fc1"]
 
 
+@pytest.mark.int8
 def test_without_keep_float_the_fidelity_gate_keeps_the_diverging_layer_float_by_itself(tmp_path):
     checkpoint = _outlier_mlp(tmp_path)
     row = run(tmp_path, _recipe(checkpoint, None), "auto").report["stages"][-1]
