@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,11 +210,17 @@ def test_example_recipe_runs_at_reduced_budget(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", sorted(BUDGET))
-def test_plan_runs_on_every_recipe_without_training(name, tmp_path):
-    t0 = time.perf_counter()
+def test_plan_runs_on_every_recipe_without_training(name, tmp_path, monkeypatch):
+    import compresspipe.stages.context
+    import compresspipe.training.loop
+
+    def no_training(*args, **kwargs):  # "seconds, not a training run", without timing it on a loaded machine
+        raise AssertionError("plan trained a model")
+
+    for module in (compresspipe.training.loop, compresspipe.stages.context):
+        monkeypatch.setattr(module, "fit", no_training)
     result = cli("plan", RECIPES / name, "--json", "--allow-code")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert [s["name"] for s in plan["stages"]][0] == "baseline" and len(plan["stages"]) > 1
-    assert time.perf_counter() - t0 < 30  # seconds, not a training run
     assert not (tmp_path / "runs").exists()
