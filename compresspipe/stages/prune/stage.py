@@ -487,9 +487,11 @@ class PruneStage(Stage[PruneConfig]):
         final = find_decoder(model, ctx.name)
         assert final is not None  # noqa: S101
         group = "whole key/value groups" if cfg.kv_groups == "whole" and dec.kv_heads > 1 else "query heads per group"
+        kv = ("multi-head attention" if dec.kv_heads == dec.heads
+              else f"key/value heads {dec.kv_heads} -> {final.kv_heads}; {group}")
         removed = [dec.blocks[i].name for i in range(len(dec.blocks)) if i not in alive]
         notes.insert(0, f"decoder LM ({dec.family} blocks, by their structure): attention heads {dec.heads} -> "
-                        f"{final.heads} per block (key/value heads {dec.kv_heads} -> {final.kv_heads}; {group}), MLP "
+                        f"{final.heads} per block ({kv}), MLP "
                         f"width {dec.intermediate} -> {final.intermediate}, blocks {len(dec.blocks)} -> "
                         f"{len(final.blocks)}" + (f" (removed {', '.join(removed)})" if removed else ""))
         notes.append(f"attention heads per layer now {[final.heads] * len(final.blocks)}")
