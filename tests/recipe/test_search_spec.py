@@ -163,3 +163,46 @@ def test_run_ignores_the_search_block_and_says_so(tmp_path):
     result = cli("run", path, "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
     assert "compresspipe search` runs the search" in result.output
+
+
+SECRET = "s3/cr:et"  # a password may hold / and : (SQLAlchemy ends it at the first @)
+
+
+@pytest.mark.parametrize("storage, message", [
+    (f"sqlite:///u:{SECRET}@host/x.db", "an SQLite URL names a file only"),
+    (f"sqlite://u:{SECRET}@host/x.db", "an SQLite URL names a file only"),
+    ("sqlite:///u%3As3cr%40host/x.db", "an SQLite URL names a file only"),
+    (f"sqlite:/u:{SECRET}@host/x.db", "looks like a mistyped URL"),
+    (f"sqlite//u:{SECRET}@host/x.db", "looks like a mistyped URL"),
+    (f"u:{SECRET}@host/study.journal", "looks like a mistyped URL"),
+    (f"postgresql://u@db.example/search?password={SECRET}", "holds a password in its query"),
+    (f"postgresql://u:{SECRET}@x@db.example/search", "a URL writes %40"),
+    ("sqlite://", "in-memory SQLite study is lost"),
+    ("studies/", "names a folder"),
+    ("", "is empty"),
+])
+def test_a_malformed_storage_is_exit_2_at_its_line_and_no_message_shows_its_password(tmp_path, storage, message):
+    lines = SEARCH_RECIPE.splitlines()
+    text = "\n".join(lines[:-1] + [f"  storage: {json.dumps(storage)}", lines[-1]]) + "\n"
+    errors = _errors(tmp_path, text)
+    assert any("s.yaml:19:" in e and "search.storage:" in e and message in e for e in errors), errors
+    outputs = [errors]
+    if storage:  # --set search.storage= (nothing) sets null: the default storage
+        setting = cli("validate", write_recipe(tmp_path, SEARCH_RECIPE, "t.yaml"), "--set", f"search.storage={storage}")
+        assert setting.exit_code == 2 and message in setting.output, setting.output
+        outputs.append([setting.output])
+    for output in outputs:
+        assert not [e for e in output if SECRET in e or "cr:et" in e or "s3cr" in e], output
+
+
+@pytest.mark.parametrize("text, shown", [
+    (f"postgresql://u:{SECRET}@h/db", "postgresql://u:***@h/db"),
+    (f"'postgresql+psycopg://u:{SECRET}@h:5432/db' and sqlite:///u:{SECRET}@h/x", "sqlite:///u:***@h/x"),
+    (f"--set search.storage=sqlite//u:{SECRET}@h/x.journal", "sqlite//u:***@h/x.journal"),
+    (f"postgresql://u@h/db?sslmode=require&password={SECRET}", "?sslmode=require&password=***"),
+])
+def test_secrets_are_redacted_wherever_a_url_is_shown(text, shown):
+    from compresspipe.errors import redact_secrets
+
+    assert shown in redact_secrets(text) and SECRET not in redact_secrets(text)
+    assert redact_secrets(redact_secrets(text)) == redact_secrets(text)

@@ -262,6 +262,120 @@ def test_a_storage_file_that_is_not_ours_is_refused_and_left_untouched(tmp_path)
     assert not (tmp_path / "out" / "search.yaml").exists()
 
 
+def _snapshot(root: Path) -> dict[Path, tuple[bool, bytes, int]]:
+    """Every path under root (links not followed): whether a link, its bytes (files), its mtime."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[p] = (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else b"", st.st_mtime_ns)
+    return out
+
+
+def test_storage_that_is_not_a_search_of_ours_is_refused_before_anything_is_written(tmp_path):
+    import sqlite3
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "empty.journal").touch()
+    (files / "empty.db").touch()
+    (files / "folder.journal").mkdir()
+    (files / "folder.db").mkdir()
+    (files / "dangling.journal").symlink_to(files / "nowhere")
+    no_tables = files / "no-tables.db"
+    con = sqlite3.connect(no_tables)
+    con.execute("CREATE TABLE t (x)")
+    con.execute("DROP TABLE t")
+    con.commit()
+    con.close()
+    (files / "link.db").symlink_to(no_tables)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.create_study(study_name="theirs", storage=f"sqlite:///{files / 'theirs.db'}")  # the user's own studies
+    optuna.create_study(study_name="theirs",
+                        storage=optuna.storages.JournalStorage(JournalFileBackend(str(files / "theirs.journal"))))
+    (files / "locked.journal.lock").write_text("not Optuna's lock\n")  # Optuna removes a lock it finds stale
+    cases = {"empty.journal": "empty.journal", f"sqlite:///{files / 'empty.db'}": "empty.db",
+             "folder.journal": "folder.journal", f"sqlite:///{files / 'folder.db'}": "folder.db",
+             "dangling.journal": "dangling.journal", f"sqlite:///{no_tables}": "no-tables.db",
+             f"sqlite:///{files / 'link.db'}": "link.db", f"sqlite:///{files / 'theirs.db'}": "theirs.db",
+             "theirs.journal": "theirs.journal", "locked.journal": "locked.journal.lock"}
+    recipe_dir = tmp_path / "recipe"
+    recipe_dir.mkdir()
+    before = _snapshot(files)
+    for storage, name in cases.items():
+        path = _recipe(recipe_dir, n_trials=1, storage=storage if "://" in storage else str(files / storage))
+        for args in ([path, "--out", tmp_path / "out"], [path, "--out", tmp_path / "out", "--pick", "minimize=bytes"]):
+            result = cli("search", *args)
+            assert result.exit_code == 2, (storage, result.output)
+            assert "Traceback" not in result.output and name in result.output, (storage, result.output)
+            assert "s.yaml:" in result.output and "search.storage:" in result.output, (storage, result.output)
+            assert _snapshot(files) == before, storage
+            assert not (tmp_path / "out").exists(), storage
+    # a storage the search made itself is its own: the second search (or re-pick) continues it
+    for storage in ("ours.journal", f"sqlite:///{tmp_path / 'ours.db'}"):
+        path = _recipe(recipe_dir, n_trials=1, storage=storage if "://" in storage else str(tmp_path / storage))
+        for _ in range(2):
+            again = cli("search", path, "--out", tmp_path / "ours", "--pick", "minimize=bytes")
+            assert again.exit_code == 2 and "has no trials to pick from" in again.output, (storage, again.output)
+
+
+def test_a_mistyped_storage_url_creates_nothing_and_no_output_shows_its_password(tmp_path, monkeypatch):
+    secret = "s3/cr:et"  # a password may hold / and : (SQLAlchemy ends it at the first @)
+    recipe_dir = tmp_path / "recipe"
+    recipe_dir.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COMPRESSPIPE_STORAGE_PASSWORD", raising=False)
+    storages = [f"sqlite:///u:{secret}@host/x.db", f"sqlite:/u:{secret}@host/x.db", f"sqlite//u:{secret}@host/x.db",
+                f"u:{secret}@host/x.journal", "sqlite:///u%3As3cr%40host/x.db",
+                f"postgresql://u@127.0.0.1:9/db?password={secret}", f"postgresql://u:{secret}@x@127.0.0.1:9/db",
+                f"postgresql://u:{secret}@127.0.0.1:9/db"]  # the last is well formed: nobody listens there
+    outputs = []
+    for storage in storages:
+        path = _recipe(recipe_dir, n_trials=1, storage=storage)
+        plain = _recipe(recipe_dir / "..", n_trials=1)
+        runs = [cli("search", path), cli("search", plain, "--set", f"search.storage={storage}"),
+                cli("search", plain, "--set", f"search.storage={storage}", "--set", "search.n_trials=-1")]
+        if "://" in storage:
+            runs.append(cli("search", "--join", storage))
+        for result in runs:
+            assert result.exit_code == 2 and "Traceback" not in result.output, (storage, result.output)
+            outputs.append(result.output)
+    shown = [o for o in outputs if secret in o or "cr:et" in o or "s3cr" in o]
+    assert not shown, shown
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["recipe", "s.yaml", "s.yaml"]  # no folder, no file
+    # a stored URL (its password ***) needs the password from the environment, and says so
+    folder = tmp_path / "joined"
+    folder.mkdir()
+    data = yaml.safe_load(RECIPE)
+    data["search"]["storage"] = "postgresql://u:***@127.0.0.1:9/db"
+    (folder / "search.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    joined = cli("search", "--join", folder)
+    assert joined.exit_code == 2 and "set COMPRESSPIPE_STORAGE_PASSWORD" in joined.output, joined.output
+
+
+def test_local_workers_get_the_storage_password_in_their_environment_not_in_a_file(tmp_path, monkeypatch):
+    from compresspipe.recipe.loader import load_recipe_source
+    from compresspipe.search import driver
+
+    secret = "s3/cr:et"
+    monkeypatch.delenv("COMPRESSPIPE_STORAGE_PASSWORD", raising=False)
+    started = []
+
+    class Started:
+        def __init__(self, argv, env, **kwargs):
+            started.append((argv, env))
+
+    monkeypatch.setattr(driver.subprocess, "Popen", Started)
+    path = _recipe(tmp_path, storage=f"postgresql://u:{secret}@127.0.0.1:9/db")
+    setup = driver.setup_from(load_recipe_source(path), tmp_path / "out")
+    assert setup.raw["search"]["storage"] == "postgresql://u:***@127.0.0.1:9/db"  # what search.yaml holds
+    driver._spawn(setup, driver.SearchOptions(workers=2), 1)
+    (argv, env), = started
+    assert env["COMPRESSPIPE_STORAGE_PASSWORD"] == secret and secret not in " ".join(argv)
+
+
 def test_a_storage_password_reaches_no_file_message_or_folder(tmp_path, postgres_url, monkeypatch):
     import optuna
     import psycopg
