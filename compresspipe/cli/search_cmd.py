@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from compresspipe.cli import EXIT_GATE, EXIT_INPUT, app, fail, handle_errors
 from compresspipe.errors import interrupt_exit_code, interruption
-
-if TYPE_CHECKING:
-    from compresspipe.recipe.loader import LoadedRecipe
-    from compresspipe.search.trial import SearchSetup
 
 
 @app.command()
@@ -49,15 +44,12 @@ def search(
         if recipe is not None or set_:
             fail("--join takes its recipe from the search it joins: give no recipe file and no --set", EXIT_INPUT)
         setup, loaded = join_setup(join, study, out)
-        if "://" in join and setup.recipe.search is not None:  # search.yaml holds the URL without its password:
-            setup.recipe.search.storage = join  # this process (and the workers it starts) connect with the one given
     else:
         if recipe is None:
             return fail("give a recipe file with a search: block, or --join a search", EXIT_INPUT)
         loaded = load_recipe_source(recipe, set_)  # validate everything before importing torch or Optuna
         setup = setup_from(loaded, out)
     rule = _pick(pick, setup) if pick is not None else None
-    _check_storage(setup, loaded)
     from compresspipe.ui import UI
 
     ui = UI(quiet=quiet, stream=sys.stderr if json_out else None)
@@ -79,20 +71,6 @@ def search(
              interrupt_exit_code())
     if result.doc.get("picked") is None:
         fail(f"no trial to pick: {result.doc.get('pick_reason')}; best.yaml not written", EXIT_GATE)
-
-
-def _check_storage(setup: SearchSetup, loaded: LoadedRecipe) -> None:
-    """A storage file the search did not create, or a mistyped URL, is refused before the search folder is made."""
-    from compresspipe.errors import InputError
-    from compresspipe.search.study import preflight, storage_url
-
-    spec = setup.spec
-    try:
-        preflight(storage_url(spec.storage, setup.folder))
-    except InputError as exc:
-        if spec.storage is None:
-            raise
-        raise loaded.error(("search", "storage"), str(exc)) from None
 
 
 def _pick(text: str, setup: object) -> dict:

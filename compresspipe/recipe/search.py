@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from compresspipe.recipe.base import NAME_PATTERN, StrictModel
 
@@ -219,65 +219,12 @@ class SearchSpec(StrictModel):
     reuse: bool = Field(True, description="start a trial from the finished stages of an earlier trial whose recipe "
                                           "is the same up to there (e.g. the shared train stage)")
 
-    @field_validator("storage")
-    @classmethod
-    def _storage(cls, value: str | None) -> str | None:
-        problem = None if value is None else storage_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
     def trials(self) -> int:
         if self.n_trials is not None:
             return self.n_trials
         if self.sampler == "grid":
             return math.prod(len(d.grid() or [0]) for d in self.space.values())
         return DEFAULT_TRIALS
-
-
-# -- storage --------------------------------------------------------------------------------------------------------
-
-STORAGE_HELP = ("an SQLAlchemy URL (postgresql://USER@HOST/DB, sqlite:///PATH) or the path of an Optuna journal file; "
-                "a password goes in COMPRESSPIPE_STORAGE_PASSWORD (or postgresql://USER:PASSWORD@HOST/DB, stored as ***)")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_CREDENTIALS = re.compile(r"[^/]*:[^/]*@|%3A|%40", re.IGNORECASE)  # user:password@ in a path (or its %-escapes)
-_QUERY_SECRET = re.compile(r"pass|pwd|secret|token", re.IGNORECASE)
-
-
-def storage_problem(storage: str) -> str | None:
-    """What is wrong with a `search.storage` value, read without touching any file or server (None: nothing).
-
-    A mistyped URL must fail here, before anything is written: Optuna would take it for a journal path or an SQLite
-    file name and create folders named after its parts, the password among them. No message echoes the value."""
-    if not storage.strip():
-        return f"is empty; give {STORAGE_HELP}"
-    if "://" not in storage:  # a journal file
-        if _SCHEME.match(storage) or "//" in storage or _CREDENTIALS.search(storage):
-            return f"looks like a mistyped URL (a journal path has no scheme:, // or user:password@); give {STORAGE_HELP}"
-        if storage.endswith("/"):
-            return "names a folder; give the path of a journal file (or an SQLAlchemy URL)"
-        return None
-    try:
-        from sqlalchemy.engine import make_url
-    except ImportError:  # compresspipe[search] is not installed: the search command says so
-        return None
-    try:
-        url = make_url(storage)
-    except Exception:
-        return f"is not a valid SQLAlchemy URL; give {STORAGE_HELP}"
-    if any(_QUERY_SECRET.search(key) for key in url.query):
-        return ("holds a password in its query (?password=...), which would be stored and shown in clear; set "
-                "COMPRESSPIPE_STORAGE_PASSWORD instead")
-    if url.get_backend_name().lower() == "sqlite":
-        if url.username or url.password or url.host or url.port or _CREDENTIALS.search(url.database or ""):
-            return "an SQLite URL names a file only (sqlite:///PATH, sqlite:////ABSOLUTE/PATH): no user, password or host"
-        if url.database in (None, "", ":memory:"):
-            return "an in-memory SQLite study is lost when the search ends; give a file: sqlite:///PATH"
-    elif url.host and "@" in url.host:  # SQLAlchemy ends the password at its first @: the rest would be shown
-        return "its password holds an @, which a URL writes %40 (or set COMPRESSPIPE_STORAGE_PASSWORD)"
-    elif not url.host and not url.query:
-        return f"names no host; give {STORAGE_HELP}"
-    return None
 
 
 # -- picking a trial ------------------------------------------------------------------------------------------------

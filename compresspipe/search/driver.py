@@ -252,11 +252,6 @@ def _spawn(setup: SearchSetup, options: SearchOptions, count: int) -> list[subpr
     """`count` local workers joining this search folder, each in its own process with its share of the cores."""
     threads = options.threads or max(1, (os.cpu_count() or 1) // max(options.workers, 1))
     env = child_env(threads)
-    from compresspipe.search.study import PASSWORD_ENV, storage_password
-
-    password = storage_password(setup.spec.storage)
-    if password:  # they read search.yaml, which holds the URL without it
-        env[PASSWORD_ENV] = password
     procs = []
     for i in range(1, count + 1):
         index = options.worker_index + i
@@ -269,8 +264,8 @@ def _spawn(setup: SearchSetup, options: SearchOptions, count: int) -> list[subpr
 def run_search(setup: SearchSetup, loaded: LoadedRecipe | None, options: SearchOptions, ui: UI,
                write_outputs: bool = True) -> SearchResult:
     """Run (or continue, or join) a search; with options.pick, only re-pick from the finished trials."""
-    study, storage, where = _open(setup, loaded, options)  # a storage refused or out of reach leaves no folder
     setup.folder.mkdir(parents=True, exist_ok=True)
+    study, storage, where = _open(setup, loaded, options)
     if options.pick is not None:
         doc = results.build(setup, study, where, options.pick)
         if not doc["trials"]:

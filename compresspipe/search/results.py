@@ -11,7 +11,6 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from compresspipe.artifacts.files import atomic_write_json, atomic_write_text
-from compresspipe.errors import redact_secrets
 from compresspipe.recipe.search import FIGURES, better_direction, figure_names, limit_figure
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.search import SEARCH_FORMAT, SEARCH_VERSION
@@ -180,7 +179,7 @@ def build(setup: SearchSetup, study: optuna.Study, storage: str, rule: dict[str,
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     return {
         "format": SEARCH_FORMAT, "version": SEARCH_VERSION, "recipe": setup.recipe.name, "study": study.study_name,
-        "storage": redact_secrets(storage), "sampler": spec.sampler, "n_trials": spec.trials(),
+        "storage": storage, "sampler": spec.sampler, "n_trials": spec.trials(),
         "objectives": dict(spec.objectives), "judged_stage": setup.judged(),
         "space": {k: d.describe() for k, d in spec.space.items()}, "pick": rule, "picked": None if chosen is None
         else chosen["number"], "pick_reason": why, "pareto": pareto_front(rows, spec.objectives), "counts": counts,

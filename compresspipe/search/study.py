@@ -42,15 +42,9 @@ def storage_url(storage: str | None, folder: Path) -> str:
     """The storage as Optuna takes it: an SQLAlchemy URL, or `journal:` and a file path.
 
     A URL written without its password (or with `***`, as compresspipe stores it) takes the password from the
-    environment variable COMPRESSPIPE_STORAGE_PASSWORD, so no file needs to hold it. A malformed value is refused
-    here, before anything is written."""
+    environment variable COMPRESSPIPE_STORAGE_PASSWORD, so no file needs to hold it."""
     if storage is None:
         return f"sqlite:///{(folder / 'study.db').resolve()}"
-    from compresspipe.recipe.search import storage_problem
-
-    problem = storage_problem(storage)
-    if problem:
-        raise InputError(f"storage: {problem}")  # not echoed: a mistyped URL may hold a password anywhere
     if "://" in storage:
         storage = _with_password(storage)
         if storage.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
@@ -61,78 +55,32 @@ def storage_url(storage: str | None, folder: Path) -> str:
 
 
 def _with_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)  # storage_problem parsed it already
-    if not parsed.username or parsed.password not in (None, "", "***"):
-        return url
     password = os.environ.get(PASSWORD_ENV)
-    if password:
-        return parsed.set(password=password).render_as_string(hide_password=False)
-    if parsed.password == "***":
-        raise InputError(f"storage {redacted(url)}: compresspipe does not store passwords; set {PASSWORD_ENV} to the "
-                         "password of the database user")
-    return url
-
-
-def storage_password(storage: str | None) -> str | None:
-    """The password a storage URL holds (None: none, or `***`): what workers started from a search folder, whose
-    search.yaml holds the URL without it, receive in COMPRESSPIPE_STORAGE_PASSWORD."""
-    if storage is None or "://" not in storage:
-        return None
+    if not password:
+        return url
     try:
         from sqlalchemy.engine import make_url
 
-        password = make_url(storage).password
-    except Exception:
-        return None
-    return None if password in (None, "", "***") else str(password)
+        parsed = make_url(url)
+    except Exception:  # not an SQLAlchemy URL: open_storage says so
+        return url
+    if parsed.username and parsed.password in (None, "", "***"):
+        return parsed.set(password=password).render_as_string(hide_password=False)
+    return url
 
 
 def redacted(url: str) -> str:
     """The URL without its password, for files and messages."""
-    from compresspipe.errors import redact_secrets
-    from compresspipe.recipe.search import storage_problem
-
     if "://" not in url:
-        return redact_secrets(url)
+        return url
     try:
         from sqlalchemy.engine import make_url
 
-        parsed = make_url(url)
+        return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not an SQLAlchemy URL: say it as it is, minus anything between : and @
-        return redact_secrets(url)
-    if parsed.get_backend_name().lower() == "sqlite" and storage_problem(url):
-        # a user:password@ written into the path: SQLAlchemy would %-escape it, not hide it
-        return f"{parsed.drivername}:///(a path that is not shown)"
-    return redact_secrets(parsed.render_as_string(hide_password=True))
-
-
-def preflight(url: str) -> None:
-    """Refuse, without writing anything, a storage file the search did not create (see `_ours_or_new`)."""
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        _ours_or_new(path, _is_journal, "an Optuna journal of a compresspipe search")
-        lock = Path(f"{path}.lock")  # Optuna's lock: a link to the journal, removed after 30 s if it looks stale
-        if os.path.lexists(lock) and not (lock.is_symlink() and _same(lock.parent / os.readlink(lock), path)):
-            raise InputError(f"storage {path}: {lock.name} exists and is not the journal's lock (a link to it), which "
-                             "Optuna would remove; give another journal path")
-        return
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise InputError("storage: not a valid SQLAlchemy URL; SQLite is sqlite:///PATH") from None
-    if parsed.get_backend_name().lower() == "sqlite" and parsed.database:
-        _ours_or_new(Path(parsed.database), _is_optuna_db, "an Optuna SQLite database of a compresspipe search")
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
+        head, _, rest = url.partition("://")
+        creds, at, host = rest.rpartition("@")
+        return f"{head}://{creds.split(':')[0]}:***@{host}" if at and ":" in creds else url
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -143,9 +91,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        preflight(url)
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):])
+            if path.is_dir():
+                raise InputError(f"journal storage {path}: is a folder; give a file path")
+            _ours_or_new(path, _is_journal, "an Optuna journal")
             path.parent.mkdir(parents=True, exist_ok=True)
             from optuna.storages.journal import JournalFileBackend
 
@@ -156,7 +106,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         elif url.startswith("sqlite"):
             engine = {"connect_args": {"timeout": 120}}  # workers of one machine wait for each other's writes
             db = _sqlite_path(url)
-            if db:
+            if db and db != ":memory:":
+                _ours_or_new(Path(db), _is_optuna_db, "an Optuna SQLite database")
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -186,60 +137,45 @@ def _sqlite_path(url: str) -> str:
 
 def _ours_or_new(path: Path, is_ours: Any, what: str) -> None:
     """A storage file is created by the search or is one it created before: never a file of someone else's,
-    which Optuna would append to or add tables to (an empty file, an Optuna storage of other studies included).
-    Refused before anything is written."""
-    allowed = "give a path that does not exist yet (the search creates it) or the storage of an earlier search"
+    which Optuna would append to or add tables to. Refused before anything is written."""
     if path.is_symlink():
-        raise InputError(f"storage {path}: is a symbolic link; compresspipe never writes through a link: {allowed}")
+        raise InputError(f"storage {path}: is a symbolic link; give the path of the file itself")
     if not path.exists():
         return
     if not path.is_file():
-        raise InputError(f"storage {path}: is {'a folder' if path.is_dir() else 'not a regular file'}: {allowed}")
-    if not is_ours(path):
+        raise InputError(f"storage {path}: is not a regular file")
+    if path.stat().st_size and not is_ours(path):
         raise InputError(f"storage {path}: exists and is not {what}; compresspipe never writes into a file it did "
-                         f"not create: {allowed}")
+                         "not create: give a new path (or the storage of an earlier search)")
 
 
 def _is_journal(path: Path) -> bool:
-    """Whether the file is an Optuna journal holding a study made by compresspipe search (its attribute set)."""
-    from optuna.storages.journal._storage import JournalOperation
-
+    """Whether the file starts as an Optuna journal: JSON lines with an `op_code`."""
     with path.open("rb") as fh:
-        for i, line in enumerate(fh):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                if i == 0:
-                    return False
-                continue  # a line another worker is writing
-            if not isinstance(record, dict) or "op_code" not in record:
-                return False
-            if record["op_code"] == JournalOperation.SET_STUDY_USER_ATTR \
-                    and STUDY_ATTR in (record.get("user_attr") or {}):
-                return True
-    return False
+        first = fh.readline(1 << 20)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def _is_optuna_db(path: Path) -> bool:
-    """Whether the file is an SQLite database holding Optuna's tables and a study made by compresspipe search (read
-    only, waiting for the writes of workers)."""
+    """Whether the file is an SQLite database holding Optuna's tables (read only)."""
     import sqlite3
 
     with path.open("rb") as fh:
         if fh.read(16) != b"SQLite format 3\x00":
             return False
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=120)
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"studies", "trials", "study_user_attributes"} <= tables:
-                return False
-            found = con.execute("SELECT 1 FROM study_user_attributes WHERE key = ? LIMIT 1", (STUDY_ATTR,)).fetchone()
         finally:
             con.close()
     except sqlite3.Error:
         return False
-    return found is not None
+    return not tables or {"studies", "trials"} <= tables
 
 
 def identity(raw: dict[str, Any]) -> str:

@@ -1,11 +1,8 @@
 """Score one-shot per-layer changes on a fixed validation slice, and cache each layer's curve.
 
-The cache key of a curve is the sha256 of what produced it: the model (its structure and every tensor), the stage's
-sensitivity settings, the validation samples scored, and the code (compresspipe's and torch's versions, the cache
-format, the source of this module and of the stage's package). One JSON file per key holds the curves of every
-layer measured so far, each sealed with the sha256 of the key, its layer and its points, updated under a file lock,
-so parallel workers and later runs add to it. Every read checks the file's key and each seal: an entry that does
-not match (edited by hand, written by other code, cut short) is measured again, and the log says why.
+The cache key of a curve is the sha256 of the model (its structure and every tensor), the stage's sensitivity
+settings, and the validation samples scored; one JSON file per (model, settings, samples) holds the curves
+of every layer measured so far, updated under a file lock, so parallel workers and later runs add to it.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +29,7 @@ if TYPE_CHECKING:
     from compresspipe.stages.base import Stage
     from compresspipe.stages.context import StageContext
 
-CACHE_VERSION = 3  # 2: every curve carries the sha256 of its key, layer and points; 3: the key holds the code's source
+CACHE_VERSION = 2  # 2: every curve carries the sha256 of its key, layer and points (hand edits are found)
 
 
 def cache_root() -> Path:
@@ -68,10 +64,8 @@ class Scorer:
         self.samples = count
         digest = hashlib.sha256()
         for x, y in self.batches:
-            for t in (x, y):
-                t = t.detach().to("cpu").contiguous()
-                digest.update(f";{t.dtype}:{tuple(t.shape)}:".encode())
-                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(x.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(y.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.fingerprint = digest.hexdigest()
         self.calls = 0
 
@@ -89,88 +83,45 @@ class Scorer:
         return correct / self.samples, loss / self.samples
 
 
-def code_version(stage: object | None = None) -> dict[str, Any]:
-    """What of the code a cached curve depends on: compresspipe's and torch's versions, the cache format, and the
-    sha256 of this module's source and of the stage's package (a changed measurement is not mixed with old ones)."""
-    from compresspipe import __version__
-
-    files = [Path(__file__)]
-    if stage is not None:
-        module = sys.modules.get(type(stage).__module__)
-        source = getattr(module, "__file__", None)
-        if source:
-            files += sorted(Path(source).parent.glob("*.py"))
-    digest = hashlib.sha256()
-    for path in files:
-        try:
-            digest.update(f";{path.name}:".encode() + path.read_bytes())
-        except OSError:
-            digest.update(f";{path.name}:unreadable".encode())
-    return {"compresspipe": __version__, "torch": torch.__version__, "cache": CACHE_VERSION,
-            "source": digest.hexdigest()}
-
-
 class CurveCache:
     """Curves of one key: {layer: points}; read and merged under an exclusive lock.
 
     The key is what produced a curve: the model's hash, the stage's settings, the validation samples' fingerprint
-    and the code (`code_version`). The file holds the key's sha256 and each curve the sha256 of the key, its layer
-    and its points, checked on every read: a file or entry edited by hand, cut short, or written by other code is
-    measured again (`rejected` names what, `reason` says why; `read(log)` logs it) rather than trusted."""
+    and the code (compresspipe's version and the cache format). Each curve is stored with the sha256 of the key, its
+    layer and its points, checked on every read: an entry edited by hand, or written by other code, is measured
+    again (`rejected` names them) rather than trusted."""
 
-    def __init__(self, key: dict[str, Any], root: Path | None = None, stage: object | None = None):
-        key = {**key, "code": code_version(stage)}
+    def __init__(self, key: dict[str, Any], root: Path | None = None):
+        from compresspipe import __version__
+
+        key = {**key, "code": {"compresspipe": __version__, "cache": CACHE_VERSION}}
         text = json.dumps(key, sort_keys=True, default=str)
         self.key = key
         self.digest = hashlib.sha256(text.encode()).hexdigest()
         self.path = (root or cache_root()) / "sensitivity" / f"{self.digest[:32]}.json"
         self.rejected: list[str] = []
-        self.reason = ""
 
     def _seal(self, layer: str, points: list[dict[str, Any]]) -> str:
         body = json.dumps([self.digest, layer, points], sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
-    def read(self, log: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
-        """The curves that match their key and seal; `log` (if given) is told what was rejected and why."""
-        out = self._read()
-        if self.rejected and log is not None:
-            shown = ", ".join(self.rejected[:5]) + (f" and {len(self.rejected) - 5} more" if len(self.rejected) > 5
-                                                     else "")
-            log(f"sensitivity cache {self.path}: {shown}: {self.reason}; measured again")
-        return out
-
-    def _read(self) -> dict[str, list[dict[str, Any]]]:
-        self.rejected, self.reason = [], ""
-        if not self.path.exists():
-            return {}
+    def read(self) -> dict[str, list[dict[str, Any]]]:
         try:
             data = read_json(self.path)
-        except (OSError, ValueError) as exc:
-            self.rejected, self.reason = ["the whole file"], f"cannot be read as JSON ({type(exc).__name__})"
+        except (OSError, ValueError):
             return {}
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-            version = data.get("version") if isinstance(data, dict) else None
-            self.rejected = ["the whole file"]
-            self.reason = f"cache format {version!r}, this code writes {CACHE_VERSION}"
-            return {}
-        if data.get("key") != self.digest:
-            self.rejected = ["the whole file"]
-            self.reason = "its key does not match the sha256 of the model, data, settings and code it is filed under"
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("key") != self.digest:
+            self.rejected = ["(the whole file)"] if self.path.exists() else []
             return {}
         layers = data.get("layers")
-        if not isinstance(layers, dict):
-            self.rejected, self.reason = ["the whole file"], "it holds no curves"
-            return {}
         out: dict[str, list[dict[str, Any]]] = {}
-        for layer, entry in layers.items():
+        self.rejected = []
+        for layer, entry in (layers if isinstance(layers, dict) else {}).items():
             points = entry.get("points") if isinstance(entry, dict) else None
             if isinstance(points, list) and entry.get("sha256") == self._seal(layer, points):
                 out[layer] = points
             else:
                 self.rejected.append(layer)
-        if self.rejected:
-            self.reason = "curve(s) do not match the checksum of their content and of what produced them"
         return out
 
     def add(self, layer: str, points: list[dict[str, Any]]) -> None:
@@ -178,7 +129,7 @@ class CurveCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "a+") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                layers = {n: {"points": p, "sha256": self._seal(n, p)} for n, p in self._read().items()}
+                layers = {n: {"points": p, "sha256": self._seal(n, p)} for n, p in self.read().items()}
                 layers[layer] = {"points": points, "sha256": self._seal(layer, points)}
                 atomic_write_json(self.path, {"version": CACHE_VERSION, "key": self.digest, "settings": self.key,
                                               "layers": layers})
@@ -201,8 +152,11 @@ def measure(stage: Stage, state: ModelState, ctx: StageContext, settings: dict[s
     available = stage.sensitivity_layers(state, ctx)
     wanted = list(available) if layers is None else [n for n in layers if n in available]
     cache = CurveCache({"model": model_hash(state), "settings": settings, "data": scorer.fingerprint,
-                        "samples": scorer.samples}, stage=stage)
-    stored = cache.read(ctx.ui.log) if use_cache else {}
+                        "samples": scorer.samples})
+    stored = cache.read() if use_cache else {}
+    if cache.rejected:
+        ctx.ui.log(f"sensitivity cache {cache.path}: {len(cache.rejected)} curve(s) do not match the checksum of what "
+                   f"produced them ({', '.join(cache.rejected[:5])}); measured again")
     cached = {**stored, **(precomputed or {})}
     rows, hits = [], 0
     for name in wanted:
@@ -226,14 +180,6 @@ def measure(stage: Stage, state: ModelState, ctx: StageContext, settings: dict[s
         "cached_layers": hits, "measured_layers": len(rows) - hits, "seconds": round(time.perf_counter() - t0, 3),
         "cache": str(cache.path),
     }
-
-
-def allocation_cache(stage: Stage, state: ModelState, ctx: StageContext, settings: dict[str, Any],
-                     samples: int) -> CurveCache:
-    """The cache of a stage's allocation (a prune target's per-group amounts): keyed like a curve by the model, the
-    settings, the data (the recipe's data block and the validation samples the curves score) and the code."""
-    data = {"recipe": ctx.recipe.data.model_dump(mode="json"), "val": Scorer(ctx, samples).fingerprint}
-    return CurveCache({"allocation": settings, "model": model_hash(state), "data": data}, stage=stage)
 
 
 def monotone_drop(points: list[dict[str, Any]], settings: list[float]) -> list[float]:

@@ -60,57 +60,6 @@ def test_a_cache_entry_edited_by_hand_is_measured_again_not_trusted(tmp_path):
     assert any("do not match the checksum" in line and "c1" in line for line in logged), logged
 
 
-def test_a_cache_that_does_not_match_what_produced_it_is_rebuilt_and_the_log_says_why(tmp_path, monkeypatch):
-    import torch
-
-    cfg, ctx = _ctx(tmp_path, {"type": "prune", "amount": 0.5})
-    stage = PruneStage(cfg)
-    settings = stage.sensitivity_settings([0.5])
-    first = measure(stage, trained_cnn(), ctx, settings, samples=100)
-    path = Path(first["cache"])
-    logged: list[str] = []
-    ctx.ui.log = logged.append
-    for edit, why in [
-        (lambda d: "{ cut short", "cannot be read as JSON"),
-        (lambda d: json.dumps({**d, "key": "0" * 64}), "its key does not match"),
-        (lambda d: json.dumps({**d, "version": 1}), "cache format 1"),
-    ]:
-        path.write_text(edit(json.loads(path.read_text())))
-        logged.clear()
-        again = measure(stage, trained_cnn(), ctx, settings, samples=100)
-        assert again["measured_layers"] == 3 and again["layers"] == first["layers"], why
-        assert any(why in line and "measured again" in line for line in logged), (why, logged)
-        assert json.loads(path.read_text())["key"] != "0" * 64  # rebuilt: the next run trusts it again
-    # the code is part of the key: another torch (or compresspipe, or source of the stage) measures anew
-    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    other = measure(stage, trained_cnn(), ctx, settings, samples=100)
-    assert other["cached_layers"] == 0 and other["cache"] != first["cache"]
-
-
-def test_an_allocation_edited_by_hand_in_the_cache_is_allocated_again(tmp_path):
-    cfg, ctx = _ctx(tmp_path, {"type": "prune", "target": {"params": 0.5, "allocate": "global", "samples": 64}})
-    stage = PruneStage(cfg)
-    first = stage.run(trained_cnn(), ctx).details["allocation"]
-    files = [p for p in (tmp_path / ".cache" / "sensitivity").glob("*.json")
-             if "allocation" in json.loads(p.read_text())["layers"]]
-    assert len(files) == 1
-    data = json.loads(files[0].read_text())
-    data["layers"]["allocation"]["points"][0]["amounts"] = {g: 0.0 for g in first["amounts"]}  # prune nothing
-    files[0].write_text(json.dumps(data))
-    logged: list[str] = []
-    ctx.ui.log = logged.append
-    again = stage.run(trained_cnn(), ctx).details["allocation"]
-    assert again["amounts"] == first["amounts"]
-    assert any("allocation" in line and "do not match the checksum" in line for line in logged), logged
-    # the data is part of its key: the same settings with another data block allocate anew
-    recipe = digits_cnn_recipe()
-    recipe["stages"] = [{"type": "prune", "target": {"params": 0.5, "allocate": "global", "samples": 64}}]
-    recipe["data"]["eval_batch_size"] = 32
-    parsed, other_ctx = stage_context(tmp_path, recipe, "s", stage_dir=tmp_path / "stage")
-    notes = PruneStage(parsed.stages[0]).run(trained_cnn(), other_ctx).notes
-    assert not any("from the cache" in n for n in notes), notes
-
-
 def test_quantize_and_factorize_curves(tmp_path):
     cfg, ctx = _ctx(tmp_path, {"type": "quantize", "calibration": {"batches": 1}})
     stage = QuantizeStage(cfg)

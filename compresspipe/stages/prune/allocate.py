@@ -35,7 +35,7 @@ from torch import nn
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.metrics.modes import model_device
-from compresspipe.sensitivity.measure import allocation_cache, measure, monotone_drop
+from compresspipe.sensitivity.measure import CurveCache, measure, model_hash, monotone_drop
 
 if TYPE_CHECKING:
     from compresspipe.artifacts.model import ModelState
@@ -317,8 +317,8 @@ def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: _Sele
 
         settings["deploy"] = {"runtime": ctx.recipe.deploy_runtime(), "threads": ctx.recipe.deploy_threads(),
                               "machine": machine_record().get("cpu")}
-    cache = allocation_cache(stage, state, ctx, settings, target.samples)
-    hit = cache.read(ctx.ui.log).get("allocation")
+    cache = CurveCache({"allocation": settings, "model": model_hash(state)})
+    hit = cache.read().get("allocation")
     if hit:
         alloc = Allocation.from_json(hit[0])
         alloc.notes.append("allocation read from the cache (same model and settings)")
