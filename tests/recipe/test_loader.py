@@ -139,3 +139,48 @@ def test_recipe_layer_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clean"
+
+
+@pytest.mark.parametrize(("pin", "says"), [
+    ("0" * 64, "YAML read this one as a number"),  # unquoted digits: an int
+    ("1" * 30 + "e5", "YAML read this one as a number"),  # digits with one e: a float
+    ("[abc]", "YAML read this one as a list"),
+    ("true", "YAML read this one as a boolean"),
+    ("abc", "64 hexadecimal characters (0-9, a-f), as `sha256sum FILE` prints it; got 'abc' (3 characters)"),
+    ("'" + "0" * 64 + "'", "does not match its pin: the file's sha256 is"),
+])
+def test_a_pin_is_checked_at_its_line_and_a_bad_one_says_what_a_sha256_is(tmp_path, pin, says):
+    import hashlib
+
+    (tmp_path / "net.py").write_text("def build():\n    return None\n")
+    text = write_recipe(tmp_path, tiny_recipe(model={"python": "net.py:build", "sha256": "PIN"})).read_text()
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "sha256:" in t)
+    path = write_recipe(tmp_path, text.replace("PIN", pin))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, allow_code=True)
+    problem = info.value.problems[0]
+    assert (problem.line, problem.path) == (line, "model.sha256") and says in problem.message, problem
+    actual = hashlib.sha256((tmp_path / "net.py").read_bytes()).hexdigest()
+    assert load_recipe(write_recipe(tmp_path, text.replace("PIN", actual.upper())), allow_code=True).model.sha256 \
+        == actual  # upper case is the same sha256
+
+
+def test_module_pins_are_checked_at_their_line(tmp_path):
+    import hashlib
+
+    (tmp_path / "net.py").write_text("def build():\n    return None\n")
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    good = hashlib.sha256(b"X = 1\n").hexdigest()
+    path = write_recipe(tmp_path, tiny_recipe(model={"python": "net.py:build", "modules": {"helper.py": "f" * 64}}))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, allow_code=True)
+    problem = info.value.problems[0]
+    assert problem.path == "model.modules" and problem.line is not None and "helper.py" in problem.message
+    assert "restore the file, or update the pin" in problem.message
+    for bad, says in (({"../x.py": good}, "not the path of a .py file"), ({"helper.py": 0}, "quote it")):
+        with pytest.raises(RecipeError, match=says):
+            load_recipe(write_recipe(tmp_path, tiny_recipe(model={"python": "net.py:build", "modules": bad})),
+                        allow_code=True)
+    ok = load_recipe(write_recipe(tmp_path, tiny_recipe(model={"python": "net.py:build",
+                                                               "modules": {"helper.py": good}})), allow_code=True)
+    assert ok.model.modules == {"helper.py": good}
