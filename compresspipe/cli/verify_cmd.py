@@ -43,7 +43,7 @@ def verify(
                           escape("; ".join(row["problems"]) or row.get("details", "")))
         Console(highlight=False).print(table)
     if not result["ok"]:
-        bad = "; ".join([*result["problems"], *(r["stage"] for r in result["stages"] if not r["ok"])])
+        bad = ", ".join(r["stage"] for r in result["stages"] if not r["ok"]) or "; ".join(result["problems"])
         what = "files changed since the run" if fast else "run does not reproduce"
         Console(stderr=True).print(f"[bold red]error:[/] {what}: {escape(bad)}")
         raise typer.Exit(EXIT_GATE)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-SOURCE_KEYS = ("builtin", "torchvision", "timm", "huggingface", "python", "sha256", "modules", "kwargs")
+SOURCE_KEYS = ("builtin", "torchvision", "timm", "huggingface", "python", "sha256", "kwargs")
 
 
 def check_source(source: Any, allow_code: bool = False) -> dict[str, Any]:
@@ -86,10 +86,9 @@ def build_model(source: Mapping[str, Any], task: str = "classification") -> nn.M
 
         return hf.build(source["huggingface"], kwargs, task)
     elif source.get("python"):
-        return _build_python(str(source["python"]), source.get("sha256"), source.get("modules"), kwargs)[0]
+        return _build_python(str(source["python"]), source.get("sha256"), kwargs)
     else:
         raise InputError("a model source needs one of builtin, torchvision, timm, huggingface or python")
-    check_fits(_meta_params(factory, kwargs), f"model {label!r} with kwargs {kwargs}")
     try:
         return factory(**kwargs)  # type: ignore[no-any-return]
     except TypeError as exc:
@@ -98,60 +97,33 @@ def build_model(source: Mapping[str, Any], task: str = "classification") -> nn.M
         raise InputError(f"model {label!r} with kwargs {kwargs}: {exc}") from None
 
 
-def _meta_params(factory: Any, kwargs: dict[str, Any]) -> int | None:
-    """The parameter and buffer elements a library model would have, counted on the meta device (which allocates
-    nothing); None when it cannot be built there (the real build then says why)."""
-    try:
-        with torch.device("meta"):
-            module = factory(**kwargs)
-    except Exception:  # a model whose construction computes on its tensors: no estimate, the real build decides
-        return None
-    if not isinstance(module, nn.Module):
-        return None
-    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
-
-
-def check_fits(elements: int | None, what: str) -> None:
-    """Refuse, before it is built, a model whose float32 weights alone cannot fit in this machine's memory."""
-    from compresspipe.recipe.spec import size_problem
-
-    problem = size_problem(elements, what)
-    if problem:
-        raise InputError(problem)
-
-
-def _build_python(ref: str, sha256: str | None, modules: dict[str, str] | None,
-                  kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
-    """(the user's model, {path relative to its file's folder: sha256} of every local module its code imported)."""
-    from compresspipe.models.code import CodeChanged, load_factory, split_ref
+def _build_python(ref: str, sha256: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    from compresspipe.models.code import load_factory, split_ref
 
     path_text, name = split_ref(ref)
     path = Path(path_text)
     if not path.is_file():
         raise InputError(f"python model file not found: {path}")
     try:
-        factory = load_factory(path, name, sha256, modules)
+        factory = load_factory(path, name, sha256)
     except (PermissionError, ValueError, AttributeError) as exc:
         raise InputError(str(exc)) from None
     except Exception as exc:  # the user's module failed to import: say where, not a traceback of ours
         raise InputError(f"{path}: importing it failed ({type(exc).__name__}: {exc})") from None
     try:
         module = factory(**kwargs)
-    except CodeChanged as exc:
-        raise InputError(str(exc)) from None
     except Exception as exc:  # the user's factory: name it and what it raised
         raise InputError(f"{ref} with kwargs {kwargs} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
         raise InputError(f"{ref} returned {type(module).__name__}, not a torch.nn.Module")
-    return module, factory.modules
+    return module
 
 
 def recorded_source(spec: ModelSpec, task: str = "classification", num_classes: int | None = None,
                     classes: list[str] | None = None) -> dict[str, Any]:
     """The source an artifact records for a recipe's model block: a Hugging Face folder becomes its full config
     (label count and names from the data where the config does not fix them; the artifact then needs no folder),
-    a Python file gets its sha256 (a changed file is refused on reload; `build_recorded` adds the sha256 of every
-    module the file imports from its folder)."""
+    a Python file gets its sha256 (a changed file is refused on reload)."""
     source = spec.model_dump(mode="json", include=set(SOURCE_KEYS), exclude_none=True)
     if spec.huggingface is not None:
         from compresspipe.models import hf
@@ -179,17 +151,8 @@ def build_from_spec(spec: ModelSpec, task: str = "classification", num_classes: 
 
 
 def build_recorded(spec: ModelSpec, source: dict[str, Any], task: str) -> tuple[nn.Module, list[str]]:
-    """(the model built from its recorded source, with the spec's weights loaded; notes about the weights).
-
-    A `python:` source gets `modules` in `source`: the sha256 of every module its code imported from the file's
-    folder (or the recipe's pins, which the build checked)."""
-    if source.get("python"):
-        checked = check_source(source)
-        model, modules = _build_python(str(checked["python"]), checked.get("sha256"), checked.get("modules"),
-                                       dict(checked.get("kwargs") or {}))
-        source["modules"] = modules
-    else:
-        model = build_model(source, task)
+    """(the model built from its recorded source, with the spec's weights loaded; notes about the weights)."""
+    model = build_model(source, task)
     notes: list[str] = []
     if isinstance(spec.huggingface, str):
         from compresspipe.models import hf

@@ -101,31 +101,12 @@ def build(source: Any, kwargs: dict[str, Any], task: str) -> HFModel:
     if why:
         raise InputError(why)
     auto = getattr(transformers, HF_AUTO_CLASSES[which])
-    _check_size(auto, obj)
     try:
         model = auto.from_config(obj, attn_implementation=obj._attn_implementation)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InputError(f"cannot build {HF_AUTO_CLASSES[which]} for {obj.model_type!r}: {exc}") from None
     model.eval()
     return HFVisionModel(model) if which == "image_classification" else HFModel(model)
-
-
-def _check_size(auto: Any, obj: Any) -> None:
-    """Refuse a config whose weights cannot fit in memory before building it: estimated from its sizes (with the
-    config class's defaults filled in), else counted on a build on the meta device, which allocates nothing."""
-    from compresspipe.models.factory import check_fits
-    from compresspipe.recipe.spec import hf_param_estimate
-
-    what = f"Hugging Face config of model_type {obj.model_type!r}"
-    params = hf_param_estimate(obj.to_dict())
-    if params is None:
-        try:
-            with torch.device("meta"):
-                model = auto.from_config(obj, attn_implementation=obj._attn_implementation)
-            params = sum(p.numel() for p in model.parameters())
-        except Exception:  # cannot be built on meta: the real build decides
-            return
-    check_fits(params, what)
 
 
 def folder_weights(folder: Path) -> list[Path]:

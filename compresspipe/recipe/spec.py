@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -124,21 +123,6 @@ TIMM_REFUSED_KWARGS = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "ch
 SOURCES = ("builtin", "torchvision", "timm", "huggingface", "python")
 
 
-def sha256_text(value: Any) -> str:
-    """A sha256 as written by a user: 64 hexadecimal characters in a string (upper case is accepted)."""
-    if not isinstance(value, str):
-        kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "a mapping"}.get(
-            type(value), f"a {type(value).__name__}")
-        raise ValueError(f"a sha256 is 64 hexadecimal characters written as a string, and YAML read this one as "
-                         f"{kind} ({str(value)[:24]}): quote it, sha256: \"...\" (digits alone, or digits with one "
-                         "e, read as numbers)")
-    text = value.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", text):
-        raise ValueError(f"a sha256 is 64 hexadecimal characters (0-9, a-f), as `sha256sum FILE` prints it; got "
-                         f"{value[:80]!r} ({len(value)} characters)")
-    return text
-
-
 def check_hf_config(config: Any, where: str = "config", overrides: bool = False) -> dict[str, Any]:
     """A Hugging Face config mapping we may build: a known model_type and nothing that runs or fetches code.
     `overrides`: config values to apply on top of one (kwargs), which need no model_type."""
@@ -182,10 +166,7 @@ def _first_int(config: dict[str, Any], *keys: str) -> int | None:
 
 def hf_param_estimate(config: dict[str, Any]) -> int | None:
     """About how many parameters a transformers config asks for, from the sizes every family names (embedding,
-    attention and MLP per layer); a size the config leaves out is the model type's default, read from the installed
-    transformers' config class without importing it. None when no size is known. A lower bound: norms and biases
-    are left out."""
-    config = {**hf_config_defaults(str(config.get("model_type") or "")), **config}
+    attention and MLP per layer); None when it names none. A lower bound: norms and biases are left out."""
     hidden = _first_int(config, "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
     layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers")
     if hidden is None or layers is None:
@@ -197,94 +178,36 @@ def hf_param_estimate(config: dict[str, Any]) -> int | None:
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral") else 2
     experts = _first_int(config, "num_local_experts", "num_experts") or 1
     per_layer = 4 * hidden * hidden + gated * hidden * inner * max(experts, 1)
-    return max(0, vocab) * hidden + max(0, positions) * hidden + max(0, layers) * per_layer
-
-
-@functools.cache
-def hf_config_defaults(model_type: str) -> dict[str, int]:
-    """The integer defaults of a model type's config class (hidden size, layers, ...), read from the installed
-    transformers' source without importing it (transformers imports torch, and validate stays torch-free)."""
-    import ast
-    import importlib.util
-
-    spec = importlib.util.find_spec("transformers")
-    if not model_type or spec is None or not spec.submodule_search_locations:
-        return {}
-    folder = Path(list(spec.submodule_search_locations)[0]) / "models" / model_type.replace("-", "_")
-    for path in sorted(folder.glob("configuration_*.py")) if folder.is_dir() else []:
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, ValueError):
-            continue
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            found: dict[str, Any] = {}
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
-                    found[item.target.id] = item.value
-                elif isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name):
-                    found[item.targets[0].id] = item.value
-                elif isinstance(item, ast.FunctionDef) and item.name == "__init__":  # older releases: init defaults
-                    args = item.args.args[len(item.args.args) - len(item.args.defaults):] + item.args.kwonlyargs
-                    defaults = list(item.args.defaults) + [d for d in item.args.kw_defaults if d is not None]
-                    found.update({a.arg: d for a, d in zip(args, defaults, strict=False)})
-            kind = found.get("model_type")
-            if isinstance(kind, ast.Constant) and kind.value == model_type:
-                return {k: v.value for k, v in found.items() if isinstance(v, ast.Constant)
-                        and type(v.value) is int}
-    return {}
+    return vocab * hidden + positions * hidden + layers * per_layer
 
 
 def memory_bytes() -> int | None:
     """This machine's physical memory (Linux /proc/meminfo, else os.sysconf); None if unknown."""
-    return _meminfo("MemTotal") or _sysconf_memory()
+    import os
 
-
-def available_bytes() -> int | None:
-    """Memory available now without swapping (Linux MemAvailable); None if unknown."""
-    return _meminfo("MemAvailable")
-
-
-def _meminfo(key: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith(f"{key}:"):
+            if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
-
-
-def _sysconf_memory() -> int | None:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return None
 
 
-def size_problem(params: int | None, what: str) -> str | None:
-    """Why a model of `params` elements cannot be built here (its float32 weights alone need more than 80% of this
-    machine's memory), or None. The limit follows the machine's total memory, so the answer does not change with
-    what else runs at the moment."""
-    total = memory_bytes()
-    if params is None or total is None:
-        return None
-    need = 4 * params
-    if need <= 0.8 * total:
-        return None
-    available = available_bytes()
-    now = f", {available / 2**30:.1f} GiB of it available now" if available is not None else ""
-    return (f"{what} asks for about {params / 1e9:.3g}G parameters: {need / 2**30:,.1f} GiB of float32 weights "
-            f"alone (training needs about 4x that), and this machine has {total / 2**30:.1f} GiB of memory{now}; "
-            "make the model smaller (hidden size, layers, vocabulary)")
-
-
 def check_hf_size(config: dict[str, Any], where: str = "config") -> None:
     """Refuse a config whose float32 weights alone cannot fit in this machine's memory, before anything is built."""
-    problem = size_problem(hf_param_estimate(config), where)
-    if problem:
-        raise ValueError(problem)
+    params = hf_param_estimate(config)
+    total = memory_bytes()
+    if params is None or total is None:
+        return
+    need = 4 * params
+    if need > 0.8 * total:
+        raise ValueError(f"{where} asks for about {params / 1e9:.2f}G parameters: {need / 2**30:.1f} GiB of float32 "
+                         f"weights alone (training needs about 4x that), and this machine has {total / 2**30:.1f} GiB "
+                         "of memory; make the model smaller (hidden size, layers, vocabulary)")
 
 
 HF_AUTO_CLASSES = {
@@ -350,12 +273,8 @@ class ModelSpec(StrictModel):
         None, description="path/to/file.py:factory, a function or class returning your nn.Module (runs your code: "
                           "needs --allow-code on the command line)"
     )
-    sha256: str | None = Field(None, description="python: the file's sha256 (64 hex characters, quoted); a file "
-                                                 "with other contents is refused")
-    modules: dict[str, str] | None = Field(
-        None, description="python: the sha256 of each module the file imports from its folder, by path relative to "
-                          "it (a run records them in model.json; a module with other contents is refused)"
-    )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="python: the file's sha256; a file with other contents is refused")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor keyword arguments (huggingface: "
                                                                      "config overrides, e.g. num_labels)")
     weights: str | None = Field(None, description="torchvision weights; only none (offline)")
@@ -455,7 +374,10 @@ class ModelSpec(StrictModel):
     @field_validator("sha256", mode="before")
     @classmethod
     def _sha256_text(cls, value: Any) -> Any:
-        return None if value is None else sha256_text(value)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"a sha256 is 64 hexadecimal characters written as a string; YAML read this one as a "
+                             f"{type(value).__name__} ({str(value)[:20]}): quote it, sha256: \"...\"")
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -471,35 +393,6 @@ class ModelSpec(StrictModel):
             raise ValueError(f"{path} does not match its pin: the file's sha256 is {actual}; restore the file, or "
                              "update the pin if you changed it on purpose")
         return value
-
-    @field_validator("modules", mode="before")
-    @classmethod
-    def _modules_pins(cls, value: Any, info: ValidationInfo) -> Any:
-        """Pins of the modules beside the model file: relative .py paths to sha256s, each checked against its file
-        where it is written."""
-        if value is None:
-            return None
-        from compresspipe.models.code import MAX_MODULES, MODULE_KEY, code_changes, split_ref
-
-        if not isinstance(value, dict) or len(value) > MAX_MODULES:
-            raise ValueError(f"modules maps paths of .py files, relative to the model file's folder, to their sha256 "
-                             f"(at most {MAX_MODULES}); got {type(value).__name__}")
-        pins = {}
-        for key, pin in value.items():
-            if not isinstance(key, str) or not MODULE_KEY.match(key):
-                raise ValueError(f"modules: {key!r} is not the path of a .py file relative to the model file's folder "
-                                 "(no '..', not absolute)")
-            try:
-                pins[key] = sha256_text(pin)
-            except ValueError as exc:
-                raise ValueError(f"modules.{key}: {exc}") from None
-        python = info.data.get("python")
-        if python and (info.context or {}).get("check_paths", True):
-            changed = code_changes(Path(split_ref(python)[0]), None, pins)
-            if changed:
-                raise ValueError("; ".join(changed).replace("since the model was made", "from its pin") +
-                                 "; restore the file, or update the pin if you changed it on purpose")
-        return pins
 
     @field_validator("kwargs")
     @classmethod
@@ -544,15 +437,8 @@ class ModelSpec(StrictModel):
                                  "with checkpoint: path/to/file.safetensors")
         if self.huggingface is not None:
             check_hf_config(self.kwargs, "kwargs", overrides=True)
-            if self.kwargs:  # the config as it will be built: its own sizes, with kwargs on top
-                base = self.huggingface.config if isinstance(self.huggingface, HuggingFaceConfig) else (
-                    _read_hf_folder(Path(self.huggingface)) if (Path(self.huggingface) / "config.json").is_file()
-                    else None)
-                if base is not None:
-                    check_hf_size({**base, **self.kwargs}, "huggingface config with kwargs")
-        if (self.sha256 is not None or self.modules is not None) and self.python is None:
-            raise ValueError(f"{'sha256' if self.sha256 is not None else 'modules'} pins the code of a python: model; "
-                             "there is none here")
+        if self.sha256 is not None and self.python is None:
+            raise ValueError("sha256 pins the file of a python: model; there is none here")
         if self.input_shape is not None and self.inputs is not None:
             raise ValueError("give input_shape (one float input) or inputs (any inputs), not both")
         return self

@@ -219,8 +219,6 @@ def prepare(recipe: Recipe, fingerprint: bool = True) -> RunSetup:
             inputs["checkpoint"] = sha256_file(Path(recipe.model.checkpoint))
         if baseline.source.get("sha256"):
             inputs["model_code"] = baseline.source["sha256"]
-            if baseline.source.get("modules"):  # the modules it imports from its folder: resume and verify check them
-                inputs["model_modules"] = baseline.source["modules"]
     return RunSetup(recipe, device, stages, data, inputs, baseline)
 
 

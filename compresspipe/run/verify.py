@@ -103,9 +103,6 @@ def verify_run(run_dir: Path, tol: Tolerances | None = None, keep: Path | None =
     recipe, lock, original = read_run(run_dir)
     if fast:
         return _check_files(run_dir, recipe, lock, original)
-    changed = _code_problems(run_dir, recipe, lock, original)
-    if changed:  # a re-run would run other code: what it gives proves nothing about this run
-        return {**_check_files(run_dir, recipe, lock, original), "mode": "full", "deterministic": None}
     tol = tol or Tolerances()
     if keep is None:
         with tempfile.TemporaryDirectory(prefix="compresspipe-verify-") as tmp:
@@ -124,7 +121,7 @@ def _check_files(run_dir: Path, recipe: Any, lock: dict[str, Any], report: dict[
         run_problems.append("recipe.lock.yaml's recipe does not match its recorded sha256")
     if state_file.is_file() and _object(state_file, "run state").get("recipe") != lock.get("recipe"):
         run_problems.append("run.json and recipe.lock.yaml describe different recipes")
-    run_problems += _code_problems(run_dir, recipe, lock, report)
+    run_problems += _code_problems(recipe, lock)
     for row in _stage_rows(report, run_dir / "report.json"):
         problems = _manifest_problems(run_dir / row["folder"])
         files = row.get("files") or []
@@ -136,35 +133,23 @@ def _check_files(run_dir: Path, recipe: Any, lock: dict[str, Any], report: dict[
             "stages": rows}
 
 
-def _code_problems(run_dir: Path, recipe: Any, lock: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    """A `python:` model's file and the modules it imports from its folder must be the code the run was made from:
-    the sha256s in the lock and in every stage's model.json. Hashing reads the files and runs nothing, so this holds
-    with or without --allow-code."""
-    from compresspipe.models.code import code_changes, split_ref
+def _code_problems(recipe: Any, lock: dict[str, Any]) -> list[str]:
+    """A `python:` model's file must be the code the run was made from (its sha256 in the lock): hashing reads the
+    file and runs nothing, so this holds with or without --allow-code."""
+    from compresspipe.models.code import file_sha256, split_ref
 
-    recorded: list[tuple[str, Any, Any]] = []
-    inputs = lock.get("inputs") or {}
+    recorded = (lock.get("inputs") or {}).get("model_code")
     python = getattr(recipe.model, "python", None)
-    if python and inputs.get("model_code"):
-        recorded.append((python, inputs.get("model_code"), inputs.get("model_modules")))
-    for row in _stage_rows(report, run_dir / "report.json"):
-        desc = run_dir / row["folder"] / "model.json"
-        source = _object(desc, "model description").get("source") if desc.is_file() else None
-        if isinstance(source, dict) and isinstance(source.get("python"), str):
-            recorded.append((source["python"], source.get("sha256"), source.get("modules")))
-    problems: list[str] = []
-    for ref, sha256, modules in recorded:
-        if not isinstance(sha256, str) or not (modules is None or isinstance(modules, dict)):
-            raise ArtifactError(f"{run_dir}: the sha256 recorded for the model's code {ref} is not a sha256")
-        try:
-            path = Path(split_ref(ref)[0])
-        except ValueError as exc:
-            raise ArtifactError(f"{run_dir}: {exc}") from None
-        for change in code_changes(path, sha256, modules):
-            line = f"the model's code {change.replace('since the model was made', 'since the run')}"
-            if line not in problems:
-                problems.append(line)
-    return [f"{p}: the run's models were not made by this code" for p in problems]
+    if not recorded or not python:
+        return []
+    path = Path(split_ref(python)[0])
+    if not path.is_file():
+        return [f"the model's code {path} is missing (the run was made from sha256 {str(recorded)[:12]}...)"]
+    actual = file_sha256(path)
+    if actual != recorded:
+        return [f"the model's code {path} changed since the run (sha256 {str(recorded)[:12]}... then, {actual[:12]}... "
+                "now): the run's models were not made by this code"]
+    return []
 
 
 def _compare(run_dir: Path, recipe: Any, lock: dict, original: dict, out: Path, tol: Tolerances) -> dict[str, Any]:
