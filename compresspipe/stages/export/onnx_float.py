@@ -88,8 +88,6 @@ def add_metadata(path: Path, job: ExportJob) -> None:
     preprocessing (ONNX metadata_props, read with `sess.get_modelmeta().custom_metadata_map`)."""
     import json
 
-    import onnx
-
     io = job.io
     entries = {"compresspipe.task": io.task,
                "compresspipe.inputs": json.dumps([i.model_dump(mode="json") for i in io.inputs])}
@@ -97,6 +95,13 @@ def add_metadata(path: Path, job: ExportJob) -> None:
         entries["compresspipe.classes"] = json.dumps(io.classes)
     if io.preprocessing:
         entries["compresspipe.preprocessing"] = json.dumps(io.preprocessing)
+    set_metadata(path, entries)
+
+
+def set_metadata(path: Path, entries: dict[str, str]) -> None:
+    """Set these metadata_props of an ONNX file (others kept), read with `custom_metadata_map`."""
+    import onnx
+
     model = onnx.load(str(path), load_external_data=False)
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]

@@ -37,6 +37,7 @@ from compresspipe.stages.export.job import Exporter, ExportJob
 from compresspipe.stages.export.onnx_float import (
     add_metadata,
     available,
+    set_metadata,
     strip_debug_info,
     verify_onnx,
     write_onnx,
@@ -326,7 +327,7 @@ def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str]
             break
         k = min(2 * k, limit, len(candidates))
     job.float_layers = list(dict.fromkeys(n.rsplit("/", 1)[0] if "/" in n else n for n in kept_nodes))
-    _set_metadata(out, {FLOAT_LAYERS_KEY: ",".join(job.float_layers)})
+    set_metadata(out, {FLOAT_LAYERS_KEY: ",".join(job.float_layers)})
     verdict = "fits" if best["passed"] else "still does not fit"
     job.notes.append(f"model.int8.onnx: {len(kept_nodes)} of {quantized} quantized node(s) kept float (automatic mixed "
                      f"precision, deploy.fidelity): {', '.join(job.float_layers)}; agreement with the float model "
@@ -421,18 +422,6 @@ def _cause(node: Any, out_name: str, f_act: dict[str, list[np.ndarray]], consume
     if saturates:
         return "8-bit weights: this CPU's int8 kernels saturate (no VNNI); deploy.cpu: portable avoids it"
     return f"int8 rounding noise ({sqnr:.1f} dB signal-to-noise after it)"
-
-
-def _set_metadata(path: Path, entries: dict[str, str]) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    kept = [p for p in model.metadata_props if p.key not in entries]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in entries.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
 
 
 def float_layers_of(path: Path) -> list[str]:
