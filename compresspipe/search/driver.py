@@ -30,7 +30,7 @@ from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.run.workers import child_env
 from compresspipe.search import results
 from compresspipe.search.study import create_study, make_sampler, open_storage, redacted, storage_url
-from compresspipe.search.trial import SearchSetup, TrialRunner
+from compresspipe.search.trial import SearchSetup, TrialRunner, counts
 
 if TYPE_CHECKING:
     import optuna
@@ -112,11 +112,9 @@ def _open(setup: SearchSetup, loaded: LoadedRecipe | None, options: SearchOption
 
 
 def counted(study: optuna.Study) -> int:
-    """Trials that count against n_trials: all but the interrupted ones (their retry counts instead)."""
-    from optuna.trial import TrialState
-
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")))
+    """Trials that count against n_trials: all but the interrupted ones (their retry counts instead) and the
+    surplus ones (asked for by racing workers; they ran nothing)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if counts(t))
 
 
 def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:

@@ -30,6 +30,8 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial], objectives: list[str]) ->
     moved = {str(t.user_attrs["retry_of"]): t.user_attrs.get("folder") for t in trials if t.user_attrs.get("retry_of")}
     for t in trials:
         ua = t.user_attrs
+        if ua.get("surplus"):  # asked for by racing workers after the budget was reached: it ran nothing
+            continue
         state = STATE_NAMES.get(t.state.name, t.state.name.lower())
         if state == "failed" and ua.get("interrupted"):
             state = "interrupted"

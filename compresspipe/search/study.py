@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     import optuna
 
     from compresspipe.recipe.search import SearchSpec
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30
 MAX_RETRY = 3
@@ -85,11 +89,8 @@ def redacted(url: str) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Connect to the storage (creating its tables or file); InputError, saying why, where it cannot be reached."""
-    import warnings
-
     import optuna
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):])
@@ -109,10 +110,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             if db and db != ":memory:":
                 _ours_or_new(Path(db), _is_optuna_db, "an Optuna SQLite database")
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+        for w in caught:  # Optuna calls the heartbeat experimental: our choice, not the user's; logged, not shown
+            if issubclass(w.category, optuna.exceptions.ExperimentalWarning):
+                log.debug("optuna: %s", w.message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return storage
     except InputError:
         raise
     except Exception as exc:  # drivers raise their own types: unreachable host, bad credentials, no such driver

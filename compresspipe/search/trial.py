@@ -128,6 +128,27 @@ def find_donor(setup: SearchSetup, recipe: dict[str, Any], dirnames: list[str], 
     return (best[0] or Path()), best[1]
 
 
+class SurplusTrial(CompressPipeError):
+    """A trial asked for after the study already had n_trials (workers racing); it runs nothing."""
+
+
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts against n_trials: an interrupted one does not (its retry does), nor a surplus one."""
+    from optuna.trial import TrialState
+
+    return not (trial.state == TrialState.FAIL
+                and (trial.user_attrs.get("interrupted") or trial.user_attrs.get("surplus")))
+
+
+def surplus(study: optuna.Study, number: int, budget: int) -> bool:
+    """Whether trial `number` is past the budget: n_trials counted trials were numbered before it.
+
+    Trial numbers are handed out by the storage, one each, so of two workers that race for the last trial the
+    later-numbered one is surplus, whatever the order they check in."""
+    before = sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and counts(t))
+    return before >= budget
+
+
 class TrialRunner:
     """Optuna's objective: run one trial and hand back its objective values."""
 
@@ -142,8 +163,13 @@ class TrialRunner:
 
         setup, spec = self.setup, self.setup.spec
         t0 = time.perf_counter()
-        params = suggest(trial, spec)
         number = trial.number
+        if surplus(trial.study, number, spec.trials()):
+            # two workers saw n_trials - 1 counted and both asked for a trial: the one numbered later runs nothing
+            trial.set_user_attr("surplus", True)
+            self.last = None
+            raise SurplusTrial(f"trial {number}: the study already has its {spec.trials()} trial(s)")
+        params = suggest(trial, spec)
         self.last = number
         folder = setup.trial_dir(number)
         # a retried trial (Optuna's RetryFailedTrialCallback) arrives with the attributes of the one it retries

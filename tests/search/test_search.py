@@ -300,9 +300,14 @@ def test_two_workers_share_a_postgresql_study_and_another_machine_joins(tmp_path
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="s", storage=postgres_url.replace("postgresql://",
                                                                               "postgresql+psycopg://")).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
-    assert len({t.user_attrs["pid"] for t in trials}) == 2  # two processes ran them
+    # two workers may race for the last trial: the later-numbered one is surplus and runs nothing
+    ran = [t for t in trials if not t.user_attrs.get("surplus")]
+    assert [t.state.name for t in ran] == ["COMPLETE"] * 4
+    assert all(t.state.name == "FAIL" and "params" not in t.user_attrs and not t.params
+               for t in trials if t.user_attrs.get("surplus"))
+    assert len({t.user_attrs["pid"] for t in ran}) == 2  # two processes ran them
     doc = _doc(tmp_path / "a")
+    assert len(doc["trials"]) == 4
     assert doc["storage"].startswith("postgresql+psycopg://compresspipe@127.0.0.1:")
     # a worker on another machine joins by URL: it reads the search from the study; nothing is left to run,
     # so it writes the outputs from the storage alone
@@ -312,3 +317,37 @@ def test_two_workers_share_a_postgresql_study_and_another_machine_joins(tmp_path
     assert yaml.safe_load((tmp_path / "b" / "best.yaml").read_text()) == \
         yaml.safe_load((tmp_path / "a" / "best.yaml").read_text())
     assert os.path.isdir(tmp_path / "a" / "trials")
+
+
+def test_workers_racing_for_the_last_trial_run_n_trials_and_the_surplus_one_runs_nothing(tmp_path):
+    """Two workers that both see n_trials - 1 counted trials both ask for one; trial numbers come from the storage,
+    so the later-numbered one is surplus whatever order they check in: it fails at once, without running, and
+    counts nowhere (not in n_trials, not in search.json)."""
+    import optuna
+
+    from compresspipe.search.driver import counted
+    from compresspipe.search.results import trial_rows
+    from compresspipe.search.trial import SurplusTrial, TrialRunner, surplus
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    first = study.ask()
+    study.tell(first, 1.0)
+    racing = [study.ask(), study.ask()]  # budget 2: both asked while one trial was counted
+    assert not surplus(study, racing[0].number, 2) and surplus(study, racing[1].number, 2)
+    # the later one is surplus even when it checks first and the earlier one has not finished
+    from types import SimpleNamespace
+
+    setup = SimpleNamespace(spec=SimpleNamespace(trials=lambda: 2))  # all a surplus trial reads of its search
+    with pytest.raises(SurplusTrial):
+        TrialRunner(setup)(racing[1])  # type: ignore[arg-type]
+    assert racing[1].user_attrs == {"surplus": True} and racing[1].params == {}
+    study.tell(racing[1], state=optuna.trial.TrialState.FAIL)
+    study.tell(racing[0], 2.0)
+    assert counted(study) == 2
+    rows = trial_rows(study.get_trials(), ["accuracy_drop"])
+    assert [r["number"] for r in rows] == [0, 1]
+    # an interrupted trial does not count either: the one asked after it is not surplus
+    interrupted = study.ask()
+    interrupted.set_user_attr("interrupted", True)
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    assert counted(study) == 2 and not surplus(study, study.ask().number, 3)
