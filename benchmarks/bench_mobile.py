@@ -1,4 +1,4 @@
-"""The mobile zoo: mobile-class networks from torchvision and timm, each trained briefly on synthetic images, through
+"""The mobile zoo: mobile-class networks from torchvision and timm, each trained briefly on the bundled digits (upsampled to 3x32x32), through
 prune -> static int8 -> export with default settings, in ONNX Runtime on this machine's CPU.
 
 Models (no weights are downloaded: every model starts from its own random init and is trained here):
@@ -35,8 +35,7 @@ def recipe(model: dict[str, Any]) -> dict[str, Any]:
     return {
         "compresspipe": 1, "name": "mobile", "seed": 0, "device": "cpu",
         "model": {**model, "input_shape": [3, 32, 32]},
-        "data": {"dataset": "synthetic", "shape": [3, 32, 32], "num_classes": 10, "samples": 2048, "noise": 1.0,
-                 "batch_size": 64, "eval_batch_size": 64},
+        "data": {"dataset": "digits", "size": 32, "channels": 3, "batch_size": 64, "eval_batch_size": 64},
         "evaluate": {"latency": {"batch_sizes": [1, 32], "warmup": 3, "iters": 20, "threads": 1}},
         "deploy": {"runtime": "onnxruntime", "rounds": 7},
         "stages": [

@@ -16,6 +16,9 @@ class DigitsData(DataConfig):
     """scikit-learn's bundled handwritten digits: 1,797 8x8 images, 10 classes, no download."""
 
     dataset: Literal["digits"]
+    size: int = Field(8, ge=8, le=224, description="side of the images: 8 as bundled, or upsampled (bilinear) for "
+                                                   "models that need larger inputs (a MobileNet at 32)")
+    channels: Literal[1, 3] = Field(1, description="1 as bundled, or 3 (the gray channel repeated) for RGB models")
     loader: ClassVar[str] = "compresspipe.data.sources:load_digits"
     preprocessing: ClassVar[str] = "8x8 grayscale, pixel values 0..16 divided by 16 (float32 in [0, 1]), NCHW"
 

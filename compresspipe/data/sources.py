@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from compresspipe.data.config import ImageFolderData, SyntheticData, SyntheticTextData, TensorsData
+from compresspipe.data.config import (
+    DigitsData,
+    ImageFolderData,
+    SyntheticData,
+    SyntheticTextData,
+    TensorsData,
+)
 from compresspipe.errors import InputError, RegistryError
 from compresspipe.recipe.spec import DataConfig, InputTensor
 from compresspipe.registry import import_ref
@@ -322,14 +328,23 @@ def _check_labels(name: str, task: str, splits: list[torch.Tensor | None], given
 # --- builtin loaders -------------------------------------------------------------------------------
 
 
-def load_digits(config: DataConfig, seed: int, input_shape: tuple[int, ...] | None = None) -> Loaded:
-    """scikit-learn's bundled 8x8 digits, scaled to [0, 1], as (N, 1, 8, 8)."""
+def load_digits(config: DigitsData, seed: int, input_shape: tuple[int, ...] | None = None) -> Loaded | LoadedData:
+    """scikit-learn's bundled 8x8 digits, scaled to [0, 1], as (N, 1, 8, 8); with `size` and `channels`,
+    upsampled (bilinear, corners aligned) and the gray channel repeated, as (N, channels, size, size)."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
     inputs = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
-    return inputs, labels, 10
+    if config.size == 8 and config.channels == 1:
+        return inputs, labels, 10
+    if config.size != 8:
+        inputs = torch.nn.functional.interpolate(inputs, size=(config.size, config.size), mode="bilinear",
+                                                 align_corners=True).clamp(0.0, 1.0)
+    inputs = inputs.expand(-1, config.channels, -1, -1).contiguous()
+    prep = {"description": config.preprocessing, "resize": [config.size, config.size], "interpolation": "bilinear",
+            "channels": config.channels}
+    return LoadedData(dataset=TensorDataset(inputs, labels), num_classes=10, preprocessing=prep)
 
 
 def load_synthetic(config: SyntheticData, seed: int, input_shape: tuple[int, ...] | None = None) -> Loaded:

@@ -47,6 +47,23 @@ def test_digits_shapes_and_classes():
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
 
 
+def test_digits_upsampled_to_rgb_for_mobile_models_keep_their_samples_and_say_so():
+    small = load_data(DigitsData(dataset="digits"), seed=0)
+    big = load_data(DigitsData(dataset="digits", size=32, channels=3), seed=0)
+    assert big.input_shape == (3, 32, 32) and len(big.val) == len(small.val)
+    x, y = big.val[0]
+    x8, y8 = small.val[0]
+    assert int(y) == int(y8)  # the same split, sample for sample
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # gray repeated
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # corners aligned: the corner pixels are the bundled ones
+    assert torch.isclose(x[0, 0, 0], x8[0, 0, 0]) and torch.isclose(x[0, -1, -1], x8[0, -1, -1])
+    assert big.preprocessing is not None and big.preprocessing["resize"] == [32, 32]
+    assert big.preprocessing["channels"] == 3
+    with pytest.raises(ValueError):
+        DigitsData(dataset="digits", channels=2)
+
+
 def test_splits_are_deterministic_disjoint_and_calibration_is_from_train(tmp_path):
     config = TensorsData(dataset="tensors", path=str(_index_file(tmp_path)), calibration_samples=7)
     a, b = load_data(config, seed=3), load_data(config, seed=3)
