@@ -147,6 +147,18 @@ def _fold_bn(report: dict[str, Any], run: Path) -> None:
     assert folded["accuracy"] == train["accuracy"]
 
 
+def _causal_lm(report: dict[str, Any], run: Path) -> None:
+    baseline, train, pruned = report["stages"]
+    perplexity = train["metrics"]["perplexity"]
+    assert perplexity < 0.2 * baseline["metrics"]["perplexity"]
+    unigram = json.loads((run / "01-train" / "model.json").read_text())["io"]["preprocessing"]["unigram_perplexity"]
+    assert perplexity < unigram  # real text: even two tiny epochs beat token frequencies
+    assert pruned["kind"] == "structural" and pruned["params"] < train["params"]
+    assert "attention heads per layer now [2, 2]" in " ".join(pruned["notes"])
+    config = load_model(run / pruned["folder"]).module.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
+
+
 # recipe -> (--set overrides that bring it down to seconds, what its finished run must show)
 BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
     "quickstart.yaml": (["stages.train.epochs=2", "stages.prune.finetune.epochs=1", "stages.distill.epochs=1",
@@ -165,6 +177,9 @@ BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
                                "model.huggingface.config.intermediate_size=64", "data.vocab_size=64",
                                "stages.0.epochs=2", "stages.0.lr=3.0e-3", "stages.1.finetune.epochs=1",
                                "gates=null", "evaluate.latency.batch_sizes=[1]", *FAST], _huggingface_text),
+    "causal_lm.yaml": (["data.max_chars=15000", "data.seq_len=32", "model.huggingface.config.hidden_size=64",
+                        "model.huggingface.config.intermediate_size=128", "stages.0.epochs=2", "stages.0.lr=1.0e-2",
+                        "stages.1.finetune.epochs=1", "evaluate.latency.batch_sizes=[1]", *FAST], _causal_lm),
     "timm.yaml": (["data.samples=128", "data.shape=[3, 16, 16]", "model.input_shape=[3, 16, 16]",
                    "model.timm=resnet10t", "stages.0.epochs=1", "stages.1.finetune.epochs=1",
                    "stages.2.calibration.batches=1", "gates=null", "evaluate.latency.batch_sizes=[1]",

@@ -41,6 +41,7 @@ EDITS: Registry[EditKind] = Registry("edit kind", "compresspipe.edits")
 EDITS.register("resize", "compresspipe.artifacts.edits:RESIZE")
 EDITS.register("replace", "compresspipe.artifacts.edits:REPLACE")
 EDITS.register("quantize", "compresspipe.stages.quantize.layers:QUANTIZE")
+EDITS.register("decoder", "compresspipe.stages.prune.decoder:DECODER")
 
 
 class EditModel(BaseModel):

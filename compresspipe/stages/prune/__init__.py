@@ -117,13 +117,20 @@ class PruneConfig(StageConfig):
     round_to: PositiveInt | None = Field(None, description="structured: keep channel counts a multiple of this")
     heads: Amount | None = Field(
         None, description="transformers: fraction of each attention layer's heads to remove, whole heads (Hugging Face "
-                          "BERT-style and ViT, timm ViT); default: amount"
+                          "BERT-style and ViT, timm ViT, decoder LMs); default: amount"
     )
     hidden: bool = Field(
         False, description="structured: also prune the residual stream (the width every block adds to and LayerNorm "
                            "normalises: a transformer's hidden size, embeddings included). Default: attention heads "
                            "and MLP width only, which keeps the embeddings and every residual addition intact"
     )
+    blocks: Amount | None = Field(
+        None, description="decoder LMs (Llama/Mistral/Qwen2, GPT-2): fraction of whole decoder blocks to remove, those "
+                          "that change their input least on calibration batches (default: none)")
+    kv_groups: Literal["whole", "queries"] = Field(
+        "whole", description="decoder LMs with grouped-query attention: whole: remove whole key/value groups (a KV "
+                             "head with its query heads; the KV cache shrinks too); queries: remove the same number "
+                             "of query heads from every group (every KV head stays)")
     finetune: PruneFinetune | None = Field(None, description="recovery training after each step (none: no training)")
 
     implementation: ClassVar[str] = "compresspipe.stages.prune.stage:PruneStage"
@@ -135,6 +142,8 @@ class PruneConfig(StageConfig):
         if (self.amount is None) == (self.target is None):
             raise ValueError("give amount (the fraction to remove) or target (what the model must reach), "
                              + ("not both" if self.amount is not None else "e.g. amount: 0.5 or target: {macs: 0.25}"))
+        if self.blocks and self.method == "magnitude":
+            raise ValueError("blocks removes whole decoder blocks: it needs method structured or random")
         if self.target is not None:
             if self.method == "magnitude":
                 raise ValueError("a target needs method structured or random: magnitude pruning zeroes weights and "

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
-from collections.abc import Callable
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,6 +34,7 @@ from compresspipe.stages.prune import (
     PruneFinetune,
     step_amounts,
 )
+from compresspipe.stages.prune.decoder import Decoder, find_decoder
 from compresspipe.stages.select import classifier_head, matches, select_layers
 from compresspipe.training.losses import distillation_loss
 
@@ -190,14 +196,18 @@ def attention_modules(model: nn.Module) -> list[_Attention]:
     return found
 
 
-def residual_layers(model: nn.Module, example: Any, names: list[str]) -> list[str]:
+def residual_layers(model: nn.Module, example: Any, names: list[str], where: list[str] | None = None) -> list[str]:
     """Of `names`, the layers whose output channels are the residual stream: pruning them would prune the width
-    every block shares (tied to a LayerNorm or an embedding in the dependency graph)."""
+    every block shares (tied to a LayerNorm or an embedding in the dependency graph). `where` collects the layer
+    being analysed (for a time bound's message)."""
     if not any(isinstance(m, nn.LayerNorm | nn.Embedding) for m in model.modules()):
         return []
+    where = where if where is not None else []
+    where.append("the trace of the whole model")
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     out = []
     for name in names:
+        where.append(name)
         module = model.get_submodule(name)
         fn = graph.get_pruner_of_module(module)
         if module not in graph.module2node or fn is None:
@@ -206,6 +216,45 @@ def residual_layers(model: nn.Module, example: Any, names: list[str]) -> list[st
         if any(isinstance(dep.target.module, nn.LayerNorm | nn.Embedding) for dep, _ in group):
             out.append(name)
     return out
+
+
+GRAPH_SECONDS = 120.0  # Torch-Pruning's dependency analysis of one model, at most
+
+
+class _GraphTimeout(BaseException):
+    """Raised by the alarm inside Torch-Pruning (a BaseException, so its own `except Exception` cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def graph_time_bound(ctx: StageContext, layers: int, where: list[str]) -> Iterator[None]:
+    """Torch-Pruning's dependency analysis with a progress line and a time bound (GRAPH_SECONDS): past it, a
+    StageConfigError naming the layer it was on. The bound needs the main thread (signals); elsewhere the analysis
+    runs unbounded, with the same line."""
+    ui = getattr(ctx, "ui", None)  # absent where a caller drives the stage without a run (tests, tools)
+    log = ui.log if ui is not None else (lambda _message: None)
+    log(f"{ctx.name}: Torch-Pruning traces the model and groups the channels of {layers} layer(s) "
+        f"(at most {GRAPH_SECONDS:.0f} s)")
+    start = time.monotonic()
+    bounded = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+
+    def alarm(_signum: int, _frame: Any) -> None:
+        raise _GraphTimeout
+
+    old = signal.signal(signal.SIGALRM, alarm) if bounded else None
+    if bounded:
+        signal.setitimer(signal.ITIMER_REAL, GRAPH_SECONDS)
+    try:
+        yield
+    except _GraphTimeout:
+        at = f" (at {where[-1]})" if where else ""
+        raise StageConfigError(ctx.name, f"Torch-Pruning's dependency analysis did not finish within "
+                                         f"{GRAPH_SECONDS:.0f} s{at}: structured pruning cannot handle this model in "
+                                         "bounded time; exclude that layer, or use method: magnitude") from None
+    finally:
+        if bounded:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    log(f"{ctx.name}: dependency analysis done in {time.monotonic() - start:.1f} s")
 
 
 def _feeds_output(group: Any) -> bool:
@@ -217,6 +266,8 @@ class PruneStage(Stage[PruneConfig]):
         cfg, out = self.config, []
         if cfg.importance == "taylor" and cfg.method != "random":
             out.append(Need("calibration_data", why="importance: taylor"))
+        elif cfg.blocks and cfg.method != "random":
+            out.append(Need("calibration_data", why="blocks"))
         if cfg.finetune is not None and cfg.finetune.epochs > 0:
             out.append(Need("train_data", why="finetune"))
             if cfg.finetune.distill is not None:
@@ -273,6 +324,13 @@ class PruneStage(Stage[PruneConfig]):
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         cfg = self.config
+        dec = self._decoder_model(state, ctx)
+        if dec is not None:
+            new = state.clone()
+            rows, _, notes, amounts = self._decoder(new, ctx, dec, finetune=False)
+            return StagePlan(state=new, layers=amounts,
+                             notes=[f"shapes after {cfg.steps} pruning step(s); fine-tuning is skipped in the plan",
+                                    *notes])
         sel = resolve_selection(cfg, state.module, ctx.name)
         if cfg.method == "magnitude":
             return StagePlan(layers=dict(sel.amounts), notes=[MASK_ONLY_NOTE])
@@ -290,6 +348,9 @@ class PruneStage(Stage[PruneConfig]):
 
     def run(self, state: ModelState, ctx: StageContext) -> StageResult:
         cfg = self.config
+        dec = self._decoder_model(state, ctx)
+        if dec is not None:
+            return self._run_decoder(state, ctx, dec)
         sel = resolve_selection(cfg, state.module, ctx.name)
         alloc = self._allocate(state, ctx, sel) if cfg.method != "magnitude" else None
         final = cfg.amount if cfg.amount is not None else max(sel.amounts.values(), default=0.0)
@@ -327,6 +388,148 @@ class PruneStage(Stage[PruneConfig]):
         self._write_resolved(ctx, sel, schedule, rows, alloc)
         return StageResult(state=state, kind=kind, notes=notes, details=details)
 
+    # -- decoder LMs: heads, MLP width and blocks by the blocks' known structure ----------------------
+
+    def _decoder_model(self, state: ModelState, ctx: StageContext) -> Decoder | None:
+        """The decoder blocks when structured pruning meets a Hugging Face causal LM; refuses what its config cannot
+        state (blocks differing from each other) and `blocks` on any other model."""
+        cfg = self.config
+        if cfg.method == "magnitude":
+            return None
+        dec = find_decoder(state.module, ctx.name)
+        if dec is None:
+            if cfg.blocks:
+                raise StageConfigError(ctx.name, "blocks: removes whole blocks of decoder LMs (Llama/Mistral/Qwen2, "
+                                                 "GPT-2); this model is none")
+            return None
+        unsupported = [what for what, given in (("per_layer", cfg.per_layer), ("target", cfg.target),
+                                                ("scope: global", cfg.scope == "global"), ("hidden: true", cfg.hidden))
+                       if given]
+        if unsupported:
+            raise StageConfigError(ctx.name, f"{', '.join(unsupported)}: not available for decoder LMs: their Hugging "
+                                             "Face config holds one head count and one MLP width for every block, so "
+                                             "every block is pruned alike; give amount (MLP width), heads and blocks")
+        return dec
+
+    def _decoder_units(self, model: nn.Module, dec: Decoder, stage: str) -> tuple[bool, bool]:
+        """Whether include/exclude select the attention and the MLP of the blocks: of every block or of none."""
+        cfg = self.config
+        first = dec.blocks[0]
+        kinds = (type(model.get_submodule(first.attention)), type(model.get_submodule(first.mlp)))
+        chosen = select_layers(model, cfg.include, cfg.exclude, kinds, stage, allow_empty=True)
+        out = []
+        for what, names in (("attention", [b.attention for b in dec.blocks]), ("MLP", [b.mlp for b in dec.blocks])):
+            picked = [n for n in names if n in chosen]
+            if 0 < len(picked) < len(names):
+                raise StageConfigError(stage, f"include/exclude select the {what} of {len(picked)} of {len(names)} "
+                                              f"decoder blocks ({', '.join(picked[:3])}); a Hugging Face config holds "
+                                              "one size for every block: select all of them or none")
+            out.append(bool(picked))
+        if not any(out) and not cfg.blocks:
+            raise StageConfigError(stage, f"include {cfg.include} / exclude {cfg.exclude} select no attention or MLP "
+                                          f"of the decoder blocks ({first.attention}, {first.mlp}, ...)")
+        return out[0], out[1]
+
+    def _decoder(self, state: ModelState, ctx: StageContext, dec: Decoder, finetune: bool
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], dict[str, float]]:
+        """Prune a decoder LM in `steps` steps: rows, fine-tuning history, notes and the amount per unit."""
+        from compresspipe.artifacts.edits import resize_edit, shape_snapshot
+        from compresspipe.stages.prune import decoder as d
+
+        cfg, model = self.config, state.module
+        attention, mlp = self._decoder_units(model, dec, ctx.name)
+        head_amount = ((cfg.amount or 0.0) if cfg.heads is None else cfg.heads) if attention else 0.0
+        mlp_amount = (cfg.amount or 0.0) if mlp else 0.0
+        block_amount = cfg.blocks or 0.0
+        scorer = self.importance().weight
+        device = model_device(model)
+        alive = list(range(len(dec.blocks)))  # original index of each block still there
+        history: list[dict[str, Any]] = []
+        notes: list[str] = []
+        sizes = d.Sizes(dec.heads, dec.kv_heads, dec.intermediate, alive)
+        for step in range(1, cfg.steps + 1):
+            heads_now, mlp_now, blocks_now = (step_amounts(a, cfg.steps, cfg.schedule)[step]
+                                              for a in (head_amount, mlp_amount, block_amount))
+            sizes, found = d.target_sizes(dec, heads_now, mlp_now, blocks_now, cfg.kv_groups, cfg.round_to)
+            notes += [n for n in found if n not in notes]
+            now = find_decoder(model, ctx.name)
+            assert now is not None  # noqa: S101 - pruning keeps it a decoder
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.seed + step)
+                keep = list(range(len(now.blocks)))
+                if len(sizes.keep_blocks) < len(keep):
+                    if cfg.method == "random":
+                        influence = torch.rand(len(keep)).tolist()
+                    else:
+                        batches = (to_device(x, device) for x, _ in ctx.batches("calibration", cfg.calibration_batches))
+                        influence = d.block_influence(model, now, batches, functools.partial(forward, model))
+                    ranked = sorted(keep, key=lambda i: (-influence[i], i))
+                    keep = sorted(ranked[:len(sizes.keep_blocks)])
+                sizes.keep_blocks = keep
+                state.apply(d.decoder_edit(dec, sizes))
+                model = state.module
+                alive = [alive[i] for i in keep]
+                now = find_decoder(model, ctx.name)
+                assert now is not None  # noqa: S101
+                if cfg.method != "random" and cfg.importance == "taylor":
+                    _calibration_grads(model, ctx, cfg.calibration_batches)
+                before = shape_snapshot(model)
+                for block in now.blocks:
+                    d.prune_attention(now, model.get_submodule(block.attention), sizes, scorer)
+                    d.prune_mlp(now, model.get_submodule(block.mlp), sizes.intermediate, scorer)
+                state.record(resize_edit(before, model))
+            model.zero_grad(set_to_none=True)
+            model.eval()
+            if finetune:
+                record = self._finetune(model, ctx, step)
+                if record is not None:
+                    history.append(record)
+        final = find_decoder(model, ctx.name)
+        assert final is not None  # noqa: S101
+        group = "whole key/value groups" if cfg.kv_groups == "whole" and dec.kv_heads > 1 else "query heads per group"
+        kv = ("multi-head attention" if dec.kv_heads == dec.heads
+              else f"key/value heads {dec.kv_heads} -> {final.kv_heads}; {group}")
+        removed = [dec.blocks[i].name for i in range(len(dec.blocks)) if i not in alive]
+        notes.insert(0, f"decoder LM ({dec.family} blocks, by their structure): attention heads {dec.heads} -> "
+                        f"{final.heads} per block ({kv}), MLP "
+                        f"width {dec.intermediate} -> {final.intermediate}, blocks {len(dec.blocks)} -> "
+                        f"{len(final.blocks)}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        notes.append(f"attention heads per layer now {[final.heads] * len(final.blocks)}")
+        if dec.family == "gpt2" and final.heads != dec.heads:
+            notes.append("GPT-2's config cannot state fewer heads (its head size is n_embd / n_head): the artifact "
+                         "reloads (its edits say so), but a Hugging Face folder of this model would not")
+        rows: list[dict[str, Any]] = []
+        for new_index, old_index in enumerate(alive):
+            block = final.blocks[new_index]
+            rows.append({"layer": block.attention, "unit": "attention", "block before": old_index,
+                         "before": f"{dec.heads} heads / {dec.kv_heads} kv", "requested": head_amount,
+                         "after": f"{final.heads} heads / {final.kv_heads} kv"})
+            rows.append({"layer": block.mlp, "unit": "mlp", "block before": old_index, "before": dec.intermediate,
+                         "requested": mlp_amount, "after": final.intermediate})
+        for name in removed:
+            rows.append({"layer": name, "unit": "block", "block before": int(name.rsplit(".", 1)[1]),
+                         "before": "kept", "requested": block_amount, "after": "removed"})
+        amounts = {b.attention: head_amount for b in dec.blocks} | {b.mlp: mlp_amount for b in dec.blocks}
+        if block_amount:
+            amounts[dec.layers] = block_amount
+        return rows, history, notes, amounts
+
+    def _run_decoder(self, state: ModelState, ctx: StageContext, dec: Decoder) -> StageResult:
+        cfg = self.config
+        params_before = sum(p.numel() for p in state.module.parameters())
+        rows, history, found, amounts = self._decoder(state, ctx, dec, finetune=True)
+        params_after = sum(p.numel() for p in state.module.parameters())
+        notes = [f"structural: parameters {params_before} -> {params_after} "
+                 f"({params_before / max(params_after, 1):.2f}x fewer)", *found]
+        if cfg.steps > 1 and (cfg.finetune is None or cfg.finetune.epochs == 0):
+            notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
+        final = cfg.amount or 0.0
+        schedule = step_amounts(final, cfg.steps, cfg.schedule)
+        self._write_resolved(ctx, _Selection(amounts, None), schedule, rows)
+        details: dict[str, Any] = {"method": cfg.method, "schedule": schedule, "finetune": history,
+                                   "tables": {"per layer": rows}}
+        return StageResult(state=state, kind="structural", notes=notes, details=details)
+
     # -- sensitivity: one group pruned alone at several ratios -------------------------------------
 
     def sensitivity_settings(self, ratios: list[float] | None = None) -> dict[str, Any] | None:
@@ -341,6 +544,9 @@ class PruneStage(Stage[PruneConfig]):
     def sensitivity_layers(self, state: ModelState, ctx: StageContext) -> dict[str, dict[str, Any]]:
         from compresspipe.stages.prune.allocate import example_input, groups
 
+        if self._decoder_model(state, ctx) is not None:
+            raise StageConfigError(ctx.name, "per-layer sensitivity of decoder LMs is not available yet: every block "
+                                             "is pruned alike (heads, MLP width, blocks)")
         sel = resolve_selection(self.config, state.module, ctx.name)
         found = groups(state.module, example_input(state), list(sel.amounts))
         return {g.root: {"type": type(state.module.get_submodule(g.root)).__name__, "channels": g.channels,
@@ -586,17 +792,22 @@ class PruneStage(Stage[PruneConfig]):
         with torch.no_grad():
             out_shape = tuple(forward(model, example).shape)
         attention = attention_modules(model)
-        if not cfg.hidden:
-            kept = residual_layers(model, example, [n for n, a in sel.amounts.items() if a > 0])
-            for name in kept:
-                sel.amounts.pop(name)
-            if kept:
-                sel.notes.append(f"{len(kept)} layer(s) write the residual stream and keep their width "
-                                 f"({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}); hidden: true prunes it")
-            if not sel.amounts:
-                raise StageConfigError(ctx.name, "every selected layer writes the residual stream; set hidden: true "
-                                                 "to prune the hidden size, or select attention and MLP layers")
-        pruners = self._pruners(model, example, sel, ctx.name, notes if notes is not None else [], attention)
+        where: list[str] = []
+        with graph_time_bound(ctx, len(sel.amounts), where):
+            if not cfg.hidden:
+                kept = residual_layers(model, example, [n for n, a in sel.amounts.items() if a > 0], where)
+                for name in kept:
+                    sel.amounts.pop(name)
+                if kept:
+                    sel.notes.append(f"{len(kept)} layer(s) write the residual stream and keep their width "
+                                     f"({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}); hidden: true prunes "
+                                     "it")
+                if not sel.amounts:
+                    raise StageConfigError(ctx.name, "every selected layer writes the residual stream; set hidden: "
+                                                     "true to prune the hidden size, or select attention and MLP "
+                                                     "layers")
+            where.append("the pruner's grouping of the selected layers")
+            pruners = self._pruners(model, example, sel, ctx.name, notes if notes is not None else [], attention)
         history: list[dict[str, Any]] = []
         for step in range(1, cfg.steps + 1):
             if cfg.method != "random" and cfg.importance == "taylor":
