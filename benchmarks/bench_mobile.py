@@ -39,9 +39,9 @@ def recipe(model: dict[str, Any]) -> dict[str, Any]:
         "evaluate": {"latency": {"batch_sizes": [1, 32], "warmup": 3, "iters": 20, "threads": 1}},
         "deploy": {"runtime": "onnxruntime", "rounds": 7},
         "stages": [
-            {"type": "train", "epochs": 6, "lr": 2.0e-3},
+            {"type": "train", "epochs": 20, "lr": 3.0e-3, "optimizer": "adamw", "weight_decay": 1.0e-4},
             {"type": "prune", "method": "structured", "amount": 0.2,
-             "finetune": {"epochs": 6, "lr": 5.0e-4, "distill": "baseline"}},
+             "finetune": {"epochs": 10, "lr": 5.0e-4, "distill": "baseline"}},
             {"type": "quantize", "method": "static"},
             {"type": "export", "formats": ["onnx_int8"]},
         ],

@@ -166,3 +166,48 @@ def test_the_recommended_file_is_the_fastest_that_follows_its_source(int8_ms, fl
     assert rec["format"] == ships, rec
     assert rec["batch"] == "1" and rec["reason"] and len(rec["candidates"]) == 2
     assert rec["stage"] == ("quantize" if ships == "onnx_int8" else "prune")
+
+
+def _linear_onnx(path, gain: float) -> None:
+    """logits = x @ W + sin(gain * x @ V): with a large gain, half an 8-bit step of input noise moves the logits."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(16, 10)).astype(np.float32), "W")
+    v = numpy_helper.from_array(rng.normal(size=(16, 10)).astype(np.float32) * gain, "V")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["x", "V"], ["b"]),
+             helper.make_node("Sin", ["b"], ["c"]), helper.make_node("Mul", ["c", "amp"], ["d"]),
+             helper.make_node("Add", ["a", "d"], ["logits"])]
+    amp = numpy_helper.from_array(np.array(3.0, dtype=np.float32), "amp")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], [w, v, amp])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("gain, unstable", [(0.0, False), (5000.0, True)])
+def test_a_float_model_that_does_not_hold_its_predictions_under_input_rounding_is_named_as_the_cause(
+        tmp_path, gain, unstable):
+    """When no int8 file follows the source, the run says whether the source itself flips its top-1 under half an
+    int8 step of input noise: then the cure is in the model, not in the quantizer."""
+    from types import SimpleNamespace
+
+    import onnx
+    import torch
+
+    from compresspipe.stages.export.onnx_int8 import _stability_note
+
+    path = tmp_path / "m.onnx"
+    _linear_onnx(path, gain)
+    x = torch.rand(128, 16, generator=torch.Generator().manual_seed(0))
+    job = SimpleNamespace(notes=[], fidelity=SimpleNamespace(min_agreement=0.99, tie_margin=0.1),
+                          config=SimpleNamespace(dynamic_batch=True),
+                          calibration=lambda batch, batches: [x[i:i + batch] for i in range(0, batch * batches, batch)])
+    _stability_note(job, path, path, onnx.load(str(path)))
+    notes = [n for n in job.notes if "float model itself" in n]
+    assert bool(notes) == unstable, job.notes
+    if unstable:
+        assert "train longer" in notes[0] and "calibration samples that are not ties" in notes[0]

@@ -23,6 +23,7 @@ logits leave the last int8 layer in float rather than being rounded to 8 bits.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 from collections.abc import Iterator
@@ -165,8 +166,17 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                                  "ONNX Runtime; int8.float_small_convs)")
         calib = {"method": opts["calibrate_method"], "extra": dict(opts["extra_options"])}
 
-        def quantize(exclude: list[str]) -> None:
+        cache_ok = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+        def quantize(exclude: list[str], only: list[str] | None = None) -> None:
+            """Write `out` with these nodes float (or with only these int8); the calibrated ranges of one
+            calibration method are computed once and reused (ONNX Runtime's calibration cache)."""
             if method == "static":
+                pct = calib["extra"].get("CalibPercentile")
+                cache = folder / f".calibration.{calib['method']}{'' if pct is None else pct}.json"
+                if cache not in temp:
+                    temp.append(cache)
+                cached = {"calibration_cache_path": str(cache)} if cache_ok else {}
                 reader_cls = type("CalibrationReader", (_Calibration, CalibrationDataReader), {})
                 names = [i.name for i in graph_model.graph.input]
                 ui = job.ui or UI(quiet=True)
@@ -180,8 +190,8 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[calib["method"]],
-                        nodes_to_exclude=exclude or None, reduce_range=reduce_range,
-                        extra_options=calib["extra"],
+                        nodes_to_exclude=exclude or None, nodes_to_quantize=only, reduce_range=reduce_range,
+                        extra_options=calib["extra"], **cached,
                     )
                 if job.config.int8.float_output:
                     float_outputs(out)
@@ -244,6 +254,17 @@ def _measure(job: ExportJob, path: Path) -> dict[str, Any]:
 
 def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantize: Any,
                   graph_model: Any, calib: dict[str, Any]) -> None:
+    """Fit the int8 file to deploy.fidelity (see _fit); when it still does not fit, say whether the float model
+    itself holds its predictions under the rounding of its input that int8 brings."""
+    if _fit(job, prepared, out, excluded, quantize, graph_model, calib) is False:
+        try:
+            _stability_note(job, prepared, out, graph_model)
+        except Exception as exc:  # best effort: the gate has judged the file already
+            logging.getLogger(__name__).debug("stability check failed: %s", exc)
+
+
+def _fit(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantize: Any,
+         graph_model: Any, calib: dict[str, Any]) -> bool | None:
     """When the int8 file does not follow its float source within deploy.fidelity: first a calibration that clips
     outliers (min/max ranges are blown by a few large activations in mobile networks' hard-swish and
     squeeze-excitation layers: percentile 99.99, then 99.9), then automatic mixed precision: the layers where the
@@ -252,10 +273,10 @@ def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str]
     on calibration batches); what changed, or why the file still fails, reaches the report (job.notes,
     job.float_layers, job.diagnosis)."""
     if job.fidelity is None:
-        return
+        return None
     first = _measure(job, out)
     if first["passed"]:
-        return
+        return True
     if calib["method"] == "minmax" and job.fidelity.mixed_precision:
         tried = [f"minmax {first['agreement']:.4f}"]
         best_calib, best_agreement = dict(calib), first["agreement"]
@@ -268,7 +289,7 @@ def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str]
                 job.notes.append(f"model.int8.onnx: min/max calibration did not follow the float model within "
                                  f"deploy.fidelity; calibrated with percentile {pct} instead (agreement: "
                                  f"{', '.join(tried)})")
-                return
+                return True
             if result["agreement"] > best_agreement:
                 best_calib, best_agreement = dict(calib), result["agreement"]
         calib.clear()
@@ -281,16 +302,24 @@ def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str]
         ranked = _diverging(job, prepared, out, graph_model)
     except Exception as exc:  # debugging is best effort: the gate still judges the file
         job.notes.append(f"model.int8.onnx: could not compare its layers with the float graph ({type(exc).__name__})")
-        return
+        return False
     job.diagnosis = [{k: r[k] for k in ("layer", "op", "sqnr_db", "lost_db", "cause")} for r in ranked[:5]]
     # any node may stay float: an elementwise op (a Mul, a HardSigmoid) often loses more than a convolution
-    # which nodes stay float: the lowest signal-to-noise at their output first (the error that reaches the logits;
-    # measured on mobile networks, this fits with fewer float nodes than ranking by the error each node adds)
     candidates = sorted((r for r in ranked if r["node"] and r["node"] not in excluded), key=lambda r: r["sqnr_db"])
     quantized = len(ranked)  # nodes whose int8 output could be compared: what the runtime quantized
     limit = max(1, quantized // 2)
     if not job.fidelity.mixed_precision or not candidates:
-        return
+        return False
+    # which nodes stay float: those whose int8 alone moves the logits most (NNCF's and AIMET's per-layer
+    # sensitivity). The signal-to-noise along the all-int8 graph is lowest at its last layers, where the error of
+    # the early ones arrives: on MobileNetV2 the first convolutions matter most, and keeping the last ones float
+    # fitted nothing
+    try:
+        impact = _impact(job, prepared, out, graph_model, [r["node"] for r in candidates], quantize, excluded)
+        candidates.sort(key=lambda r: -impact[r["node"]])
+    except Exception as exc:  # ranking is best effort: the lowest signal-to-noise first then
+        job.notes.append(f"model.int8.onnx: could not rank layers by their effect on the output "
+                         f"({type(exc).__name__}); ranked by signal-to-noise")
     # a node's int8 error comes in through the grid of its inputs: data-movement and elementwise ops before it
     # (a Concat, a Slice, a Mul) share that grid, so they stay float with it
     producer = {o: n for n in graph_model.graph.node for o in n.output}
@@ -334,6 +363,99 @@ def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str]
                      f"{first['agreement']:.4f} -> {best['agreement']:.4f}, which {verdict}")
     if best["passed"]:
         job.diagnosis = []
+    return bool(best["passed"])
+
+
+def _input_steps(out: Path, graph_model: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The int8 grid step of each float graph input: the scale of the QuantizeLinear the file puts on it, else
+    1/255 of the input's range on these samples (what an 8-bit input would round to)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(out), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    steps: dict[str, float] = {}
+    for inp in graph_model.graph.input:
+        values = [f[inp.name] for f in feeds if inp.name in f]
+        if not values or not np.issubdtype(values[0].dtype, np.floating):
+            continue
+        q = next((n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == inp.name), None)
+        if q is not None and q.input[1] in inits:
+            steps[inp.name] = float(np.max(numpy_helper.to_array(inits[q.input[1]])))
+        else:
+            lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+            steps[inp.name] = (hi - lo) / 255 or 1.0 / 255
+    return steps
+
+
+def _stability_note(job: ExportJob, prepared: Path, out: Path, graph_model: Any) -> None:
+    """How often the float model changes its own top-1 when each input value moves by at most half a step of the
+    int8 input grid (uniform noise, calibration samples). Past 1 - min_agreement, no int8 file can follow it: the
+    note says so, and that the cure is in the model (longer training, weight decay, label smoothing), not in the
+    quantizer."""
+    from compresspipe.stages.export.onnx_float import session
+
+    assert job.fidelity is not None  # noqa: S101 - only called when the gate is on
+    names = [i.name for i in graph_model.graph.input]
+    batch = 32 if job.config.dynamic_batch else 1
+    feeds = list(_Calibration._items(job, names, batch, max(1, IMPACT_SAMPLES // batch)))[:IMPACT_SAMPLES]
+    steps = _input_steps(out, graph_model, feeds)
+    if not steps:
+        return
+    sess = session(prepared, 1)
+    rng = np.random.default_rng(0)
+    same = total = 0
+    for f in feeds:
+        noisy = {k: (v + rng.uniform(-steps[k] / 2, steps[k] / 2, v.shape)).astype(v.dtype) if k in steps else v
+                 for k, v in f.items()}
+        a, b = (np.asarray(sess.run(None, x)[0]) for x in (f, noisy))
+        if a.ndim < 2:
+            return
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        top2 = np.sort(a, axis=1)[:, -2:] if a.shape[1] > 1 else np.zeros((a.shape[0], 2))
+        clear = (top2[:, 1] - top2[:, 0]) >= job.fidelity.tie_margin  # ties are left out, as the gate does
+        same += int((a.argmax(1) == b.argmax(1))[clear].sum())
+        total += int(clear.sum())
+    held = same / max(total, 1)
+    if total and held < job.fidelity.min_agreement:
+        job.notes.append(
+            f"model.int8.onnx: the float model itself keeps only {held:.4f} of its top-1 predictions when its input "
+            f"moves by half an int8 step (uniform noise, {total} calibration samples that are not ties), below deploy.fidelity's "
+            f"min_agreement {job.fidelity.min_agreement}: no int8 file can follow it; make the model less sensitive "
+            f"(train longer, weight decay, label smoothing) or ship the float file")
+
+
+IMPACT_SAMPLES = 128  # calibration samples each node's sensitivity is measured on
+
+
+def _impact(job: ExportJob, prepared: Path, out: Path, graph_model: Any, nodes: list[str], quantize: Any,
+            excluded: list[str]) -> dict[str, float]:
+    """Each node's sensitivity: the logits' squared error, relative to their energy, when it alone is int8 (every
+    other node float), on calibration samples (not the validation split the gate judges). The calibrated ranges
+    are computed once (ONNX Runtime's calibration cache), so each node costs one graph rewrite and one run."""
+    from compresspipe.stages.export.onnx_float import session
+    from compresspipe.ui import UI
+
+    names = [i.name for i in graph_model.graph.input]
+    batch = 32 if job.config.dynamic_batch else 1
+    feeds = list(_Calibration._items(job, names, batch, max(1, IMPACT_SAMPLES // batch)))[:IMPACT_SAMPLES]
+
+    def logits(path: Path) -> np.ndarray:
+        sess = session(path, 1)
+        return np.concatenate([np.asarray(sess.run(None, f)[0], dtype=np.float64).reshape(len(next(iter(
+            f.values()))), -1) for f in feeds])
+
+    ref = logits(prepared)
+    energy = float(np.mean(ref ** 2)) or 1.0
+    impact: dict[str, float] = {}
+    ui = job.ui or UI(quiet=True)
+    with ui.progress(f"{job.stage}: ranking {len(nodes)} int8 layers by their effect on the output",
+                     len(nodes)) as bar:
+        for node in nodes:
+            quantize(excluded, only=[node])
+            impact[node] = float(np.mean((logits(out) - ref) ** 2)) / energy
+            bar.advance(1)
+    return impact
 
 
 def _diverging(job: ExportJob, prepared: Path, out: Path, graph_model: Any) -> list[dict[str, Any]]:
