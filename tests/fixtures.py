@@ -97,6 +97,7 @@ def stage_context(folder: Path, recipe: dict[str, Any], name: str = "stage", ind
     """(validated recipe, StageContext) as the executor builds them, for running one stage directly."""
     import torch
 
+    from compresspipe.data.config import text_target
     from compresspipe.data.sources import load_data
     from compresspipe.recipe import load_recipe
     from compresspipe.stages.context import StageContext
@@ -105,7 +106,7 @@ def stage_context(folder: Path, recipe: dict[str, Any], name: str = "stage", ind
     folder.mkdir(parents=True, exist_ok=True)
     parsed = load_recipe(write_recipe(folder, recipe, f"{name}-context.yaml"))
     shape = tuple(parsed.model.input_shape) if parsed.model.input_shape else None
-    data = load_data(parsed.data, parsed.seed, shape)
+    data = load_data(text_target(parsed.data, parsed.task), parsed.seed, shape, parsed.task)  # as the executor does
     ctx = StageContext(recipe=parsed, index=index, name=name, stage_dir=stage_dir or folder,
                        device=torch.device("cpu"), seed=parsed.seed + index, data=data, ui=UI(quiet=True),
                        history=history or {}, input_metrics=input_metrics or {})

@@ -95,7 +95,24 @@ def add_metadata(path: Path, job: ExportJob) -> None:
         entries["compresspipe.classes"] = json.dumps(io.classes)
     if io.preprocessing:
         entries["compresspipe.preprocessing"] = json.dumps(io.preprocessing)
+    longest = max_positions(job.module)
+    if longest is not None:  # a language model's context: what a runtime may feed it
+        entries["compresspipe.max_sequence_length"] = str(longest)
     set_metadata(path, entries)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(module: Any) -> int | None:
+    """The longest sequence a Hugging Face model's config allows (itself or the model it wraps), else None."""
+    for m in (module, getattr(module, "model", None)):
+        config = getattr(m, "config", None)
+        for key in POSITION_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def set_metadata(path: Path, entries: dict[str, str]) -> None:

@@ -175,6 +175,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         acc_before = float(previous) if isinstance(previous, float) else _accuracy(model, val, ctx.task)
         notes: list[str] = []
         original_types = {n: type(m).__name__ for n, m in model.named_modules() if n}
+        weights = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules() if n}
         if backend.export_only:
             return self._handoff(state, ctx, layers, notes, acc_before)
 
@@ -194,7 +195,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
         acc_after = _accuracy(model, val, ctx.task)
         bytes_after = _bytes(model)
-        table = self._table(original_types, new, folds, skipped, acts, cfg, set(float_layers))
+        table = self._table(original_types, new, folds, skipped, acts, cfg, set(float_layers), weights)
+        notes += _float_weight_note(table, weights, params)
         metric = TASKS[ctx.task].default_metric
         notes.append(f"bytes per parameter {bytes_before / max(params, 1):.2f} -> {bytes_after / max(params, 1):.2f}; "
                      + (f"accuracy {acc_before:.2%} -> {acc_after:.2%}" if metric == "top1" else
@@ -405,7 +407,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     @staticmethod
     def _table(types: dict[str, str], new: dict[str, nn.Module], folds: dict[str, str], skipped: dict[str, str],
-               acts: dict[str, Callable], cfg: QuantizeConfig, kept: set[str] | None = None) -> list[dict[str, Any]]:
+               acts: dict[str, Callable], cfg: QuantizeConfig, kept: set[str] | None = None,
+               weights: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """One row per layer that holds weights or that the stage changed: none is left out unseen."""
         folded_into = {b: c for c, b in folds.items()}
         rows = []
         for name, kind in types.items():
@@ -428,14 +432,31 @@ class QuantizeStage(Stage[QuantizeConfig]):
             elif kind in ("Conv2d", "Linear"):
                 row["reason"] = ("dynamic quantizes Linear only" if cfg.method == "dynamic" and kind == "Conv2d"
                                  else "excluded by include/exclude")
-            elif kind.startswith("BatchNorm"):
+            elif "Norm" in kind:  # BatchNorm2d, LayerNorm, GroupNorm, a model's RMSNorm
                 row["reason"] = "normalisation stays float32"
-            elif kind in ("LSTM", "GRU", "Conv1d", "Conv3d", "ConvTranspose2d", "Embedding", "LayerNorm"):
-                row["reason"] = f"{kind} is not quantized by this stage"
+            elif kind in ("LSTM", "GRU", "Conv1d", "Conv3d", "ConvTranspose2d", "Embedding") \
+                    or (weights or {}).get(name):
+                row["reason"] = (f"{kind} (transformers' GPT-2 style: weight stored transposed) is not quantized by "
+                                 f"this stage" if kind == "Conv1D" else f"{kind} is not quantized by this stage")
             else:
                 continue  # containers and parameter-free layers
             rows.append(row)
         return rows
+
+
+def _float_weight_note(table: list[dict[str, Any]], weights: dict[str, int], params: int) -> list[str]:
+    """A note when layers holding weights stay float for a reason other than the user's choice: which kinds, how
+    many, and their share of the parameters (GPT-2's Conv1D, embeddings, recurrent layers)."""
+    rows = [r for r in table if r["quantized"] == "no" and "not quantized by this stage" in r["reason"]]
+    if not rows:
+        return []
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r["type"]] = kinds.get(r["type"], 0) + 1
+    share = sum(weights.get(r["layer"], 0) for r in rows) / max(params, 1)
+    return [f"{len(rows)} layer(s) holding weights stay float32, {share:.0%} of the parameters ("
+            + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+            + "): this stage does not quantize them; see the per-layer table"]
 
 
 def _from_float(layer: nn.Module, mode: str, bits: int, per_channel: bool, relu: bool,
