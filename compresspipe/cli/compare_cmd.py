@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from compresspipe.cli import app, handle_errors
+from compresspipe.cli.base import app, handle_errors
 
 COMPARE_FORMAT = "compresspipe.compare"
 COMPARE_VERSION = 1
@@ -160,7 +160,7 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    from compresspipe.cli import _escape as escape
+    from compresspipe.cli.base import escape
 
     result = compare_reports(load_report(run_a), load_report(run_b))
     result["a"]["path"], result["b"]["path"] = str(run_a), str(run_b)

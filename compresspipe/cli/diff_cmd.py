@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from compresspipe.cli import app, handle_errors
+from compresspipe.cli.base import app, handle_errors
 
 DIFF_FORMAT = "compresspipe.diff"
 DIFF_VERSION = 1
@@ -90,7 +90,7 @@ def diff(
     """Show what differs between two resolved recipes (defaults filled in), stages matched by name. Exit 0."""
     from rich.console import Console
 
-    from compresspipe.cli import _escape as escape
+    from compresspipe.cli.base import escape
     from compresspipe.recipe import load_recipe
 
     a, b = load_recipe(recipe_a, allow_code=allow_code), load_recipe(recipe_b, allow_code=allow_code)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import app, fail, handle_errors
+from compresspipe.cli.base import app, fail, handle_errors
 
 
 @app.command()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import app, handle_errors
+from compresspipe.cli.base import app, handle_errors
 
 
 @app.command()
@@ -22,7 +22,7 @@ def plan(
     from rich.console import Console
     from rich.table import Table
 
-    from compresspipe.cli import _escape as escape
+    from compresspipe.cli.base import escape
     from compresspipe.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_, allow_code=allow_code)

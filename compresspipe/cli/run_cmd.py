@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from compresspipe.cli import app, handle_errors
+from compresspipe.cli.base import app, handle_errors
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from compresspipe.cli import app, handle_errors
+from compresspipe.cli.base import app, handle_errors
 
 
 @app.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import EXIT_GATE, EXIT_INPUT, app, fail, handle_errors
+from compresspipe.cli.base import EXIT_GATE, EXIT_INPUT, app, fail, handle_errors
 from compresspipe.errors import interrupt_exit_code, interruption
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import EXIT_INPUT, app, fail, handle_errors
+from compresspipe.cli.base import EXIT_INPUT, app, fail, handle_errors
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compresspipe.cli import app, handle_errors
+from compresspipe.cli.base import app, handle_errors
 
 
 def _default(field: object) -> str:
@@ -32,7 +32,7 @@ def stages() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from compresspipe.cli import _escape as escape
+    from compresspipe.cli.base import escape
     from compresspipe.stages import STAGES
 
     console = Console(highlight=False)

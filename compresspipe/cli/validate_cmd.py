@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import EXIT_INPUT, app, handle_errors
+from compresspipe.cli.base import EXIT_INPUT, app, handle_errors
 
 
 @app.command()
@@ -22,7 +22,7 @@ def validate(
     """Check recipes: every problem is reported with file, line, column and key path."""
     from rich.console import Console
 
-    from compresspipe.cli import _escape as escape
+    from compresspipe.cli.base import escape
     from compresspipe.errors import RecipeError
     from compresspipe.recipe import load_recipe
     from compresspipe.recipe.yamlio import dump_yaml

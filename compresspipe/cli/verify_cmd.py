@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from compresspipe.cli import EXIT_GATE, app, handle_errors
+from compresspipe.cli.base import EXIT_GATE, app, handle_errors
 
 
 @app.command()
@@ -26,7 +26,7 @@ def verify(
     from rich.console import Console
     from rich.table import Table
 
-    from compresspipe.cli import _escape as escape
+    from compresspipe.cli.base import escape
     from compresspipe.models.code import allowing_code
     from compresspipe.run.verify import verify_run
 
