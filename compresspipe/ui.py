@@ -8,10 +8,13 @@ where it is at least every 30 seconds, so a CI log never stays silent for long.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -122,3 +125,57 @@ class UI:
                 if time.monotonic() - last >= HEARTBEAT_S:
                     self.err.print(self.bars[-1].status())
                     last = time.monotonic()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+# the libraries whose log warnings become notes (their Python warnings are caught whoever raises them)
+LIBRARY_LOGGERS = ("torch", "transformers", "timm", "torch_pruning", "torchao", "onnxscript", "onnx_ir",
+                   "onnxruntime", "executorch")
+MAX_LIBRARY_NOTES = 5
+
+
+def strip_ansi(text: str) -> str:
+    """Text without terminal escape codes (colours a library put in its message), for files."""
+    return ANSI.sub("", text)
+
+
+@contextmanager
+def library_messages(notes: list[str]) -> Iterator[None]:
+    """Python warnings and the log warnings of the libraries we drive (torch's, transformers', Torch-Pruning's),
+    raised inside the block, become notes, each once and without escape codes, instead of raw lines in the
+    terminal: the report keeps them, the terminal keeps what the user must act on. Nothing is dropped unseen:
+    past MAX_LIBRARY_NOTES distinct messages, the rest are counted. Nothing is changed outside the block."""
+    seen: list[str] = []
+
+    def add(text: str) -> None:
+        line = strip_ansi(" ".join(text.split()))[:300]
+        if line and line not in seen:
+            seen.append(line)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            add(f"{record.name}: {record.getMessage()}")
+
+    handler = Collect(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [handler]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                yield
+            finally:
+                for w in caught:
+                    add(f"{w.category.__name__}: {w.message}")
+    finally:
+        for lg, handlers, propagate in saved:
+            # a library that set up its logging inside the block (torch's on import) keeps what it set
+            added = [h for h in lg.handlers if h is not handler]
+            lg.handlers = added or handlers
+            lg.propagate = propagate
+        notes += [f"warning: {line}" for line in seen[:MAX_LIBRARY_NOTES] if f"warning: {line}" not in notes]
+        if len(seen) > MAX_LIBRARY_NOTES:
+            notes.append(f"warning: {len(seen) - MAX_LIBRARY_NOTES} more distinct warning(s)")

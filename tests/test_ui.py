@@ -34,3 +34,56 @@ def test_without_a_terminal_a_status_line_comes_every_heartbeat(monkeypatch, cap
     with quiet.progress("silent", 1):
         time.sleep(1.3)
     assert "silent" not in capsys.readouterr().err
+
+
+NOISY_MODEL = '''
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        logging.getLogger("torch.utils._pytree").warning("\\x1b[33mregister_constant() is deprecated\\x1b[0m")
+        warnings.warn("Unwrapped parameters detected", UserWarning)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def build():
+    return Noisy()
+'''
+
+
+def test_library_warnings_become_the_rows_notes_once_without_escape_codes(tmp_path, capfd):
+    """torch's log warnings and Python warnings raised while a model is built or a stage runs are the row's notes,
+    each once, not raw lines in the terminal; report.md has no escape codes."""
+    import logging
+
+    import torch  # noqa: F401 - torch sets up its logging on import
+
+    from tests.fixtures import run
+
+    torch_logger = logging.getLogger("torch")
+    handlers = torch_logger.handlers[:]
+    (tmp_path / "noisy.py").write_text(NOISY_MODEL, encoding="utf-8")
+    recipe = {"compresspipe": 1, "name": "noisy", "seed": 0, "device": "cpu",
+              "model": {"python": str(tmp_path / "noisy.py") + ":build", "input_shape": [1, 8, 8]},
+              "data": {"dataset": "digits", "max_samples": 200},
+              "evaluate": {"latency": {"enabled": False}},
+              "stages": [{"type": "train", "epochs": 1}]}
+    result = run(tmp_path, recipe, allow_code=True)
+    baseline = result.report["stages"][0]
+    warned = [n for n in baseline["notes"] if n.startswith("warning: ")]
+    assert any("torch.utils._pytree: register_constant() is deprecated" in n for n in warned), baseline["notes"]
+    assert any("UserWarning: Unwrapped parameters detected" in n for n in warned), baseline["notes"]
+    assert len(warned) == len(set(warned))
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "register_constant() is deprecated" in report and "\x1b" not in report
+    assert "register_constant" not in capfd.readouterr().err  # the terminal does not get the raw line
+    assert torch_logger.handlers == handlers  # the libraries' logging is as it was

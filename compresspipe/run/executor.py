@@ -37,7 +37,7 @@ from compresspipe.run.setup import RunSetup, prepare, reference_name, seed_every
 from compresspipe.stages.base import StageResult
 from compresspipe.stages.context import CHECKPOINTS, StageContext, StageRecord
 from compresspipe.training.distributed import Dist, init_from_env, shutdown
-from compresspipe.ui import UI
+from compresspipe.ui import UI, library_messages, strip_ansi
 
 
 @dataclass
@@ -79,10 +79,12 @@ class Executor:
     def _run(self) -> RunResult:
         if self.options.junit is not None and self.options.junit.is_dir():
             raise InputError(f"--junit {self.options.junit}: is a folder; give a file name")
-        setup = prepare(self.recipe)
+        self.early: list[str] = []  # library warnings before the first row: the baseline's notes
+        with library_messages(self.early):
+            setup = prepare(self.recipe)
         for note in setup.data.notes:
             self.ui.log(f"data: {note}")
-        with self.ui.progress("checking every stage's plan on the model", None):
+        with self.ui.progress("checking every stage's plan on the model", None), library_messages(self.early):
             preflight(self.recipe, setup, self.ui)
         self.dist = init_from_env(setup.device)
         if not self.dist.is_main:  # only rank 0 prints and writes the run folder
@@ -201,16 +203,22 @@ class Executor:
         return RunResult(self.folder.path, {})
 
     def _run_stage(self, index: int, setup: RunSetup, state: ModelState | None, ctx: StageContext) -> StageResult:
+        heard: list[str] = []  # library warnings: the row's notes, not raw lines in the terminal
         if index == 0:
+            heard += getattr(self, "early", [])
             self.ui.log("[bold]baseline[/]: building and evaluating the model")
-            return StageResult(state=setup.baseline(), kind="weights")
+            with library_messages(heard):
+                baseline = setup.baseline()
+            return StageResult(state=baseline, kind="weights", notes=heard)
         cfg = self.recipe.stages[index - 1]
         self.ui.log(f"[bold]stage {index}[/] {ctx.name} ({cfg.type})")
         if state is None:
             raise RuntimeError("a stage ran before the baseline was built")
-        result = setup.stages[index - 1].run(state, ctx)
+        with library_messages(heard):
+            result = setup.stages[index - 1].run(state, ctx)
         if not isinstance(result, StageResult):
             raise TypeError(f"stage returned {type(result).__name__}, expected StageResult")
+        result.notes = [strip_ansi(n) for n in result.notes] + [n for n in heard if n not in result.notes]
         if self.dist.is_main:
             shutil.rmtree(ctx.checkpoints, ignore_errors=True)
         return result

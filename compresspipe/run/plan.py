@@ -16,7 +16,7 @@ from compresspipe.recipe.spec import Recipe
 from compresspipe.report.build import deploy_summary
 from compresspipe.run.setup import RunSetup, prepare, reference_name
 from compresspipe.stages.context import StageContext
-from compresspipe.ui import UI
+from compresspipe.ui import UI, library_messages
 
 MIN_CALIBRATION_SAMPLES = 128  # fewer samples than this give noisy activation ranges
 
@@ -100,11 +100,14 @@ def preflight(recipe: Recipe, setup: RunSetup, ui: UI) -> None:
 
 
 def plan_recipe(recipe: Recipe) -> dict[str, Any]:
-    setup = prepare(recipe, fingerprint=False)
-    state = setup.baseline()
+    heard: list[str] = []  # library warnings while the model is built and planned: the baseline row's notes
+    with library_messages(heard):
+        setup = prepare(recipe, fingerprint=False)
+        state = setup.baseline()
     rows: list[dict[str, Any]] = [{"index": 0, "name": "baseline", "type": "baseline", "predicted": True,
                                    "params": count_params(state.module),
-                                   "macs": count_macs(state.module, state.spec), "layers": {}, "notes": []}]
-    rows += replay_plans(recipe, setup, state)
+                                   "macs": count_macs(state.module, state.spec), "layers": {}, "notes": heard}]
+    with library_messages(heard):
+        rows += replay_plans(recipe, setup, state)
     return {"format": "compresspipe.plan", "version": 1, "recipe": recipe.name, "stages": rows,
             "deploy": deploy_summary(recipe), "warnings": recipe_warnings(recipe)}
