@@ -250,6 +250,15 @@ def _check_model_task(rep: _Reporter, recipe: Recipe) -> None:
     why = hf_unsupported(recipe.task, str(config.get("model_type")))
     if why:
         rep.add(("model", "huggingface"), why)
+    # a sequence longer than the model's position table fails deep in its forward: say so here, before anything runs
+    seq_len = getattr(recipe.data, "seq_len", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        limit = config.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool) and isinstance(seq_len, int) and seq_len > limit:
+            rep.add(("data", "seq_len"), f"{seq_len} tokens per sample, but the model ({config.get('model_type')}) "
+                                         f"takes at most {limit} positions (its config's {key}); lower data.seq_len "
+                                         f"to {limit} or less, or raise {key}")
+            break
 
 
 def _check_limits(recipe: Recipe, limits: Any) -> list[tuple[Loc, str]]:

@@ -22,6 +22,7 @@ from compresspipe.recipe import load_recipe
 from compresspipe.recipe.spec import InputTensor, ModelSpec
 from tests.fixtures import (
     TINY_BERT,
+    TINY_TEXT_DATA,
     TINY_VIT_HF,
     TINY_VIT_TIMM,
     USER_MODEL,
@@ -237,3 +238,16 @@ def test_a_huggingface_config_too_large_for_this_machine_is_exit_2_before_anythi
         assert result.exit_code == 2 and "GiB of float32 weights" in result.output, result.output
         assert "huge.yaml:" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sequence_longer_than_the_models_positions_is_exit_2_at_its_line_before_anything_is_written(tmp_path):
+    recipe = text_recipe(data={**TINY_TEXT_DATA, "seq_len": 64})  # TINY_BERT has 32 positions
+    path = write_recipe(tmp_path, recipe, "long.yaml")
+    for command in ("validate", "run"):
+        result = cli(command, path, *(["--out", tmp_path / "out"] if command == "run" else []))
+        out = " ".join(result.output.split())
+        assert result.exit_code == 2 and "data.seq_len" in out and "at most 32 positions" in out, result.output
+        assert "long.yaml:" in out and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    # at the limit it is fine
+    assert cli("validate", write_recipe(tmp_path, text_recipe(data={**TINY_TEXT_DATA, "seq_len": 32}))).exit_code == 0
