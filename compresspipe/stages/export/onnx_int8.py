@@ -339,22 +339,28 @@ def _fit(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantiz
                 todo += [(i, depth + 1) for i in up.input]
         return out
 
-    k, best = 1, first
+    def nodes_of(count: int) -> list[str]:
+        return list(dict.fromkeys(n for r in candidates[:count] for n in group(r["node"])))
+
+    k, prev, best = 1, 0, first
     while True:
-        keep = candidates[:k]
-        kept_nodes = list(dict.fromkeys(n for r in keep for n in group(r["node"])))
+        kept_nodes = nodes_of(k)
         if k > 1 and len(kept_nodes) > limit:  # no more than half the graph float: then the file fails
-            keep = candidates[: k // 2]
-            kept_nodes = list(dict.fromkeys(n for r in keep for n in group(r["node"])))
-            quantize(excluded + kept_nodes)
-            best = _measure(job, out)
+            # the most candidates between the last try (prev, the file in `out`) and k that fit the limit
+            j = k - 1
+            while j > prev and len(nodes_of(j)) > limit:
+                j -= 1
+            kept_nodes = nodes_of(j)
+            if j > prev:
+                quantize(excluded + kept_nodes)
+                best = _measure(job, out)
             break
         quantize(excluded + kept_nodes)
         result = _measure(job, out)
         best = result
         if result["passed"] or k >= min(limit, len(candidates)):
             break
-        k = min(2 * k, limit, len(candidates))
+        prev, k = k, min(2 * k, limit, len(candidates))
     job.float_layers = list(dict.fromkeys(n.rsplit("/", 1)[0] if "/" in n else n for n in kept_nodes))
     set_metadata(out, {FLOAT_LAYERS_KEY: ",".join(job.float_layers)})
     verdict = "fits" if best["passed"] else "still does not fit"
