@@ -131,7 +131,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 # the libraries whose log warnings become notes (their Python warnings are caught whoever raises them)
 LIBRARY_LOGGERS = ("torch", "transformers", "timm", "torch_pruning", "torchao", "onnxscript", "onnx_ir",
                    "onnxruntime", "executorch")
-MAX_LIBRARY_NOTES = 5
+MAX_WARNING_NOTES = 5  # distinct warnings kept per block; the rest are counted
 
 
 def strip_ansi(text: str) -> str:
@@ -140,21 +140,23 @@ def strip_ansi(text: str) -> str:
 
 
 @contextmanager
-def library_messages(notes: list[str]) -> Iterator[None]:
+def library_messages(notes: list[str], prefix: str = "warning") -> Iterator[None]:
     """Python warnings and the log warnings of the libraries we drive (torch's, transformers', Torch-Pruning's),
-    raised inside the block, become notes, each once and without escape codes, instead of raw lines in the
-    terminal: the report keeps them, the terminal keeps what the user must act on. Nothing is dropped unseen:
-    past MAX_LIBRARY_NOTES distinct messages, the rest are counted. Nothing is changed outside the block."""
+    raised inside the block, become notes (`prefix: Category: first line`), each once and without escape codes,
+    instead of raw lines in the terminal: the report keeps them, the terminal keeps what the user must act on.
+    Nothing is dropped unseen: past MAX_WARNING_NOTES distinct messages, the rest are counted. Nothing is changed
+    outside the block."""
     seen: list[str] = []
 
-    def add(text: str) -> None:
-        line = strip_ansi(" ".join(text.split()))[:300]
-        if line and line not in seen:
+    def add(source: str, text: str) -> None:
+        first = strip_ansi(text).strip().splitlines()
+        line = f"{source}: {first[0].strip() if first else ''}"[:300]
+        if line not in seen:
             seen.append(line)
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            add(f"{record.name}: {record.getMessage()}")
+            add(record.name, record.getMessage())
 
     handler = Collect(logging.WARNING)
     loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
@@ -164,18 +166,18 @@ def library_messages(notes: list[str]) -> Iterator[None]:
         lg.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
+            warnings.simplefilter("always")
             try:
                 yield
             finally:
                 for w in caught:
-                    add(f"{w.category.__name__}: {w.message}")
+                    add(w.category.__name__, str(w.message))
     finally:
         for lg, handlers, propagate in saved:
             # a library that set up its logging inside the block (torch's on import) keeps what it set
             added = [h for h in lg.handlers if h is not handler]
             lg.handlers = added or handlers
             lg.propagate = propagate
-        notes += [f"warning: {line}" for line in seen[:MAX_LIBRARY_NOTES] if f"warning: {line}" not in notes]
-        if len(seen) > MAX_LIBRARY_NOTES:
-            notes.append(f"warning: {len(seen) - MAX_LIBRARY_NOTES} more distinct warning(s)")
+        notes += [f"{prefix}: {line}" for line in seen[:MAX_WARNING_NOTES] if f"{prefix}: {line}" not in notes]
+        if len(seen) > MAX_WARNING_NOTES:
+            notes.append(f"{prefix}: {len(seen) - MAX_WARNING_NOTES} more distinct warning(s)")

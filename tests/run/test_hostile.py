@@ -425,6 +425,13 @@ def test_a_second_signal_during_cleanup_is_ignored():
         errors._INTERRUPTED, _Stop.asked = before, False
 
 
+def _search_in_its_own_group(path, out, env, cwd) -> subprocess.Popen:
+    """`compresspipe search --workers 2` in a new process group (what a CI runner starts and then signals)."""
+    return subprocess.Popen([sys.executable, "-m", "compresspipe", "search", str(path), "--out", str(out),
+                             "--workers", "2", "-q"], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 def test_sigterm_to_a_search_s_process_group_leaves_every_trial_interrupted_and_none_running(tmp_path):
     """What CI does when it cancels a job: SIGTERM to every process of the search at once (the first worker then
     forwards one more to the other). Exit 143, no traceback, no trial RUNNING in the study, and every trial's run
@@ -434,9 +441,7 @@ def test_sigterm_to_a_search_s_process_group_leaves_every_trial_interrupted_and_
 
     path, env = _held_search(tmp_path, "all")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "search", str(path), "--out", str(out),
-                             "--workers", "2", "-q"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = _search_in_its_own_group(path, out, env, tmp_path)
     try:
         _until(lambda: len(_in_hold(out)) == 2, "both workers to hold a trial", proc)
         os.killpg(proc.pid, signal.SIGTERM)
@@ -463,9 +468,7 @@ def test_a_search_worker_terminated_after_the_others_finished_has_its_trial_run_
 
     path, env = _held_search(tmp_path, "spawned")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "compresspipe", "search", str(path), "--out", str(out),
-                             "--workers", "2", "-q"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = _search_in_its_own_group(path, out, env, tmp_path)
 
     def waiting_for_the_other() -> bool:  # the first worker's trial is complete and it waits for its child process
         done = any(r.get("status") == "complete" for r in _trial_runs(out).values())

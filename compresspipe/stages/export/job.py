@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from compresspipe.models.inputs import batch_len, example, forward, take
+from compresspipe.ui import MAX_WARNING_NOTES, library_messages  # noqa: F401 - MAX_WARNING_NOTES: its limit
 
 if TYPE_CHECKING:
     from compresspipe.artifacts.io import ModelIO
@@ -332,27 +332,10 @@ def onnx_axes(job: ExportJob, batch: bool | None = None) -> dict[str, dict[int, 
     return axes
 
 
-MAX_WARNING_NOTES = 5  # distinct warnings kept per step; the rest are counted
-
-
 @contextlib.contextmanager
 def warnings_as_notes(job: ExportJob, step: str) -> Iterator[None]:
-    """Warnings raised while a step exports or loads a file (deprecations, tracer caveats) become the stage's
-    notes, each once, where report.md and report.json show them, rather than lines scrolling through the progress
-    display. None is dropped unseen: past MAX_WARNING_NOTES distinct ones, the rest are counted."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            seen: list[str] = []
-            for w in caught:
-                text = str(w.message).strip()
-                line = f"{w.category.__name__}: {text.splitlines()[0][:200] if text else ''}"
-                if line not in seen:
-                    seen.append(line)
-            for line in seen[:MAX_WARNING_NOTES]:
-                if f"{step}: {line}" not in job.notes:
-                    job.notes.append(f"{step}: {line}")
-            if len(seen) > MAX_WARNING_NOTES:
-                job.notes.append(f"{step}: {len(seen) - MAX_WARNING_NOTES} more distinct warning(s)")
+    """Warnings raised while a step exports or loads a file (deprecations, tracer caveats, the libraries' log
+    warnings) become the stage's notes, `step: Category: first line`, each once, where report.md and report.json
+    show them, rather than lines scrolling through the progress display (ui.library_messages)."""
+    with library_messages(job.notes, prefix=step):
+        yield

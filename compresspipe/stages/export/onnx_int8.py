@@ -372,6 +372,16 @@ def _fit(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantiz
     return bool(best["passed"])
 
 
+IMPACT_SAMPLES = 128  # calibration samples each node's sensitivity is measured on
+
+
+def _samples(job: ExportJob, graph_model: Any) -> list[dict[str, np.ndarray]]:
+    """IMPACT_SAMPLES calibration samples as feeds of the graph (batches of 32, or 1 when the batch is fixed)."""
+    names = [i.name for i in graph_model.graph.input]
+    batch = 32 if job.config.dynamic_batch else 1
+    return list(_Calibration._items(job, names, batch, max(1, IMPACT_SAMPLES // batch)))[:IMPACT_SAMPLES]
+
+
 def _input_steps(out: Path, graph_model: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """The int8 grid step of each float graph input: the scale of the QuantizeLinear the file puts on it, else
     1/255 of the input's range on these samples (what an 8-bit input would round to)."""
@@ -402,9 +412,7 @@ def _stability_note(job: ExportJob, prepared: Path, out: Path, graph_model: Any)
     from compresspipe.stages.export.onnx_float import session
 
     assert job.fidelity is not None  # noqa: S101 - only called when the gate is on
-    names = [i.name for i in graph_model.graph.input]
-    batch = 32 if job.config.dynamic_batch else 1
-    feeds = list(_Calibration._items(job, names, batch, max(1, IMPACT_SAMPLES // batch)))[:IMPACT_SAMPLES]
+    feeds = _samples(job, graph_model)
     steps = _input_steps(out, graph_model, feeds)
     if not steps:
         return
@@ -431,9 +439,6 @@ def _stability_note(job: ExportJob, prepared: Path, out: Path, graph_model: Any)
             f"(train longer, weight decay, label smoothing) or ship the float file")
 
 
-IMPACT_SAMPLES = 128  # calibration samples each node's sensitivity is measured on
-
-
 def _impact(job: ExportJob, prepared: Path, out: Path, graph_model: Any, nodes: list[str], quantize: Any,
             excluded: list[str]) -> dict[str, float]:
     """Each node's sensitivity: the logits' squared error, relative to their energy, when it alone is int8 (every
@@ -442,9 +447,7 @@ def _impact(job: ExportJob, prepared: Path, out: Path, graph_model: Any, nodes: 
     from compresspipe.stages.export.onnx_float import session
     from compresspipe.ui import UI
 
-    names = [i.name for i in graph_model.graph.input]
-    batch = 32 if job.config.dynamic_batch else 1
-    feeds = list(_Calibration._items(job, names, batch, max(1, IMPACT_SAMPLES // batch)))[:IMPACT_SAMPLES]
+    feeds = _samples(job, graph_model)
 
     def logits(path: Path) -> np.ndarray:
         sess = session(path, 1)
