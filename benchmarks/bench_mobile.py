@@ -10,6 +10,9 @@ kept float), its accuracy drop, size ratio and batch-1 / batch-32 speed against 
 
 Goal (issue 21): every int8 file at >= 0.99 agreement and <= 1 point drop; every recommended file at least as
 fast as the float file. `BENCH_MOBILE=name1,name2 python -m benchmarks mobile` runs a subset.
+
+The files are built for this machine's CPU (deploy.cpu: auto; the `cpu` column names it): 8-bit weights on a
+VNNI CPU, 7-bit on an AVX2-only one, where 8-bit weights could saturate.
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ def recipe(model: dict[str, Any]) -> dict[str, Any]:
         "model": {**model, "input_shape": [3, 32, 32]},
         "data": {"dataset": "digits", "size": 32, "channels": 3, "batch_size": 64, "eval_batch_size": 64},
         "evaluate": {"latency": {"batch_sizes": [1, 32], "warmup": 3, "iters": 20, "threads": 1}},
-        "deploy": {"runtime": "onnxruntime", "rounds": 7},
+        # files for this machine's CPU (8-bit weights on a VNNI or ARM CPU); the default, portable, limits weights to
+        # 7 bits so that AVX2-only CPUs cannot saturate, and costs mobile networks agreement: a portable file that
+        # fails the gate says in a note what the 8-bit file reaches
+        "deploy": {"runtime": "onnxruntime", "rounds": 7, "cpu": "auto"},
         "stages": [
             {"type": "train", "epochs": 20, "lr": 3.0e-3, "optimizer": "adamw", "weight_decay": 1.0e-4},
             {"type": "prune", "method": "structured", "amount": 0.2,
@@ -49,8 +55,6 @@ def recipe(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def run() -> list[dict[str, Any]]:
-    from compresspipe.deploy.cpu import cpu_model, host_target
-
     wanted = [w for w in os.environ.get("BENCH_MOBILE", "").split(",") if w]
     rows: list[dict[str, Any]] = []
     for case, model in MODELS.items():
@@ -65,21 +69,28 @@ def run() -> list[dict[str, Any]]:
                 rows.append({"case": case, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
                 continue
         assert report is not None
-        final = report["stages"][-1]
-        source = stage(report, "prune")
-        fid = final.get("fidelity") or {}
-        rec = report.get("recommendation") or {}
-        lat, flat = final.get("latency_ms") or {}, source.get("latency_ms") or {}
-        rows.append({
-            "case": case,
-            "agreement": fid.get("agreement"),
-            "drop pts": None if fid.get("drop") is None else 100 * fid["drop"],
-            "float layers": len(fid.get("float_layers") or []),
-            "fidelity": "pass" if fid.get("passed") else "FAIL",
-            "size x": (source["bytes"] / final["bytes"]) if final.get("bytes") else None,
-            "b1 x": flat["1"] / lat["1"] if lat.get("1") and flat.get("1") else None,
-            "b32 x": flat["32"] / lat["32"] if lat.get("32") and flat.get("32") else None,
-            "ships": f"{rec.get('format')} of {rec.get('stage')}",
-            "cpu": f"{cpu_model()[:28]} ({host_target()})",
-        })
+        rows.append(row(case, report))
     return rows
+
+
+def row(case: str, report: dict[str, Any]) -> dict[str, Any]:
+    """One zoo row from a run's report.json."""
+    from compresspipe.deploy.cpu import cpu_model, host_target
+
+    final = report["stages"][-1]
+    source = stage(report, "prune")
+    fid = final.get("fidelity") or {}
+    rec = report.get("recommendation") or {}
+    lat, flat = final.get("latency_ms") or {}, source.get("latency_ms") or {}
+    return {
+        "case": case,
+        "agreement": fid.get("agreement"),
+        "drop pts": None if fid.get("drop") is None else 100 * fid["drop"],
+        "float layers": len(fid.get("float_layers") or []),
+        "fidelity": "pass" if fid.get("passed") else "FAIL",
+        "size x": (source["bytes"] / final["bytes"]) if final.get("bytes") else None,
+        "b1 x": flat["1"] / lat["1"] if lat.get("1") and flat.get("1") else None,
+        "b32 x": flat["32"] / lat["32"] if lat.get("32") and flat.get("32") else None,
+        "ships": f"{rec.get('format')} of {rec.get('stage')}",
+        "cpu": f"{cpu_model()[:28]} ({host_target()})",
+    }

@@ -342,7 +342,10 @@ def load_digits(config: DigitsData, seed: int, input_shape: tuple[int, ...] | No
         inputs = torch.nn.functional.interpolate(inputs, size=(config.size, config.size), mode="bilinear",
                                                  align_corners=True).clamp(0.0, 1.0)
     inputs = inputs.expand(-1, config.channels, -1, -1).contiguous()
-    prep = {"description": config.preprocessing, "resize": [config.size, config.size], "interpolation": "bilinear",
+    description = (f"8x8 grayscale, pixel values 0..16 divided by 16 (float32 in [0, 1]), upsampled to "
+                   f"{config.size}x{config.size} (bilinear, corners aligned)"
+                   + (f", the gray channel repeated {config.channels} times" if config.channels > 1 else "") + ", NCHW")
+    prep = {"description": description, "resize": [config.size, config.size], "interpolation": "bilinear",
             "channels": config.channels}
     return LoadedData(dataset=TensorDataset(inputs, labels), num_classes=10, preprocessing=prep)
 

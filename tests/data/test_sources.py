@@ -60,6 +60,9 @@ def test_digits_upsampled_to_rgb_for_mobile_models_keep_their_samples_and_say_so
     assert torch.isclose(x[0, 0, 0], x8[0, 0, 0]) and torch.isclose(x[0, -1, -1], x8[0, -1, -1])
     assert big.preprocessing is not None and big.preprocessing["resize"] == [32, 32]
     assert big.preprocessing["channels"] == 3
+    # what the exported files' notes and metadata tell a deployer: the resize, not the bundled 8x8 alone
+    assert "upsampled to 32x32" in big.preprocessing["description"]
+    assert "repeated 3 times" in big.preprocessing["description"]
     with pytest.raises(ValueError):
         DigitsData(dataset="digits", channels=2)
 

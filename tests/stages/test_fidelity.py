@@ -211,3 +211,102 @@ def test_a_float_model_that_does_not_hold_its_predictions_under_input_rounding_i
     assert bool(notes) == unstable, job.notes
     if unstable:
         assert "train longer" in notes[0] and "calibration samples that are not ties" in notes[0]
+
+
+def _chain_graph(n: int):
+    """n Conv nodes in a chain, named n0 .. n{n-1}: what _fit needs of a float graph."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Conv", [f"t{i}", f"w{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(f"t{n}", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph)
+
+
+def test_mixed_precision_ships_the_try_that_follows_best_not_the_last(tmp_path, monkeypatch):
+    """Float layers do not add up: when keeping more of them float makes the file worse, the file written at
+    the end is the best try (here one layer float), and the note lists every try."""
+    from types import SimpleNamespace
+
+    from compresspipe.recipe.spec import FidelitySpec
+    from compresspipe.stages.export import onnx_int8
+
+    graph = _chain_graph(8)
+    written: list[list[str]] = []
+    score = {0: 0.960, 1: 0.975, 2: 0.950, 4: 0.940}  # agreement by how many layers stay float
+
+    def quantize(exclude, only=None, seven_bit=None):
+        written.append(list(only) if only is not None else list(exclude))
+
+    def measure(job, path):
+        agreement = score[len(written[-1])]
+        return {"passed": agreement >= 0.99, "agreement": agreement}
+
+    ranked = [{"node": f"n{i}", "layer": f"n{i}", "op": "Conv", "sqnr_db": 10.0 + i, "lost_db": 1.0, "cause": "x"}
+              for i in range(8)]
+    monkeypatch.setattr(onnx_int8, "_measure", measure)
+    monkeypatch.setattr(onnx_int8, "_diverging", lambda *a: ranked)
+    monkeypatch.setattr(onnx_int8, "_impact", lambda job, p, o, g, nodes, q, e: {n: -i for i, n in enumerate(nodes)})
+    monkeypatch.setattr(onnx_int8, "set_metadata", lambda path, meta: None)
+    job = SimpleNamespace(fidelity=FidelitySpec(), notes=[], diagnosis=None, float_layers=None)
+    written.append([])  # the all-int8 file the export wrote first
+    passed = onnx_int8._fit(job, tmp_path / "p.onnx", tmp_path / "o.onnx", [], quantize, graph,
+                            {"method": "percentile", "extra": {}})
+    assert passed is False
+    assert written[-1] == ["n0"], written  # the best try is what `out` holds at the end
+    assert job.float_layers == ["n0"]
+    note = next(n for n in job.notes if "kept float" in n)
+    assert "0.9600 -> 0.9750" in note and "tried: 0 float 0.9600, 1 float 0.9750, 2 float 0.9500" in note
+
+
+def test_a_7_bit_file_that_fails_says_what_8_bit_weights_reach_and_is_kept(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from compresspipe.stages.export import onnx_int8
+
+    out = tmp_path / "model.int8.onnx"
+    out.write_bytes(b"seven")
+    calls = []
+
+    def quantize(exclude, only=None, seven_bit=None):
+        calls.append(seven_bit)
+        out.write_bytes(b"eight")
+
+    monkeypatch.setattr(onnx_int8, "_measure", lambda job, path: {"passed": path.read_bytes() == b"eight",
+                                                                  "agreement": 0.9944})
+    job = SimpleNamespace(notes=[], cpu="portable")
+    onnx_int8._eight_bit_note(job, out, ["small_conv"], quantize)
+    assert calls == [False]
+    assert out.read_bytes() == b"seven"  # the file that ships is the 7-bit one the recipe asked for
+    assert "8-bit weights instead of deploy.cpu portable's 7" in job.notes[0]
+    assert "0.9944 and passes deploy.fidelity" in job.notes[0]
+
+
+def test_float_outputs_drops_the_pair_and_the_scale_it_read(tmp_path):
+    """The logits leave the last layer in float: the Q/DQ pair goes, and so do its scale and zero point (ONNX
+    Runtime warns at every load about initializers nothing reads)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compresspipe.stages.export.onnx_int8 import float_outputs
+
+    inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "W"),
+             numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s"),
+             numpy_helper.from_array(np.array(128, dtype=np.uint8), "z")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("QuantizeLinear", ["y", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    assert float_outputs(path) == 1
+    kept = onnx.load(str(path))
+    assert [n.op_type for n in kept.graph.node] == ["MatMul"]
+    assert [t.name for t in kept.graph.initializer] == ["W"]
+    x = np.arange(4, dtype=np.float32).reshape(1, 4) * 0.37
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(out, x)  # exact float logits, no 8-bit rounding

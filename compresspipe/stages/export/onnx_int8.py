@@ -168,9 +168,11 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
 
         cache_ok = "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
-        def quantize(exclude: list[str], only: list[str] | None = None) -> None:
+        def quantize(exclude: list[str], only: list[str] | None = None, seven_bit: bool | None = None) -> None:
             """Write `out` with these nodes float (or with only these int8); the calibrated ranges of one
-            calibration method are computed once and reused (ONNX Runtime's calibration cache)."""
+            calibration method are computed once and reused (ONNX Runtime's calibration cache). `seven_bit`
+            overrides deploy.cpu's weight width (for the note that says what 8-bit weights would reach)."""
+            narrow = reduce_range if seven_bit is None else seven_bit
             if method == "static":
                 pct = calib["extra"].get("CalibPercentile")
                 cache = folder / f".calibration.{calib['method']}{'' if pct is None else pct}.json"
@@ -190,7 +192,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[calib["method"]],
-                        nodes_to_exclude=exclude or None, nodes_to_quantize=only, reduce_range=reduce_range,
+                        nodes_to_exclude=exclude or None, nodes_to_quantize=only, reduce_range=narrow,
                         extra_options=calib["extra"], **cached,
                     )
                 if job.config.int8.float_output:
@@ -200,12 +202,12 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                 # ViT's patch embedding) stay float: ONNX Runtime cannot run them dynamically quantized
                 kinds = ["MatMul", "Gemm", "Gather", "Attention", "LSTM"] if ops & CONV_OPS or transformer else None
                 quantize_dynamic(str(prepared), str(out), per_channel=opts["per_channel"], weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=exclude or None, reduce_range=reduce_range,
+                                 nodes_to_exclude=exclude or None, reduce_range=narrow,
                                  op_types_to_quantize=kinds)
 
         quantize(excluded)
         if method == "static":
-            _fit_fidelity(job, prepared, out, excluded, quantize, graph_model, calib)
+            _fit_fidelity(job, prepared, out, excluded, quantize, graph_model, calib, reduce_range)
             opts["calibrate_method"] = calib["method"]
         elif transformer:
             job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
@@ -253,14 +255,40 @@ def _measure(job: ExportJob, path: Path) -> dict[str, Any]:
 
 
 def _fit_fidelity(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantize: Any,
-                  graph_model: Any, calib: dict[str, Any]) -> None:
+                  graph_model: Any, calib: dict[str, Any], seven_bit: bool = False) -> None:
     """Fit the int8 file to deploy.fidelity (see _fit); when it still does not fit, say whether the float model
-    itself holds its predictions under the rounding of its input that int8 brings."""
+    itself holds its predictions under the rounding of its input that int8 brings, and, for a file with 7-bit
+    weights (deploy.cpu portable), what the same file with 8-bit weights would reach."""
     if _fit(job, prepared, out, excluded, quantize, graph_model, calib) is False:
         try:
             _stability_note(job, prepared, out, graph_model)
         except Exception as exc:  # best effort: the gate has judged the file already
             logging.getLogger(__name__).debug("stability check failed: %s", exc)
+        if seven_bit:
+            try:
+                _eight_bit_note(job, out, excluded, quantize)
+            except Exception as exc:  # best effort, as above
+                logging.getLogger(__name__).debug("8-bit comparison failed: %s", exc)
+
+
+def _eight_bit_note(job: ExportJob, out: Path, excluded: list[str], quantize: Any) -> None:
+    """7-bit weights halve each weight's grid: on mobile networks (depthwise convolutions, few weights per output)
+    that alone can cost the gate. Measure the same file, every layer int8, with 8-bit weights, and say what it
+    reaches and on which CPUs such a file is correct; the 7-bit file in `out` is kept as it was."""
+    import shutil
+
+    backup = out.with_name(".model.7bit.onnx")
+    shutil.copyfile(out, backup)
+    try:
+        quantize(excluded, seven_bit=False)
+        result = _measure(job, out)
+    finally:
+        shutil.move(backup, out)
+    verdict = "passes deploy.fidelity" if result["passed"] else "does not pass deploy.fidelity either"
+    job.notes.append(f"model.int8.onnx: with 8-bit weights instead of deploy.cpu {job.cpu}'s 7, every layer int8, "
+                     f"the file agrees with its float model at {result['agreement']:.4f} and {verdict}; such a file "
+                     "is correct on CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) and on ARM: set deploy.cpu to "
+                     "x86-vnni, arm64 or auto (on such a CPU) when the file ships to those")
 
 
 def _fit(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantize: Any,
@@ -342,31 +370,45 @@ def _fit(job: ExportJob, prepared: Path, out: Path, excluded: list[str], quantiz
     def nodes_of(count: int) -> list[str]:
         return list(dict.fromkeys(n for r in candidates[:count] for n in group(r["node"])))
 
-    k, prev, best = 1, 0, first
+    # every try is kept in mind: float layers do not add up (two layers that each help alone can hurt together),
+    # so the file that ships is the try that follows best (fewest float layers among equals), not the last one
+    tries: list[tuple[dict[str, Any], list[str]]] = [(first, [])]
+
+    def attempt(nodes: list[str]) -> dict[str, Any]:
+        quantize(excluded + nodes)
+        result = _measure(job, out)
+        tries.append((result, nodes))
+        return result
+
+    k, prev = 1, 0
     while True:
         kept_nodes = nodes_of(k)
         if k > 1 and len(kept_nodes) > limit:  # no more than half the graph float: then the file fails
-            # the most candidates between the last try (prev, the file in `out`) and k that fit the limit
+            # the most candidates between the last try (prev) and k that fit the limit
             j = k - 1
             while j > prev and len(nodes_of(j)) > limit:
                 j -= 1
-            kept_nodes = nodes_of(j)
             if j > prev:
-                quantize(excluded + kept_nodes)
-                best = _measure(job, out)
+                attempt(nodes_of(j))
             break
-        quantize(excluded + kept_nodes)
-        result = _measure(job, out)
-        best = result
+        result = attempt(kept_nodes)
         if result["passed"] or k >= min(limit, len(candidates)):
             break
         prev, k = k, min(2 * k, limit, len(candidates))
+    best, kept_nodes = max(tries, key=lambda t: (bool(t[0]["passed"]), t[0]["agreement"] or 0.0, -len(t[1])))
+    if kept_nodes != tries[-1][1]:  # `out` holds the last try: write the best one again
+        quantize(excluded + kept_nodes)
     job.float_layers = list(dict.fromkeys(n.rsplit("/", 1)[0] if "/" in n else n for n in kept_nodes))
     set_metadata(out, {FLOAT_LAYERS_KEY: ",".join(job.float_layers)})
     verdict = "fits" if best["passed"] else "still does not fit"
-    job.notes.append(f"model.int8.onnx: {len(kept_nodes)} of {quantized} quantized node(s) kept float (automatic mixed "
-                     f"precision, deploy.fidelity): {', '.join(job.float_layers)}; agreement with the float model "
-                     f"{first['agreement']:.4f} -> {best['agreement']:.4f}, which {verdict}")
+    steps = ", ".join(f"{len(nodes)} float {result['agreement']:.4f}" for result, nodes in tries)
+    if kept_nodes:
+        job.notes.append(f"model.int8.onnx: {len(kept_nodes)} of {quantized} quantized node(s) kept float (automatic "
+                         f"mixed precision, deploy.fidelity): {', '.join(job.float_layers)}; agreement with the float "
+                         f"model {first['agreement']:.4f} -> {best['agreement']:.4f}, which {verdict} (tried: {steps})")
+    else:
+        job.notes.append(f"model.int8.onnx: automatic mixed precision found no float layers that make the file follow "
+                         f"its float model better (tried: {steps}); every layer stays int8")
     if best["passed"]:
         job.diagnosis = []
     return bool(best["passed"])
@@ -672,6 +714,11 @@ def float_outputs(path: Path) -> int:
             node.output[:] = [output.name if n == source else n for n in node.output]
         changed += 1
     if changed:
+        # the removed pair's scale and zero point are read by nothing now: ONNX Runtime would warn at every load
+        read = {name for node in graph.node for name in node.input}
+        unused = [t for t in graph.initializer if t.name not in read and t.name not in {o.name for o in graph.output}]
+        for tensor in unused:
+            graph.initializer.remove(tensor)
         onnx.save(model, str(path))
     return changed
 
