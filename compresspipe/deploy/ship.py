@@ -27,8 +27,14 @@ def is_int8(state: ModelState) -> bool:
 
 
 def primary_format(runtime: str, state: ModelState, exported: dict[str, list[str]]) -> str:
-    """The format a row ships in `runtime`: int8 after a quantize stage or when the stage exported it."""
+    """The format a row ships in `runtime`: int8 after a quantize stage or when the stage exported it; in ONNX
+    Runtime, the 4-bit MatMulNBits file after int4 weight-only quantization."""
+    from compresspipe.stages.quantize import QuantizeRecord
+
     float_fmt, int8_fmt = RUNTIME_FORMATS[runtime]
+    record = state.get(QuantizeRecord)
+    if runtime == "onnxruntime" and (record is not None and record.onnx_int4 is not None or "onnx_int4" in exported):
+        return "onnx_int4"
     return int8_fmt if is_int8(state) or int8_fmt in exported else float_fmt
 
 

@@ -44,7 +44,7 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, io: ModelIO,
                 return forward(module, x)
 
         return run_torch
-    if fmt in ("onnx", "onnx_int8"):
+    if fmt in ("onnx", "onnx_int8", "onnx_int4"):
         from compresspipe.stages.export.onnx_float import feed_types, session
 
         sess = session(folder / files[0], threads)

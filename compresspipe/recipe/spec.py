@@ -501,13 +501,13 @@ class EvaluateSpec(StrictModel):
 Runtime = Literal["auto", "torch", "onnxruntime", "executorch"]
 CpuTarget = Literal["auto", "portable", "x86-avx2", "x86-vnni", "arm64"]
 # The file formats a row of the report can be measured as (`torch`: the stage's own safetensors artifact).
-DeployFormat = Literal["torch", "onnx", "onnx_int8", "executorch", "executorch_int8"]
+DeployFormat = Literal["torch", "onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8"]
 RUNTIME_FORMATS: dict[str, tuple[str, str]] = {  # runtime -> (float format, int8 format)
     "torch": ("torch", "torch"),
     "onnxruntime": ("onnx", "onnx_int8"),
     "executorch": ("executorch", "executorch_int8"),
 }
-FORMAT_RUNTIME = {f: rt for rt, pair in RUNTIME_FORMATS.items() for f in pair}
+FORMAT_RUNTIME = {**{f: rt for rt, pair in RUNTIME_FORMATS.items() for f in pair}, "onnx_int4": "onnxruntime"}
 # runtime -> top-level packages it needs; checked with find_spec, so validation imports nothing heavy
 RUNTIME_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "torch": ((), ""),

@@ -12,7 +12,7 @@ READABLE_VERSIONS = (1, 2)  # compare and verify read reports of earlier version
 
 # what a row's figures are measured on, in the words of the report
 FORMAT_LABELS = {"torch": "PyTorch model", "onnx": "model.onnx", "onnx_int8": "model.int8.onnx",
-                 "executorch": "model.pte", "executorch_int8": "model.int8.pte"}
+                 "onnx_int4": "model.int4.onnx", "executorch": "model.pte", "executorch_int8": "model.int8.pte"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -170,7 +170,7 @@ def _same_runtime(a: str, b: str) -> bool:
     return a.split("_")[0] == b.split("_")[0]
 
 
-INT8_FORMATS = ("onnx_int8", "executorch_int8")
+INT8_FORMATS = ("onnx_int8", "onnx_int4", "executorch_int8")  # quantized files, judged against their float source
 
 
 def _int8_slower_notes(stages: list[dict[str, Any]]) -> None:
@@ -189,7 +189,8 @@ def _int8_slower_notes(stages: list[dict[str, Any]]) -> None:
         if slower:
             at = ", ".join(f"batch {bs} ({row['latency_ms'][bs]:.3f} ms vs {last_float['latency_ms'][bs]:.3f} ms)"
                            for bs in slower)
-            row["notes"].append(f"int8 does not pay here: at {at} the int8 file is slower than the float file of "
+            bits = "int4" if row.get("format") == "onnx_int4" else "int8"
+            row["notes"].append(f"{bits} does not pay here: at {at} the {bits} file is slower than the float file of "
                                 f"'{last_float['name']}'")
 
 

@@ -189,7 +189,7 @@ def test_onnxruntime_hands_quantization_to_export(tmp_path, trained):
     assert record.onnx_int8.calibration_batches == 3 and record.onnx_int8.observer == "histogram"
     assert record.float_stage is None  # the model stayed float: the export quantizes it as it stands
     assert load_model(folder).get(QuantizeRecord) == record  # saved in model.json, read back typed
-    assert json.loads((folder / "model.json").read_text())["records"]["quantize"]["version"] == 2
+    assert json.loads((folder / "model.json").read_text())["records"]["quantize"]["version"] == 3
     assert result.details["emulated"] is False  # nothing quantized in PyTorch
     # version 1 (before keep_float) still reads, with no layer kept float
     from compresspipe.artifacts.records import record_from_json

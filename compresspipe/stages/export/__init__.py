@@ -16,16 +16,17 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from compresspipe.recipe.spec import StrictModel
 from compresspipe.stages.base import StageConfig
 
-Format = Literal["onnx", "onnx_int8", "executorch", "executorch_int8", "torch_export", "safetensors", "torchscript"]
+Format = Literal["onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torch_export", "safetensors", "torchscript"]
 
 # Fixed export order: onnx_int8 reuses the float ONNX graph when both are asked for.
 FORMAT_ORDER: tuple[str, ...] = (
-    "safetensors", "torch_export", "onnx", "onnx_int8", "executorch", "executorch_int8", "torchscript",
+    "safetensors", "torch_export", "onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torchscript",
 )
 # format -> implementation module (imported only when the stage runs)
 FORMAT_MODULES: dict[str, str] = {
     "onnx": "compresspipe.stages.export.onnx_float",
     "onnx_int8": "compresspipe.stages.export.onnx_int8",
+    "onnx_int4": "compresspipe.stages.export.onnx_int4",
     "executorch": "compresspipe.stages.export.executorch_pte",
     "executorch_int8": "compresspipe.stages.export.executorch_pte",
     "torch_export": "compresspipe.stages.export.torch_export",
@@ -33,13 +34,14 @@ FORMAT_MODULES: dict[str, str] = {
     "torchscript": "compresspipe.stages.export.torchscript",
 }
 # Quantized formats are judged by top-1 agreement (verify.min_agreement), not by atol.
-INT8_FORMATS = frozenset({"onnx_int8", "executorch_int8"})
+INT8_FORMATS = frozenset({"onnx_int8", "onnx_int4", "executorch_int8"})
 
 _ONNX_HINT = "pip install onnx onnxscript onnxruntime (core dependencies of compresspipe)"
 # format -> [(top-level package, what to install)]; checked with find_spec, so validation imports nothing heavy
 REQUIREMENTS: dict[str, list[tuple[str, str]]] = {
     "onnx": [("onnx", _ONNX_HINT), ("onnxscript", _ONNX_HINT), ("onnxruntime", _ONNX_HINT)],
     "onnx_int8": [("onnx", _ONNX_HINT), ("onnxscript", _ONNX_HINT), ("onnxruntime", _ONNX_HINT)],
+    "onnx_int4": [("onnx", _ONNX_HINT), ("onnxscript", _ONNX_HINT), ("onnxruntime", _ONNX_HINT)],
     "executorch": [("executorch", "pip install 'compresspipe[mobile]'")],
     "executorch_int8": [("executorch", "pip install 'compresspipe[mobile]'"),
                         ("torchao", "pip install 'compresspipe[torchao]'")],
@@ -119,7 +121,8 @@ class ExportConfig(StageConfig):
     type: Literal["export"]
     formats: list[Format] = Field(
         default_factory=lambda: list[Format](["onnx", "safetensors"]), min_length=1,
-        description="onnx | onnx_int8 | executorch | executorch_int8 | torch_export | safetensors | "
+        description="onnx | onnx_int8 | onnx_int4 (4-bit weight-only MatMulNBits, after a quantize stage with "
+                    "method weight_only, dtype int4) | executorch | executorch_int8 | torch_export | safetensors | "
                     "torchscript (deprecated in torch 2.14; use executorch)",
     )
     opset: int = Field(18, ge=MIN_OPSET, description="ONNX opset; below 18 the TorchScript-based exporter is used")

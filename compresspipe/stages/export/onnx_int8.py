@@ -97,7 +97,7 @@ class _Calibration:
 
 
 @contextlib.contextmanager
-def _runtime_logs_to_notes() -> Iterator[None]:
+def runtime_logs_held() -> Iterator[None]:
     """ONNX Runtime's quantization tools log advice and shape-inference doubts on the root logger; what matters
     reaches the report as notes, so those lines are held back from the terminal for the duration."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
@@ -112,7 +112,7 @@ def _runtime_logs_to_notes() -> Iterator[None]:
 
 
 def export(job: ExportJob, folder: Path) -> list[Path]:
-    with _runtime_logs_to_notes():
+    with runtime_logs_held():
         return _export(job, folder)
 
 

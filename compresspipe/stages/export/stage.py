@@ -63,7 +63,7 @@ def float_source(state: ModelState, formats: list[str], ctx: StageContext,
     record = state.get(QuantizeRecord)
     if record is None:
         return None, None
-    if {"onnx_int8", "executorch_int8"} & set(formats):
+    if {"onnx_int8", "onnx_int4", "executorch_int8"} & set(formats):
         if record.float_stage is not None:
             return ctx.load_stage(record.float_stage).module.eval().to("cpu"), record.onnx_int8
         if record.int8:  # qat: the weights were trained for int8, so quantize them, dequantized, not the old ones

@@ -103,6 +103,10 @@ class QuantizeConfig(StageConfig):
     )
     percentile: float = Field(99.99, gt=50, le=100, description="observer percentile: the kept upper percentile")
     per_channel: bool = Field(True, description="one weight scale per output channel (else one per layer)")
+    group_size: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="weight_only int4: Linear and transformers' Conv1D weights get one scale and zero point per "
+                        "this many input values (ONNX Runtime's MatMulNBits block size; the onnx_int4 file holds the "
+                        "same 4-bit weights); convolutions stay per-channel")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding quantized convolution (all but dynamic)")
     include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
@@ -154,6 +158,16 @@ class OnnxInt8Handoff(StrictModel):
     keep_float: list[str] = Field(default_factory=list, description="torch layers the int8 file keeps float")
 
 
+class OnnxInt4Handoff(StrictModel):
+    """How the onnx_int4 file replays this stage's 4-bit weights with ONNX Runtime's MatMulNBits quantizer."""
+
+    bits: Literal[4] = 4
+    block_size: Literal[16, 32, 64, 128, 256]
+    symmetric: bool = False
+    algorithm: Literal["rtn"] = "rtn"
+    layers: list[str] = Field(default_factory=list, description="torch layers whose MatMul holds 4-bit weights")
+
+
 class QuantizeRecord(Record):
     """What a quantize stage hands the export and the deploy measurement, saved with the model.
 
@@ -162,13 +176,14 @@ class QuantizeRecord(Record):
     """
 
     KIND: ClassVar[str] = "quantize"
-    VERSION: ClassVar[int] = 2  # 2: onnx_int8.keep_float (mixed precision); version 1 reads with none
+    VERSION: ClassVar[int] = 3  # 2: onnx_int8.keep_float (mixed precision); 3: onnx_int4; older read with none
 
     method: Method
     # the stage whose float model the int8 runtimes quantize; None: the model itself (float with backend
     # onnxruntime; after qat its int8 layers dequantized, so the trained weights reach the file)
     float_stage: str | None
     onnx_int8: OnnxInt8Handoff | None = None
+    onnx_int4: OnnxInt4Handoff | None = None
 
     @property
     def int8(self) -> bool:
@@ -176,5 +191,5 @@ class QuantizeRecord(Record):
         return self.method in ("static", "qat", "dynamic")
 
 
-__all__ = ["BACKEND_METHODS", "Calibration", "KeepFloat", "OnnxInt8Handoff", "QatSettings", "QuantizeConfig",
+__all__ = ["BACKEND_METHODS", "Calibration", "KeepFloat", "OnnxInt4Handoff", "OnnxInt8Handoff", "QatSettings", "QuantizeConfig",
            "QuantizeRecord"]

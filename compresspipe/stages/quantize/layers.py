@@ -36,6 +36,7 @@ from compresspipe.artifacts.edits import (
     set_submodule,
 )
 from compresspipe.errors import ArtifactError
+from compresspipe.stages.quantize.nbits import QuantMatMulNBits
 
 ACT_QMAX = 127  # activation scales span 7 bits (the x86 int8 convention: u8*s8 pair sums cannot overflow int16)
 ACT_CLAMP = 255  # ...but values still clamp at uint8's 255, as quint8 tensors and ONNX QuantizeLinear do
@@ -340,7 +341,7 @@ def cast_spec(layer: Any) -> dict[str, Any]:
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any]:
-    if isinstance(layer, _QuantLayer):
+    if isinstance(layer, (_QuantLayer, QuantMatMulNBits)):
         return layer.spec()
     if isinstance(layer, (CastLinear, CastConv2d)):
         return cast_spec(layer)
@@ -353,6 +354,8 @@ _CONV_KW = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "
 LAYER_CLASSES: dict[str, tuple[Any, frozenset[str]]] = {
     "QuantLinear": (QuantLinear, frozenset({"in_features", "out_features", *_LAYER_KW})),
     "QuantConv2d": (QuantConv2d, frozenset({*_CONV_KW, *_LAYER_KW})),
+    "QuantMatMulNBits": (QuantMatMulNBits, frozenset({"in_features", "out_features", "bias", "bits", "block_size",
+                                                      "conv1d"})),
     "CastLinear": (CastLinear, frozenset({"in_features", "out_features", "bias", "dtype"})),
     "CastConv2d": (CastConv2d, frozenset({*_CONV_KW, "bias", "dtype", "padding_mode"})),
 }
@@ -407,7 +410,7 @@ def dequantized(model: nn.Module) -> nn.Module:
 
     out = copy.deepcopy(model)
     for name, layer in list(out.named_modules()):
-        if isinstance(layer, _QuantLayer):
+        if isinstance(layer, (_QuantLayer, QuantMatMulNBits)):
             out = set_submodule(out, name, layer.to_float())
     return out.eval()
 

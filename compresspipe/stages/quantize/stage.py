@@ -23,7 +23,7 @@ from compresspipe.metrics.tasks import TASKS
 from compresspipe.models.inputs import float_to, forward
 from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.graph import analyse, fold_bn, fold_target
-from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
+from compresspipe.stages.quantize import OnnxInt4Handoff, OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
 from compresspipe.stages.quantize.layers import (
     QuantConv2d,
@@ -33,6 +33,7 @@ from compresspipe.stages.quantize.layers import (
     cast_layer,
     quantize_edit,
 )
+from compresspipe.stages.quantize.nbits import QuantMatMulNBits, is_conv1d
 from compresspipe.stages.quantize.observers import RangeObserver
 from compresspipe.stages.select import breaks_model, select_layers
 
@@ -155,7 +156,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def plan(self, state: ModelState, ctx: StageContext) -> StagePlan:
         cfg = self.config
-        chosen = select_layers(state.module, cfg.include, cfg.exclude, CANDIDATES[cfg.method], ctx.name)
+        chosen = select_layers(state.module, cfg.include, cfg.exclude, self._kinds(state.module), ctx.name)
         return StagePlan(layers={n: cfg.method for n in chosen},
                          notes=[f"{cfg.method} ({cfg.dtype if cfg.method not in CAST_DTYPES else cfg.method}) on "
                                 f"{len(chosen)} layer(s); structure unchanged, weights lower precision"])
@@ -164,7 +165,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         cfg, stage = self.config, ctx.name
         backend = resolve(stage, cfg.method, cfg.dtype, cfg.backend)
         model = state.module.to("cpu").eval()
-        chosen = select_layers(model, cfg.include, cfg.exclude, CANDIDATES[cfg.method], stage)
+        chosen = select_layers(model, cfg.include, cfg.exclude, self._kinds(model), stage)
         skipped = {n: why for n, m in chosen.items() if (why := _unsupported(m, cfg.method)) is not None}
         layers = {n: m for n, m in chosen.items() if n not in skipped}
         if not layers:
@@ -234,9 +235,17 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 "observer": cfg.observer, "percentile": cfg.percentile, "per_channel": cfg.per_channel,
                 "fold_bn": cfg.fold_bn, "calibration_batches": cfg.calibration.batches}
 
+    def _kinds(self, model: nn.Module) -> tuple[type, ...]:
+        """The layer types this method quantizes; int4 weight-only adds transformers' Conv1D (GPT-2), found in the
+        model itself so transformers is never imported for it."""
+        kinds = CANDIDATES[self.config.method]
+        if self.config.method == "weight_only" and self.config.dtype == "int4":
+            kinds += tuple({type(m) for m in model.modules() if is_conv1d(m)})
+        return kinds
+
     def _layers(self, model: nn.Module, stage: str) -> dict[str, nn.Module]:
         cfg = self.config
-        chosen = select_layers(model, cfg.include, cfg.exclude, CANDIDATES[cfg.method], stage)
+        chosen = select_layers(model, cfg.include, cfg.exclude, self._kinds(model), stage)
         return {n: m for n, m in chosen.items() if _unsupported(m, cfg.method) is None}
 
     def sensitivity_layers(self, state: ModelState, ctx: StageContext) -> dict[str, dict[str, Any]]:
@@ -332,10 +341,15 @@ class QuantizeStage(Stage[QuantizeConfig]):
                             "bf16 is faster than float32 only on CPUs with AVX512-BF16 or AMX, slower elsewhere"))
         elif cfg.method in ("dynamic", "weight_only"):
             bits = 4 if cfg.dtype == "int4" else 8
-            new = {n: _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
+            new = {n: QuantMatMulNBits.from_float(m, cfg.group_size) if _matmul_nbits(m, cfg)
+                   else _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
             if cfg.method == "weight_only":
-                notes.append(f"weight_only: int{bits} weights in the file, dequantized once at first use; compute stays "
-                             "float32 (smaller file, no CPU speedup)")
+                grouped = sum(isinstance(m, QuantMatMulNBits) for m in new.values())
+                notes.append(f"weight_only: int{bits} weights, dequantized once at first use; compute stays float32 in "
+                             "PyTorch (smaller file, no speed-up there)"
+                             + (f"; {grouped} Linear/Conv1D layer(s) in groups of {cfg.group_size} input values, as "
+                                "ONNX Runtime's MatMulNBits holds them (export format onnx_int4 runs them as 4-bit "
+                                "kernels)" if grouped else ""))
         else:
             with ctx.ui.progress(f"{ctx.name}: calibrating", len(batches)) as bar:
                 ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile, bar)
@@ -396,6 +410,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
         cfg = self.config
         previous = list(ctx.history)[-1] if ctx.history else "baseline"
         handoff = None
+        if method == "weight_only" and cfg.dtype == "int4":
+            grouped = [n for n in layers if n not in (keep_float or [])]
+            return QuantizeRecord(method=method, float_stage=previous,
+                                  onnx_int4=OnnxInt4Handoff(block_size=cfg.group_size, layers=grouped))
         if method in ("static", "qat", "dynamic"):
             handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
                                       per_channel=cfg.per_channel, observer=cfg.observer,
@@ -416,7 +434,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
             row = {"layer": name, "type": kind, "quantized": "no", "as": "float32", "reason": ""}
             if name in new:
                 m = new[name]
-                if isinstance(m, _QuantLayer):
+                if isinstance(m, QuantMatMulNBits):
+                    row.update(quantized="yes", **{"as": f"int{m.bits} weight-only, groups of {m.block_size}"})
+                elif isinstance(m, _QuantLayer):
                     extras = [m.mode.replace("_", "-"), "per-channel" if m.per_channel else "per-tensor"]
                     extras += ["+relu"] if name in acts else []
                     extras += [f"+{folds[name]}"] if name in folds else []
@@ -457,6 +477,11 @@ def _float_weight_note(table: list[dict[str, Any]], weights: dict[str, int], par
     return [f"{len(rows)} layer(s) holding weights stay float32, {share:.0%} of the parameters ("
             + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
             + "): this stage does not quantize them; see the per-layer table"]
+
+
+def _matmul_nbits(layer: nn.Module, cfg: QuantizeConfig) -> bool:
+    """Whether weight_only int4 holds this layer group-wise (Linear, Conv1D), as ONNX Runtime's MatMulNBits."""
+    return cfg.method == "weight_only" and cfg.dtype == "int4" and (isinstance(layer, nn.Linear) or is_conv1d(layer))
 
 
 def _from_float(layer: nn.Module, mode: str, bits: int, per_channel: bool, relu: bool,

@@ -1,0 +1,149 @@
+"""Group-wise 4-bit weights for Linear and transformers' Conv1D layers, in ONNX Runtime's MatMulNBits layout.
+
+`y = x @ B + bias` with B = the layer's weight as a [in, out] matrix (a Linear's weight transposed, a GPT-2
+Conv1D's weight as it is), stored as 4-bit integers in blocks of `block_size` values along `in`, with one float
+scale and one 4-bit zero point per block and output. The integers, scales and zero points are computed by ONNX
+Runtime's own block quantizer (round-to-nearest, `DefaultWeightOnlyQuantizer`), the one that writes the
+`onnx_int4` file, so the PyTorch row and the shipped file hold the same weights. In PyTorch the weights are
+dequantized once and the compute stays float (no CPU speed-up there); the speed comes from ONNX Runtime's
+MatMulNBits kernels (export format onnx_int4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresspipe.errors import ArtifactError
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored [in, out]; recognised without importing
+    transformers."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and getattr(layer, "weight", None) is not None
+
+
+def matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as MatMul's B: [in, out]."""
+    w = getattr(layer, "weight").detach().float()  # noqa: B009 - an nn.Module attribute, typed as a tensor here
+    return w if is_conv1d(layer) else w.t()
+
+
+def block_quant(b: np.ndarray, block_size: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ONNX Runtime's round-to-nearest 4-bit block quantization of B [K, N]: (packed [N, blocks, block/2] uint8,
+    scales [N, blocks], packed zero points [N, ceil(blocks/2)] uint8)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block_size,
+                                                                        is_symmetric=symmetric))
+    packed, scales, zeros = quantizer.qbits_block_quant(np.ascontiguousarray(b, dtype=np.float32))
+    return packed, scales, zeros
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte, the low nibble first."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+class QuantMatMulNBits(nn.Module):
+    """A Linear (or Conv1D) with 4-bit group-wise weights, as ONNX Runtime's MatMulNBits holds them."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+    fbias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, block_size: int = 32,
+                 conv1d: bool = False):
+        super().__init__()
+        if bits != 4:
+            raise ArtifactError(f"QuantMatMulNBits holds 4-bit weights (got bits {bits})")
+        if block_size not in BLOCK_SIZES:
+            raise ArtifactError(f"block_size {block_size}; MatMulNBits takes {', '.join(map(str, BLOCK_SIZES))}")
+        self.in_features, self.out_features, self.bits, self.block_size = in_features, out_features, bits, block_size
+        self.conv1d = conv1d
+        blocks = -(-in_features // block_size)
+        self.register_buffer("qweight", torch.zeros(out_features, blocks, block_size // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, blocks))
+        self.register_buffer("zero_points", torch.zeros(out_features, -(-blocks // 2), dtype=torch.uint8))
+        self.register_buffer("fbias", torch.zeros(out_features) if bias else None)
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, block_size: int) -> QuantMatMulNBits:
+        b = matrix(layer)
+        k, n = b.shape
+        new = cls(k, n, getattr(layer, "bias", None) is not None, 4, block_size, conv1d=is_conv1d(layer))
+        packed, scales, zeros = block_quant(b.numpy(), block_size)
+        new.qweight.copy_(torch.from_numpy(packed))
+        new.scales.copy_(torch.from_numpy(scales))
+        new.zero_points.copy_(torch.from_numpy(zeros))
+        if new.fbias is not None:
+            new.fbias.copy_(getattr(layer, "bias").detach().float())  # noqa: B009 - as in matrix()
+        return new
+
+    def int_weight(self) -> torch.Tensor:
+        """The 4-bit integers (0..15) as [out, in]."""
+        return _unpack(self.qweight).reshape(self.out_features, -1)[:, : self.in_features]
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight as a Linear holds it, [out, in] (what metrics count)."""
+        blocks = self.scales.shape[1]
+        q = _unpack(self.qweight).float()  # [out, blocks, block]
+        zero = _unpack(self.zero_points)[:, :blocks].float()
+        w = (q - zero.unsqueeze(-1)) * self.scales.unsqueeze(-1)
+        return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def bias(self) -> torch.Tensor | None:
+        return self.fbias
+
+    def to_float(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, self.fbias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight())
+            if self.fbias is not None and layer.bias is not None:
+                layer.bias.copy_(self.fbias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            w = self.weight()
+        else:
+            if self._dequantized is None:
+                with torch.inference_mode(False):
+                    self._dequantized = self.weight()
+            w = self._dequantized
+        b = self.fbias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._dequantized = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._dequantized = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_dequantized"] = None
+        return state
+
+    def spec(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.fbias is not None, "bits": self.bits, "block_size": self.block_size,
+                "conv1d": self.conv1d}
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits}, block {self.block_size}, in={self.in_features}, out={self.out_features}"

@@ -1,0 +1,122 @@
+"""int4 weight-only for decoder LMs: group-wise 4-bit Linear and Conv1D layers in PyTorch hold exactly the weights
+of the onnx_int4 file (ONNX Runtime's MatMulNBits), the file ships and is judged against its float source, and
+nothing holding weights stays float unseen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.fixtures import run, tiny_recipe
+from tests.stages.test_prune_decoder import LM_DATA, TINY_GPT2, TINY_LLAMA
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _matmul_nbits_file(path, b: np.ndarray, block: int) -> None:
+    """y = x @ B as ONNX, then ONNX Runtime's own 4-bit block quantizer on it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    k, n = b.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "B"], ["y"], name="fc/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+                              [numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block,
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path), False)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMulNBits"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_pytorch_4bit_layer_computes_what_onnx_runtime_matmulnbits_computes(tmp_path, kind):
+    import onnxruntime as ort
+
+    from compresspipe.stages.quantize.nbits import QuantMatMulNBits
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = nn.Linear(72, 24, bias=False)  # 72 is not a multiple of the block: the last block is padded
+        b = layer.weight.detach().t().contiguous().numpy()
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(24, 72)  # GPT-2's layout: weight [in, out]
+        nn.init.normal_(layer.weight, std=0.5)
+        nn.init.zeros_(layer.bias)
+        b = layer.weight.detach().contiguous().numpy()
+    q = QuantMatMulNBits.from_float(layer, 32)
+    assert q.conv1d == (kind == "conv1d")
+    x = torch.randn(5, 72)
+    _matmul_nbits_file(tmp_path / "m.onnx", b, 32)
+    ours = q(x).detach().numpy()
+    theirs = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    assert np.allclose(ours, theirs, atol=1e-4, rtol=1e-4), np.abs(ours - theirs).max()
+    # and the 4-bit weights are not the float ones: the test would pass trivially otherwise
+    assert not np.allclose(ours, (x @ torch.from_numpy(b)).numpy(), atol=1e-3)
+
+
+def _lm(config, *stages):
+    return tiny_recipe(name="lm4", task="language_modeling", model={"huggingface": {"config": dict(config)}},
+                       data=dict(LM_DATA), deploy={"runtime": "onnxruntime", "rounds": 3},
+                       evaluate={"latency": {"batch_sizes": [1], "warmup": 1, "iters": 2, "threads": 1}},
+                       stages=[{"type": "train", "epochs": 1, "lr": 3.0e-3}, *stages])
+
+
+@pytest.mark.parametrize("config, linears, group, export", [(TINY_LLAMA, 3 * 7 + 1, 16, True),
+                                                             (TINY_GPT2, 3 * 4 + 1, 32, False)], ids=["llama", "gpt2"])
+def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(tmp_path, config, linears, group,
+                                                                                export):
+    import onnx
+    from onnx import helper
+
+    from compresspipe.artifacts.model import load_model
+    from compresspipe.models.inputs import forward
+
+    quantize = {"type": "quantize", "method": "weight_only", "dtype": "int4"}
+    if group != 32:
+        quantize["group_size"] = group
+    stages = [quantize] + ([{"type": "export", "formats": ["onnx_int4"]}] if export else [])
+    report = run(tmp_path, _lm(config, *stages)).report
+    row = next(s for s in report["stages"] if s["name"] == "quantize")
+    assert row["format"] == "onnx_int4", row["format"]
+    assert row["fidelity"]["passed"] and row["fidelity"]["source"] == "float model"
+    path = tmp_path / "run" / ("03-export/export" if export else "02-quantize/deploy") / "model.int4.onnx"
+    model = onnx.load(str(path))
+    weights = {t.name for t in model.graph.initializer}
+    packed = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(packed) == linears  # every Linear / Conv1D, lm_head included
+    assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    # the recipe's group size is the file's block size
+    assert {helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "block_size"} == {group}
+    # what stays float is named, with the reason
+    kept = [n for n in row["notes"] if n.startswith("model.int4.onnx: weights kept float")]
+    assert kept and "embedding table" in kept[0], row["notes"]
+    table = row["details"]["tables"]["per layer"]
+    assert all(r["quantized"] == "yes" for r in table if r["type"] in ("Linear", "Conv1D"))
+    # the file is less than a third of the float one, and the recommendation weighed both
+    float_row = next(s for s in report["stages"] if s["name"] == "train")
+    assert row["bytes"] < float_row["bytes"] / 3
+    assert {c["format"] for c in report["recommendation"]["candidates"]} == {"onnx", "onnx_int4"}
+    # the artifact reloads (4-bit buffers, no pickle) and computes what the stage measured
+    state = load_model(tmp_path / "run" / "02-quantize")
+    x = torch.randint(1, 128, (2, 16))
+    logits = forward(state.module.eval(), {"input_ids": x, "attention_mask": torch.ones_like(x)})
+    assert torch.isfinite(logits).all()
+    if export:
+        manifest = json.loads((tmp_path / "run" / "03-export" / "export" / "manifest.json").read_text())
+        assert "model.int4.onnx" in json.dumps(manifest)
