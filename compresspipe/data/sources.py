@@ -410,7 +410,7 @@ def load_synthetic_text(config: SyntheticTextData, seed: int,
         labels = labels.masked_fill(~mask, IGNORE_INDEX)
     inputs = {"input_ids": ids, "attention_mask": mask.long()}
     hints = [InputTensor(name="input_ids", shape=[length], dtype="int64", dynamic={0: "sequence"}, range=(0, vocab)),
-             InputTensor(name="attention_mask", shape=[length], dtype="int64", dynamic={0: "sequence"}, range=(1, 2))]
+             InputTensor(name="attention_mask", shape=[length], dtype="int64", dynamic={0: "sequence"}, range=(0, 2))]
     return LoadedData(dataset=DictTensorDataset(inputs, labels),
                       num_classes=None if target == "regression" else num_classes, inputs=hints,
                       preprocessing={"description": config.preprocessing, "vocab_size": vocab, "seq_len": length})

@@ -70,11 +70,13 @@ def cat(batches: list[Any]) -> Any:
 def example_tensor(spec: InputTensor, batch: int, generator: torch.Generator,
                    float_dtype: torch.dtype | None = None, sizes: dict[str, int] | None = None) -> torch.Tensor:
     """A deterministic input for one spec entry: gaussian floats, integers drawn from its range ([0, 2) by
-    default). `sizes` overrides dynamic axes by name (e.g. {"sequence": 17})."""
+    default), attention masks all ones. `sizes` overrides dynamic axes by name (e.g. {"sequence": 17})."""
     shape = [batch, *[(sizes or {}).get(spec.dynamic.get(i, ""), d) for i, d in enumerate(spec.shape)]]
     if spec.is_float:
         t = torch.randn(shape, generator=generator)
         return t.to(float_dtype or DTYPES[spec.dtype])
+    if "mask" in spec.name:  # an attention mask takes 0 and 1; an example attends to every token
+        return torch.ones(shape, dtype=DTYPES[spec.dtype])
     low, high = spec.range if spec.range is not None else (0, 2)
     t = torch.randint(low, high, shape, generator=generator)
     return t.to(DTYPES[spec.dtype])

@@ -57,7 +57,25 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     dynamo_error = None
-    if opset >= DYNAMO_MIN_OPSET:
+    from compresspipe.stages.export.kv_cache import export_kv, language_model
+
+    lm = language_model(module, job.io.task)
+    kv_meta: dict[str, str] = {}
+    if lm is not None and opset >= DYNAMO_MIN_OPSET:
+        first = next(iter(example.values())) if isinstance(example, dict) else example
+        try:
+            with _quiet(job, path.name):
+                kv_meta = export_kv(lm, path, opset, batch=int(first.shape[0]), seq=int(first.shape[1]),
+                                    external_data=big)
+        except Exception as exc:  # the file is still written, without a cache, and the notes say why
+            job.notes.append(f"{path.name}: could not export with a key/value cache ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); the file "
+                             "recomputes the whole sequence at every step")
+            for stale in (path, path.with_name(path.name + ".data")):
+                stale.unlink(missing_ok=True)
+    if kv_meta:
+        pass
+    elif opset >= DYNAMO_MIN_OPSET:
         try:
             with _quiet(job, path.name):
                 torch.onnx.export(
@@ -67,7 +85,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
                 )
         except Exception as exc:  # the exporter raises many types; fall back and say why
             dynamo_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    if opset < DYNAMO_MIN_OPSET or dynamo_error is not None:
+    if not kv_meta and (opset < DYNAMO_MIN_OPSET or dynamo_error is not None):
         why = (f"the dynamo exporter failed ({dynamo_error[:200]})" if dynamo_error
                else f"opset {opset} is below the dynamo exporter's minimum ({DYNAMO_MIN_OPSET})")
         job.notes.append(f"{path.name}: {why}; used the TorchScript-based exporter (dynamo=False)")
@@ -80,6 +98,8 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
         strip_debug_info(path, job.config.keep_names)
         data.unlink(missing_ok=True)
     add_metadata(path, job)
+    if kv_meta:
+        set_metadata(path, kv_meta)
     return [path] + ([data] if data.exists() else [])
 
 
@@ -227,7 +247,10 @@ def session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from compresspipe.stages.export.kv_cache import KVSession, has_cache
+
+    return KVSession(sess) if has_cache(sess) else sess
 
 
 ONNX_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -255,7 +278,44 @@ def verify_onnx(files: list[Path], job: ExportJob) -> dict[str, Any]:
                                          None if job.config.dynamic_batch else [1],
                                          prepare=lambda x: numpy_feed(x, names, dtypes))
     metrics["runtime"] = f"onnxruntime ({threads} thread{'s' if threads != 1 else ''})"
+    from compresspipe.stages.export.kv_cache import KVSession
+
+    if isinstance(sess, KVSession):
+        metrics["generation"] = _generation(files[0], sess, job, threads)
     return metrics
+
+
+GENERATED_TOKENS = 8  # greedy tokens checked per prompt
+PROMPTS = 2
+
+
+def _generation(path: Path, sess: Any, job: ExportJob, threads: int) -> dict[str, Any]:
+    """Greedy decoding through the file's key/value cache against the PyTorch model's (whole sequence each step),
+    on the first validation prompts; and prefill / decode tokens per second at batch 1."""
+    from compresspipe.stages.export.kv_cache import decode_speed, greedy, greedy_torch
+
+    x = job.batches[0][0]
+    ids, mask = x["input_ids"], x.get("attention_mask")
+    length = min(8, ids.shape[1] - 1)
+    prompts = []
+    for row in range(min(PROMPTS, ids.shape[0])):
+        if mask is None or bool(mask[row, :length].all()):
+            prompts.append(ids[row : row + 1, :length].to(torch.long))
+    matched = identical = 0
+    for prompt in prompts:
+        ours = greedy(sess.raw, prompt.numpy(), GENERATED_TOKENS)
+        theirs = greedy_torch(job.module, prompt, GENERATED_TOKENS)
+        same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        matched += same
+        identical += int(same == GENERATED_TOKENS)
+    speed = decode_speed(sess.raw, batch=1, prompt=16, tokens=16)
+    out = {"prompts": len(prompts), "tokens": GENERATED_TOKENS, "matched_tokens": matched,
+           "identical_sequences": identical, **speed}
+    job.notes.append(f"{path.name}: greedy decoding through its key/value cache: {identical} of {len(prompts)} "
+                     f"prompt(s) give PyTorch's {GENERATED_TOKENS} tokens exactly ({matched} of "
+                     f"{len(prompts) * GENERATED_TOKENS} tokens match); at batch 1, {threads} thread(s): prefill "
+                     f"{speed['prefill_tokens_per_s']:.0f} tokens/s, decode {speed['decode_tokens_per_s']:.0f} tokens/s")
+    return out
 
 
 def export(job: ExportJob, folder: Path) -> list[Path]:

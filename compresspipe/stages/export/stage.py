@@ -216,6 +216,11 @@ class ExportStage(Stage[ExportConfig]):
                     f"(verify.max_accuracy_drop {v.max_accuracy_drop})")
         if not metrics["max_abs_diff"] <= v.atol:  # also catches NaN
             return f"max |diff| from PyTorch {metrics['max_abs_diff']:.3g} > verify.atol {v.atol:g}"
+        gen = metrics.get("generation")
+        if gen and gen["identical_sequences"] < gen["prompts"]:  # a float file must generate what PyTorch does
+            return (f"greedy decoding through the key/value cache gives PyTorch's tokens for only "
+                    f"{gen['identical_sequences']} of {gen['prompts']} prompts ({gen['matched_tokens']} of "
+                    f"{gen['prompts'] * gen['tokens']} tokens)")
         return "pass"
 
     @staticmethod

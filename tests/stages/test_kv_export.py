@@ -1,0 +1,78 @@
+"""Causal LMs export to ONNX files that generate: a key/value cache in and out (Optimum's names), greedy decoding
+through the cache gives PyTorch's tokens, and the file says what a runtime needs (vocabulary, special tokens,
+cache layout, maximum length)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import run, tiny_recipe
+from tests.stages.test_prune_decoder import LM_DATA, TINY_GPT2, TINY_LLAMA
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.mark.parametrize("config, kv_heads", [(TINY_LLAMA, 2), (TINY_GPT2, 4)], ids=["llama-gqa", "gpt2"])
+def test_an_lm_onnx_file_has_a_cache_and_generates_what_pytorch_does(tmp_path, config, kv_heads):
+    import onnxruntime as ort
+
+    from compresspipe.artifacts.model import load_model
+    from compresspipe.stages.export.kv_cache import greedy, greedy_torch
+
+    recipe = tiny_recipe(name="kv", task="language_modeling", model={"huggingface": {"config": dict(config)}},
+                         data=dict(LM_DATA), stages=[{"type": "export", "formats": ["onnx"]}])
+    result = run(tmp_path, recipe)
+    path = tmp_path / "run" / "01-export" / "export" / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    assert list(inputs) == ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
+                                                              for kv in ("key", "value")]
+    assert inputs["past_key_values.0.key"][1] == kv_heads and isinstance(inputs["past_key_values.0.key"][2], str)
+    assert [o.name for o in sess.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["compresspipe.kv_cache"])["layers"] == layers
+    assert meta["compresspipe.vocab_size"] == "128" and meta["compresspipe.max_sequence_length"] == "64"
+    mask = next(i for i in json.loads(meta["compresspipe.inputs"]) if i["name"] == "attention_mask")
+    assert mask["range"] == [0, 2]  # values 0 and 1 ([low, high)), not "always 1"
+    # the export stage checked generation; so does this test, with prompts of its own
+    row = result.report["stages"][-1]
+    assert any("greedy decoding through its key/value cache: 2 of 2" in n for n in row["notes"]), row["notes"]
+    module = load_model(tmp_path / "run" / "01-export").module.eval()
+    prompt = torch.tensor([[5, 17, 33, 2, 90, 41]])
+    assert greedy(sess, prompt.numpy(), 10) == greedy_torch(module, prompt, 10)
+    # prefill and the first decode step agree with the whole-sequence logits
+    ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
+    full = torch.from_numpy(sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                                  **_empty(sess)})[0])
+    with torch.no_grad():
+        ref = module(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert torch.allclose(full, ref, atol=1e-4)
+
+
+def _empty(sess):
+    from compresspipe.stages.export.kv_cache import empty_cache
+
+    return empty_cache(sess, 1)
+
+
+def test_a_file_whose_cache_does_not_follow_pytorch_fails_verification():
+    """The export stage's judge: a float file that decodes other tokens than PyTorch is not shipped."""
+    from types import SimpleNamespace
+
+    from compresspipe.stages.export import ExportConfig
+    from compresspipe.stages.export.stage import ExportStage
+
+    stage = ExportStage(ExportConfig(type="export", formats=["onnx"]))
+    job = SimpleNamespace(config=ExportConfig(type="export"), state=SimpleNamespace(edits=[]), dtype=torch.float32)
+    ex = SimpleNamespace(int8=False)
+    good = {"max_abs_diff": 0.0, "generation": {"prompts": 2, "tokens": 8, "matched_tokens": 16,
+                                                "identical_sequences": 2}}
+    assert stage._judge("onnx", ex, good, job) == "pass"
+    bad = {**good, "generation": {**good["generation"], "matched_tokens": 12, "identical_sequences": 1}}
+    assert "greedy decoding" in stage._judge("onnx", ex, bad, job)
