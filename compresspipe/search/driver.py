@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock
+
 from compresspipe.artifacts.files import atomic_write_text
 from compresspipe.errors import CompressPipeError, InputError, mark_interrupted
 from compresspipe.errors import interrupted as was_interrupted
@@ -130,8 +132,7 @@ def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.Ba
     host = socket.gethostname()
     setup.folder.mkdir(parents=True, exist_ok=True)
     retried: list[int] = []
-    with open(setup.folder / ".recover.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(setup.folder / ".recover.lock"):
         trials = study.get_trials(deepcopy=False)
         done = {int(n) for t in trials for n in (t.system_attrs.get("retry_history") or [])}
         study_id = storage.get_study_id_from_name(study.study_name)

@@ -7,7 +7,6 @@ of every layer measured so far, updated under a file lock, so parallel workers a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 
 from compresspipe.artifacts.files import atomic_write_json, read_json
@@ -127,8 +127,7 @@ class CurveCache:
     def add(self, layer: str, points: list[dict[str, Any]]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_suffix(".lock"), "a+") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with FileLock(self.path.with_suffix(".lock")):
                 layers = {n: {"points": p, "sha256": self._seal(n, p)} for n, p in self.read().items()}
                 layers[layer] = {"points": points, "sha256": self._seal(layer, points)}
                 atomic_write_json(self.path, {"version": CACHE_VERSION, "key": self.digest, "settings": self.key,
