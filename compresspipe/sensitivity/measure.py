@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
@@ -50,37 +49,44 @@ def model_hash(state: ModelState) -> str:
 
 
 class Scorer:
-    """Accuracy and loss on the first `samples` validation samples, held in memory (the same batches every time)."""
+    """The task's default metric (top-1 accuracy, mse, perplexity, ...) and its loss on the first `samples`
+    validation samples, held in memory (the same batches every time); any input the model takes (one tensor or
+    named inputs). `higher` says whether more of the metric is better (a drop is measured that way round)."""
 
     def __init__(self, ctx: StageContext, samples: int):
-        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        from compresspipe.metrics.tasks import TASKS, metric_direction
+        from compresspipe.models.inputs import batch_len, take
+
+        self.task = ctx.task
+        self.higher = metric_direction(TASKS[self.task].default_metric)
+        self.batches: list[tuple[Any, torch.Tensor]] = []
         count = 0
         for x, y in ctx.batches("val", None):
-            take = min(len(y), samples - count)
-            self.batches.append((x[:take], y[:take]))
-            count += take
+            n = min(batch_len(x), samples - count)
+            self.batches.append((take(x, slice(0, n)), y[:n]))
+            count += n
             if count >= samples:
                 break
         self.samples = count
         digest = hashlib.sha256()
         for x, y in self.batches:
-            digest.update(x.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            digest.update(y.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            for t in (*(x.values() if isinstance(x, dict) else [x]), y):
+                digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.fingerprint = digest.hexdigest()
         self.calls = 0
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
+        from compresspipe.metrics import evaluate
+
         self.calls += 1
         if not self.batches:
             return 0.0, 0.0
-        device = model_device(model)
-        correct, loss = 0, 0.0
-        with eval_mode(model), torch.no_grad():
-            for x, y in self.batches:
-                logits = model(x.to(device)).float()
-                loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
-                correct += int((logits.argmax(1) == y.to(device)).sum())
-        return correct / self.samples, loss / self.samples
+        with eval_mode(model):
+            return evaluate(model, self.batches, model_device(model), self.task)
+
+    def drop(self, base: float, value: float) -> float:
+        """How much worse `value` is than `base` (positive: worse), whichever way the metric points."""
+        return base - value if self.higher else value - base
 
 
 class CurveCache:
@@ -167,7 +173,7 @@ def measure(stage: Stage, state: ModelState, ctx: StageContext, settings: dict[s
                 cache.add(name, points)
         hits += hit
         for p in points:
-            p["drop"] = None if p.get("accuracy") is None else base_acc - p["accuracy"]
+            p["drop"] = None if p.get("accuracy") is None else scorer.drop(base_acc, p["accuracy"])
         rows.append({"layer": name, **available[name], "points": points})
         if progress is not None:
             progress(name, hit)

@@ -107,3 +107,23 @@ def test_bad_input_is_exit_2(tmp_path, stages, args, message):
     path = write_recipe(tmp_path, tiny_recipe(model=CNN, stages=stages))
     result = cli("sensitivity", path, "--out", tmp_path / "s", *args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_language_model_is_scored_by_its_own_metric_and_named_inputs(tmp_path):
+    """Sensitivity scores with the task's metric (perplexity: lower is better, so a drop is a rise) on the model's
+    named inputs (input_ids, attention_mask), not with top-1 and cross-entropy on one tensor."""
+    from compresspipe.run.setup import build_baseline
+    from tests.stages.test_prune_decoder import TINY_LLAMA, lm_recipe
+
+    recipe = lm_recipe(TINY_LLAMA)
+    recipe["stages"] = [{"type": "quantize", "method": "weight_only", "dtype": "int4", "group_size": 16}]
+    parsed, ctx = stage_context(tmp_path, recipe, "s", stage_dir=tmp_path / "stage")
+    stage = QuantizeStage(parsed.stages[0])
+    state = build_baseline(parsed, ctx.data)
+    result = measure(stage, state, ctx, stage.sensitivity_settings() or {}, samples=16,
+                     layers=["model.model.layers.0.mlp.down_proj", "model.lm_head"], use_cache=False)
+    base = result["baseline"]["accuracy"]
+    assert base > 1.0  # a perplexity, not a share of correct tokens
+    for row in result["layers"]:
+        point = row["points"][0]
+        assert point["drop"] == pytest.approx(point["accuracy"] - base)  # worse = higher perplexity
