@@ -127,7 +127,7 @@ def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.Ba
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    from compresspipe.search.study import MAX_RETRY
+    from compresspipe.search.study import MAX_RETRY, experimental_features
 
     host = socket.gethostname()
     setup.folder.mkdir(parents=True, exist_ok=True)
@@ -149,8 +149,9 @@ def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.Ba
                     continue
             elif not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")):
                 continue
-            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(
-                storage.get_trial_id_from_study_id_trial_number(study_id, t.number)))
+            with experimental_features():
+                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(
+                    storage.get_trial_id_from_study_id_trial_number(study_id, t.number)))
             retried.append(t.number)
     return retried
 

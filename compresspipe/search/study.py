@@ -12,6 +12,7 @@ into the study, is not offered).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -87,6 +89,22 @@ def redacted(url: str) -> str:
         return f"{head}://{creds.split(':')[0]}:***@{host}" if at and ":" in creds else url
 
 
+@contextlib.contextmanager
+def experimental_features() -> Iterator[None]:
+    """Optuna calls the heartbeat and its retry callback experimental: our choice, not the user's, so its
+    ExperimentalWarning is logged at debug level rather than shown; other warnings pass through."""
+    import optuna
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, optuna.exceptions.ExperimentalWarning):
+            log.debug("optuna: %s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Connect to the storage (creating its tables or file); InputError, saying why, where it cannot be reached."""
     import optuna
@@ -110,17 +128,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             if db and db != ":memory:":
                 _ours_or_new(Path(db), _is_optuna_db, "an Optuna SQLite database")
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with experimental_features():
             storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
-        for w in caught:  # Optuna calls the heartbeat experimental: our choice, not the user's; logged, not shown
-            if issubclass(w.category, optuna.exceptions.ExperimentalWarning):
-                log.debug("optuna: %s", w.message)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return storage
     except InputError:
         raise
