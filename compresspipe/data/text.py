@@ -158,6 +158,34 @@ class Tokenizer:
     def to_json(self) -> str | None:
         return None if self.bpe is None else str(self.bpe.to_str())
 
+    def to_hf(self) -> Any:
+        """The same tokenizer as a Hugging Face `tokenizers.Tokenizer` (what a saved model folder ships): the BPE
+        itself, or for bytes a byte-level BPE without merges whose ids are the byte values, <|endoftext|> = 256."""
+        if self.bpe is not None:
+            return self.bpe
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        chars = _byte_chars()
+        vocab = {chars[b]: b for b in range(256)}
+        vocab[EOS] = BYTE_VOCAB - 1
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(EOS, special=True)])
+        return tok
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies are written in these)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = dict(zip(printable, printable, strict=True)), 0
+    for b in range(256):
+        if b not in codes:
+            codes[b] = 256 + extra
+            extra += 1
+    return {b: chr(c) for b, c in codes.items()}
+
 
 def train_bpe(documents: list[list[str]], vocab_size: int) -> Tokenizer:
     """A byte-level BPE trained on these documents (deterministic: one thread of input, in order)."""

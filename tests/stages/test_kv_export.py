@@ -76,3 +76,31 @@ def test_a_file_whose_cache_does_not_follow_pytorch_fails_verification():
     assert stage._judge("onnx", ex, good, job) == "pass"
     bad = {**good, "generation": {**good["generation"], "matched_tokens": 12, "identical_sequences": 1}}
     assert "greedy decoding" in stage._judge("onnx", ex, bad, job)
+
+
+def test_a_huggingface_folder_with_the_runs_tokenizer_loads_in_transformers(tmp_path):
+    """format huggingface: config, safetensors and the run's byte tokenizer; transformers loads both and the
+    model computes what the PyTorch model does. A quantized model is refused, naming the formats that ship it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compresspipe.errors import StageError
+
+    data = {"dataset": "text", "tokenizer": "byte", "seq_len": 32, "max_samples": 96, "batch_size": 16,
+            "eval_batch_size": 16}
+    model = {"huggingface": {"config": {**TINY_LLAMA, "vocab_size": 257}}}
+    recipe = tiny_recipe(name="hf", task="language_modeling", model=model, data=data,
+                         stages=[{"type": "export", "formats": ["huggingface"]}])
+    run(tmp_path, recipe)
+    folder = tmp_path / "run" / "01-export" / "export" / "huggingface"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert tok.encode("héllo") == list("héllo".encode()) and tok.eos_token_id == 256
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    assert lm.config.vocab_size == 257
+    manifest = json.loads((folder.parent / "manifest.json").read_text())
+    assert any(f["file"] == "huggingface/model.safetensors" for f in manifest["files"])
+
+    quantized = {**recipe, "stages": [{"type": "quantize", "method": "weight_only", "dtype": "int4"},
+                                      {"type": "export", "formats": ["huggingface"]}]}
+    with pytest.raises(StageError, match="onnx_int4"):
+        run(tmp_path, quantized, out="q")

@@ -16,11 +16,13 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from compresspipe.recipe.spec import StrictModel
 from compresspipe.stages.base import StageConfig
 
-Format = Literal["onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torch_export", "safetensors", "torchscript"]
+Format = Literal["onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torch_export", "safetensors",
+                 "torchscript", "huggingface"]
 
 # Fixed export order: onnx_int8 reuses the float ONNX graph when both are asked for.
 FORMAT_ORDER: tuple[str, ...] = (
     "safetensors", "torch_export", "onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torchscript",
+    "huggingface",
 )
 # format -> implementation module (imported only when the stage runs)
 FORMAT_MODULES: dict[str, str] = {
@@ -32,6 +34,7 @@ FORMAT_MODULES: dict[str, str] = {
     "torch_export": "compresspipe.stages.export.torch_export",
     "safetensors": "compresspipe.stages.export.safetensors_copy",
     "torchscript": "compresspipe.stages.export.torchscript",
+    "huggingface": "compresspipe.stages.export.hf_folder",
 }
 # Quantized formats are judged by top-1 agreement (verify.min_agreement), not by atol.
 INT8_FORMATS = frozenset({"onnx_int8", "onnx_int4", "executorch_int8"})
@@ -48,6 +51,7 @@ REQUIREMENTS: dict[str, list[tuple[str, str]]] = {
     "torch_export": [],
     "safetensors": [],
     "torchscript": [],
+    "huggingface": [("transformers", "pip install 'compresspipe[huggingface]'")],
 }
 MIN_OPSET = 7
 MIN_OPSET_INT8 = 13  # per-channel QDQ (QuantizeLinear with axis) needs opset 13
@@ -123,7 +127,8 @@ class ExportConfig(StageConfig):
         default_factory=lambda: list[Format](["onnx", "safetensors"]), min_length=1,
         description="onnx | onnx_int8 | onnx_int4 (4-bit weight-only MatMulNBits, after a quantize stage with "
                     "method weight_only, dtype int4) | executorch | executorch_int8 | torch_export | safetensors | "
-                    "torchscript (deprecated in torch 2.14; use executorch)",
+                    "torchscript (deprecated in torch 2.14; use executorch) | huggingface (a folder transformers "
+                    "loads: config, safetensors weights, the run's tokenizer)",
     )
     opset: int = Field(18, ge=MIN_OPSET, description="ONNX opset; below 18 the TorchScript-based exporter is used")
     dynamic_batch: bool = Field(

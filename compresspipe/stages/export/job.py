@@ -63,6 +63,7 @@ class ExportJob:
     fidelity: Any = None  # the recipe's deploy.fidelity (FidelitySpec): how closely a file must follow its source
     float_layers: list[str] = field(default_factory=list)  # what the int8 file kept float, and why (notes)
     diagnosis: list[dict[str, Any]] = field(default_factory=list)  # the int8 file's most diverging layers
+    tokenizer: Callable[[], Any] | None = None  # the run's text tokenizer (data/text.py), built when asked for
 
     @property
     def input_shape(self) -> tuple[int, ...]:

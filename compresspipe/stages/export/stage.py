@@ -96,10 +96,17 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
         for x, _ in ctx.batches("calibration", count, batch_size):
             yield float_to(x, dtype)
 
+    tokenizer = None
+    if getattr(ctx.recipe.data, "dataset", None) == "text":
+        from compresspipe.data.text import tokenizer as text_tokenizer
+
+        def tokenizer() -> Any:
+            return text_tokenizer(ctx.recipe.data, ctx.recipe.seed)  # type: ignore[arg-type]
+
     return ExportJob(config, state, module, ctx.name, batches, reference, calibration, latency, handoff,
                      float_module, cpu=resolve(ctx.recipe.deploy.cpu), ui=ctx.ui, num_classes=ctx.data.num_classes,
                      metrics=named_metrics(ctx.recipe), float_reference=float_reference,
-                     fidelity=ctx.recipe.deploy.fidelity)
+                     fidelity=ctx.recipe.deploy.fidelity, tokenizer=tokenizer)
 
 
 def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
