@@ -236,10 +236,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 "fold_bn": cfg.fold_bn, "calibration_batches": cfg.calibration.batches}
 
     def _kinds(self, model: nn.Module) -> tuple[type, ...]:
-        """The layer types this method quantizes; int4 weight-only adds transformers' Conv1D (GPT-2), found in the
-        model itself so transformers is never imported for it."""
+        """The layer types this method quantizes; weight-only and dynamic add transformers' Conv1D (GPT-2), found in
+        the model itself so transformers is never imported for it."""
         kinds = CANDIDATES[self.config.method]
-        if self.config.method == "weight_only" and self.config.dtype == "int4":
+        if self.config.method in ("weight_only", "dynamic"):  # GPT-2's Linear layers, weight stored [in, out]
             kinds += tuple({type(m) for m in model.modules() if is_conv1d(m)})
         return kinds
 
@@ -484,8 +484,24 @@ def _matmul_nbits(layer: nn.Module, cfg: QuantizeConfig) -> bool:
     return cfg.method == "weight_only" and cfg.dtype == "int4" and (isinstance(layer, nn.Linear) or is_conv1d(layer))
 
 
+def _as_linear(layer: nn.Module) -> nn.Module:
+    """A transformers Conv1D (y = x @ W + b, W [in, out]) as the nn.Linear that computes the same; others as they
+    are."""
+    if not is_conv1d(layer):
+        return layer
+    weight = getattr(layer, "weight").detach()  # noqa: B009 - typed as a tensor here
+    bias = getattr(layer, "bias", None)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if bias is not None:
+            linear.bias.copy_(bias.detach())
+    return linear
+
+
 def _from_float(layer: nn.Module, mode: str, bits: int, per_channel: bool, relu: bool,
                 backend: QuantBackend) -> _QuantLayer:
+    layer = _as_linear(layer)
     cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
     return cls.from_float(layer, mode, bits, per_channel, relu, quantizer=backend.quantize_weight)  # type: ignore[arg-type]
 
