@@ -116,7 +116,7 @@ def _large() -> list[dict[str, Any]]:
     from compresspipe.stages.export.kv_cache import decode_speed
     from compresspipe.stages.export.onnx_float import session
 
-    float_file = folder / "run" / "02-prune" / "deploy" / "model.onnx"
+    float_file = folder / "run" / "01-prune" / "deploy" / "model.onnx"
     sessions = {"float": session(float_file, 1).raw, "int4": session(int4, 1).raw}
     speeds: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(3):

@@ -83,6 +83,39 @@ def gemm_to_matmul(model: Any) -> int:
     return changed
 
 
+def untie_transposed_weights(model: Any) -> int:
+    """A MatMul that reads a constant through a Transpose (a language model head tied to its embedding table) reads
+    the transposed constant itself, in place, so it can hold 4-bit weights; the embedding keeps its float table.
+    Returns how many."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        up = producer.get(node.input[1])
+        if up is None or up.op_type != "Transpose" or up.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in up.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[up.input[0]])
+        if weight.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{up.input[0]}_transposed"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(weight.T.copy(), name)
+            graph.initializer.append(inits[name])
+        node.input[1] = name
+        changed += 1
+    if changed:  # a Transpose nothing reads any more goes
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        for node in [n for n in graph.node if n.op_type == "Transpose" and n.output[0] not in read]:
+            graph.node.remove(node)
+    return changed
+
+
 def weight_nodes(model: Any) -> list[Any]:
     """MatMul, Gemm and Gather nodes that read a constant 2-D weight (what holds a layer's parameters)."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -115,6 +148,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         source = write_onnx(job.float_module or job.module, job, scratch)[0]
         model = onnx.load(str(source))
         rewritten = gemm_to_matmul(model)
+        untie_transposed_weights(model)
         matmuls = [n for n in weight_nodes(model) if n.op_type == "MatMul"]
         wanted = set(hand.layers)
         chosen = [n.name for n in matmuls if not wanted or _layer(n.name) in wanted]
@@ -144,6 +178,11 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
             reasons[layer] = "not 4-bit in the quantize stage (include/exclude, or a layer type it keeps float)"
         else:
             reasons[layer] = "ONNX Runtime's block quantizer left it float (its input width is too small)"
+    in_file = {_layer(n.name) for n in packed if n.name}
+    missing = [layer for layer in hand.layers if layer not in in_file]
+    if wanted and in_file and missing:  # 4-bit in PyTorch, float in the file: never silently
+        for layer in missing:
+            reasons.setdefault(layer, "4-bit in PyTorch, but no MatMul of the exported graph could hold it in 4 bits")
     job.float_layers = sorted(reasons)
     strip_debug_info(out, job.config.keep_names)
     add_metadata(out, job)
