@@ -78,8 +78,8 @@ def _lm(config, *stages):
 
 
 @pytest.mark.parametrize("config, linears, group, export", [({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1,
-                                                              16, True),
-                                                             (TINY_GPT2, 3 * 4 + 1, 32, False)], ids=["llama", "gpt2"])
+                                                              16, False),
+                                                             (TINY_GPT2, 3 * 4 + 1, 32, True)], ids=["llama", "gpt2"])
 def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(tmp_path, config, linears, group,
                                                                                 export):
     import onnx

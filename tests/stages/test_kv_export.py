@@ -24,8 +24,10 @@ def test_an_lm_onnx_file_has_a_cache_and_generates_what_pytorch_does(tmp_path, c
     from compresspipe.artifacts.model import load_model
     from compresspipe.stages.export.kv_cache import greedy, greedy_torch
 
+    # deploy torch: the export stage writes the one ONNX file this test reads
     recipe = tiny_recipe(name="kv", task="language_modeling", model={"huggingface": {"config": dict(config)}},
-                         data=dict(LM_DATA), stages=[{"type": "export", "formats": ["onnx"]}])
+                         data=dict(LM_DATA), deploy={"runtime": "torch"},
+                         stages=[{"type": "export", "formats": ["onnx"]}])
     result = run(tmp_path, recipe)
     path = tmp_path / "run" / "01-export" / "export" / "model.onnx"
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -73,9 +73,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
                              "recomputes the whole sequence at every step")
             for stale in (path, path.with_name(path.name + ".data")):
                 stale.unlink(missing_ok=True)
-    if kv_meta:
-        pass
-    elif opset >= DYNAMO_MIN_OPSET:
+    if not kv_meta and opset >= DYNAMO_MIN_OPSET:
         try:
             with _quiet(job, path.name):
                 torch.onnx.export(
