@@ -156,6 +156,15 @@ def recover(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.Ba
     return retried
 
 
+def retry_left_behind(setup: SearchSetup, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                      spawned: bool) -> bool:
+    """After the local workers this one spawned have ended: whether one of them left a trial to retry here, in its
+    run folder, so the search still ends with n_trials. A worker sent SIGTERM leaves its trial failed as
+    interrupted; one killed outright (SIGKILL, or cut short while it told the storage) leaves it RUNNING, which
+    still counts as one of n_trials: so the study is not judged by its count but by what `recover` finds."""
+    return spawned and setup.spec.timeout is None and bool(recover(setup, study, storage))
+
+
 def _alive(pid: object) -> bool:
     """Whether the worker process that runs a trial on this machine still lives (a zombie does not).
 
@@ -289,10 +298,7 @@ def run_search(setup: SearchSetup, loaded: LoadedRecipe | None, options: SearchO
         work(setup, study, options, ui)
         for p in procs:
             p.wait()
-        # a worker stopped mid-trial (SIGTERM, a kill) after this one had finished its share: its trial is retried
-        # here, in its run folder, so the search still ends with n_trials
-        if procs and setup.spec.timeout is None and counted(study) < setup.spec.trials() \
-                and recover(setup, study, storage):
+        if retry_left_behind(setup, study, storage, bool(procs)):
             work(setup, study, options, ui)
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt) and not was_interrupted():

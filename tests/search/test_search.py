@@ -351,3 +351,35 @@ def test_workers_racing_for_the_last_trial_run_n_trials_and_the_surplus_one_runs
     interrupted.set_user_attr("interrupted", True)
     study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
     assert counted(study) == 2 and not surplus(study, study.ask().number, 3)
+
+
+def test_a_trial_left_running_by_a_killed_worker_is_retried_though_it_counts(tmp_path):
+    """A local worker killed outright (SIGKILL, or cut short while it told the storage) leaves its trial RUNNING,
+    which still counts as one of n_trials: the worker that spawned it retries it when the others have ended,
+    judging by what the storage says of that trial (its process is gone, its run folder unlocked), not by the
+    count."""
+    import socket
+    from types import SimpleNamespace
+
+    import optuna
+
+    from compresspipe.search.driver import counted, retry_left_behind
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    for value in (1.0, 2.0):
+        done = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        study.tell(done, value)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    for key, value in {"host": socket.gethostname(), "pid": dead.pid, "folder": "trials/0002"}.items():
+        left.set_user_attr(key, value)
+    assert counted(study) == 3  # n_trials 3 looks done: the RUNNING trial counts
+    setup = SimpleNamespace(folder=tmp_path, spec=SimpleNamespace(timeout=None))
+    assert not retry_left_behind(setup, study, storage, spawned=False)  # only the worker that spawned others
+    assert retry_left_behind(setup, study, storage, spawned=True)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[2] == "FAIL" and study.get_trials()[2].user_attrs["interrupted"] is True
+    assert "WAITING" in states.values()  # the retry, run next by work()
+    assert counted(study) == 3  # the interrupted one no longer counts; its retry does
