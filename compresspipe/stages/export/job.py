@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +339,4 @@ def warnings_as_notes(job: ExportJob, step: str) -> Iterator[None]:
     warnings) become the stage's notes, `step: Category: first line`, each once, where report.md and report.json
     show them, rather than lines scrolling through the progress display (ui.library_messages)."""
     with library_messages(job.notes, prefix=step):
-        # torch.onnx tells, for every input past the first, that an axis named like one already declared is that
-        # axis (batch, sequence): what the names say, not a caveat
-        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used, since it shares")
         yield

@@ -36,7 +36,7 @@ from compresspipe.artifacts.edits import (
     set_submodule,
 )
 from compresspipe.errors import ArtifactError
-from compresspipe.stages.quantize.nbits import QuantMatMulNBits
+from compresspipe.stages.quantize.nbits import DequantizedWeight, QuantMatMulNBits
 
 ACT_QMAX = 127  # activation scales span 7 bits (the x86 int8 convention: u8*s8 pair sums cannot overflow int16)
 ACT_CLAMP = 255  # ...but values still clamp at uint8's 255, as quint8 tensors and ONNX QuantizeLinear do
@@ -111,7 +111,7 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(scale, min=DYNAMIC_MIN_SCALE), zero_point
 
 
-class _QuantLayer(nn.Module):
+class _QuantLayer(DequantizedWeight):
     """Shared storage: int weights (int8, or int4 packed in uint8), per-channel scales, float bias."""
 
     # buffers (declared for type checkers: nn.Module.__getattr__ would type them as Tensor | Module)
@@ -194,16 +194,6 @@ class _QuantLayer(nn.Module):
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _float_weight(self) -> torch.Tensor:
-        """The dequantized weight, cached; while a tracer records the forward it is rebuilt from the int
-        buffers, so exported files keep int weights and their dequantization."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self.weight()
-        if self._dequantized is None:
-            with torch.inference_mode(False):  # a cache built under inference_mode would refuse autograd later
-                self._dequantized = self.weight()
-        return self._dequantized
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._float_weight()
         b = self.fbias
@@ -219,21 +209,6 @@ class _QuantLayer(nn.Module):
         if self.mode == "static":
             y = fake_quant(y, self.output_scale, self.output_zero_point)
         return y
-
-    # -- state: the float weight is rebuilt after loading or moving, and never copied -----------------
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._dequantized = None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), .half(): buffers change
-        self._dequantized = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_dequantized"] = None
-        return state
 
     def spec(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "mode": self.mode, "bits": self.bits,

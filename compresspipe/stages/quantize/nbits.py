@@ -54,7 +54,39 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
 
 
-class QuantMatMulNBits(nn.Module):
+class DequantizedWeight(nn.Module):
+    """A layer holding integer weights that computes with their float dequantization (`weight()`), built once and
+    cached; rebuilt after loading or moving, never saved or copied, and rebuilt from the integer buffers while a
+    tracer records the forward, so exported files keep the integers and their dequantization."""
+
+    _dequantized: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _float_weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.weight()
+        if self._dequantized is None:
+            with torch.inference_mode(False):  # a cache built under inference_mode would refuse autograd later
+                self._dequantized = self.weight()
+        return self._dequantized
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._dequantized = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), .half(): buffers change
+        self._dequantized = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_dequantized"] = None
+        return state
+
+
+class QuantMatMulNBits(DequantizedWeight):
     """A Linear (or Conv1D) with 4-bit group-wise weights, as ONNX Runtime's MatMulNBits holds them."""
 
     qweight: torch.Tensor
@@ -115,30 +147,11 @@ class QuantMatMulNBits(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            w = self.weight()
-        else:
-            if self._dequantized is None:
-                with torch.inference_mode(False):
-                    self._dequantized = self.weight()
-            w = self._dequantized
+        w = self._float_weight()
         b = self.fbias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
         return F.linear(x, w, b)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._dequantized = None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self._dequantized = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_dequantized"] = None
-        return state
 
     def spec(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
