@@ -501,3 +501,16 @@ def test_qat_weights_reach_the_int8_onnx_file(tmp_path, trained):
         assert (source(x).argmax(1) == result.state.module(x).argmax(1)).float().mean() > 0.95
     fc2 = result.state.module.fc2
     assert torch.equal(dequantized(result.state.module).fc2.weight, fc2.weight())
+
+
+def test_int4_hands_the_file_its_grouped_linear_layers_and_says_convolutions_stay_float_there(tmp_path, trained):
+    """weight_only int4 on a CNN: Linear layers go to the onnx_int4 file in 4-bit groups; the convolutions (4-bit
+    per-channel in PyTorch) stay float in that file, and the stage says so instead of leaving it to be found."""
+    from compresspipe.stages.quantize import QuantizeRecord
+    from compresspipe.stages.quantize.nbits import QuantMatMulNBits
+
+    result, _, _ = _quantize(tmp_path, trained, {"type": "quantize", "method": "weight_only", "dtype": "int4"})
+    grouped = [n for n, m in result.state.module.named_modules() if isinstance(m, QuantMatMulNBits)]
+    record = result.state.get(QuantizeRecord)
+    assert grouped and record.onnx_int4 is not None and record.onnx_int4.layers == grouped
+    assert any("convolution(s) hold 4-bit per-channel weights in PyTorch" in n for n in result.notes), result.notes

@@ -182,7 +182,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
     missing = [layer for layer in hand.layers if layer not in in_file]
     if wanted and in_file and missing:  # 4-bit in PyTorch, float in the file: never silently
         for layer in missing:
-            reasons.setdefault(layer, "4-bit in PyTorch, but no MatMul of the exported graph could hold it in 4 bits")
+            reasons.setdefault(layer, "4-bit in PyTorch, but no MatMul of the exported graph holds its weight")
     job.float_layers = sorted(reasons)
     strip_debug_info(out, job.config.keep_names)
     add_metadata(out, job)

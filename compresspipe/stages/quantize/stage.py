@@ -192,7 +192,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
         model, new, folds, acts = self._convert(model, layers, ctx, backend, batches, notes, state.spec, skipped)
         state.module = model.eval()
         state.record(quantize_edit(cfg.method, new, list(folds.items())))
-        state.put(self._export_record(ctx, cfg.method, list(new), float_layers))
+        grouped = [n for n, m in new.items() if isinstance(m, QuantMatMulNBits)]
+        state.put(self._export_record(ctx, cfg.method, list(new), float_layers, grouped))
 
         acc_after = _accuracy(model, val, ctx.task)
         bytes_after = _bytes(model)
@@ -350,6 +351,12 @@ class QuantizeStage(Stage[QuantizeConfig]):
                              + (f"; {grouped} Linear/Conv1D layer(s) in groups of {cfg.group_size} input values, as "
                                 "ONNX Runtime's MatMulNBits holds them (export format onnx_int4 runs them as 4-bit "
                                 "kernels)" if grouped else ""))
+                convs = len(new) - grouped
+                if grouped and convs and bits == 4:
+                    notes.append(f"weight_only int4: {convs} convolution(s) hold 4-bit per-channel weights in PyTorch, "
+                                 "but the onnx_int4 file keeps convolutions float (MatMulNBits is a MatMul kernel): "
+                                 "the file is the float model with 4-bit Linear layers, judged against it by "
+                                 "deploy.fidelity; exclude the convolutions to make PyTorch compute what ships")
         else:
             with ctx.ui.progress(f"{ctx.name}: calibrating", len(batches)) as bar:
                 ranges = calibrate(model, layers, acts, batches, cfg.observer, cfg.percentile, bar)
@@ -404,14 +411,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
 
     def _export_record(self, ctx: StageContext, method: str, layers: list[str],
-                       keep_float: list[str] | None = None) -> QuantizeRecord:
+                       keep_float: list[str] | None = None, grouped: list[str] | None = None) -> QuantizeRecord:
         """The hand-off to export and deploy, saved with the model: int8 runtimes re-quantize the float model
         of the stage before this one with these settings (the torch layers export as their float emulation)."""
         cfg = self.config
         previous = list(ctx.history)[-1] if ctx.history else "baseline"
         handoff = None
-        if method == "weight_only" and cfg.dtype == "int4":
-            grouped = [n for n in layers if n not in (keep_float or [])]
+        if method == "weight_only" and grouped:  # 4-bit Linear/Conv1D layers: the onnx_int4 file holds them
             return QuantizeRecord(method=method, float_stage=previous,
                                   onnx_int4=OnnxInt4Handoff(block_size=cfg.group_size, layers=grouped))
         if method in ("static", "qat", "dynamic"):
