@@ -56,6 +56,21 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > SINGLE_FILE_LIMIT
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
+    from compresspipe.stages.export import onnx_cache
+
+    key = None if big else onnx_cache.fingerprint(module, {
+        "opset": opset, "dynamic": dynamic, "keep_names": job.config.keep_names, "names": names,
+        "example": [(k, str(v.dtype), tuple(v.shape)) for k, v in (example.items() if isinstance(example, dict)
+                                                                     else [("input", example)])],
+        "io": job.io.model_dump(mode="json"), "axes": repr(dynamic_batch_shapes(job))})
+    cached = onnx_cache.lookup(key, path)
+    if cached is not None:  # this process exported the same model with the same settings: the same file
+        job.notes.extend(n for n in cached.notes if n not in job.notes)
+        add_metadata(path, job)
+        if cached.meta:
+            set_metadata(path, cached.meta)
+        return [path]
+    noted = len(job.notes)
     dynamo_error = None
     from compresspipe.stages.export.kv_cache import export_kv, language_model
 
@@ -95,6 +110,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
     if not big:  # merge any external-data file: one self-contained file ships easier
         strip_debug_info(path, job.config.keep_names)
         data.unlink(missing_ok=True)
+        onnx_cache.store(key, [path], job.notes[noted:], kv_meta)
     add_metadata(path, job)
     if kv_meta:
         set_metadata(path, kv_meta)
