@@ -32,9 +32,10 @@ system-deps:
 demo: install
 	$(BIN)/compresspipe run recipes/quickstart.yaml --force
 
-# pytest exits 5 when it collects no test: that is not a failure of the suite.
+# pytest exits 5 when it collects no test: that is not a failure of the suite. One worker per core (pytest-xdist,
+# at most 4): the suite is mostly single-threaded Python (torch.onnx's exporter, small models), ~9.5 min on 2 cores.
 test: install system-deps
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 # The int8 tests (pytest -m int8) on an emulated AVX2-only CPU: ONNX Runtime's u8s8 kernels without VNNI, as on a
 # Haswell..Skylake or Zen 1-3 machine, from any x86-64 machine with qemu-user. The host's VNNI cannot hide a
