@@ -2,8 +2,8 @@
 key/value cache, decode tokens per second timed interleaved in one process (1 thread, batch 1 and 8).
 
 1. `recipes/causal_lm.yaml`'s Llama-style model (2 blocks, hidden 128, grouped-query attention), trained on the
-   bundled English text. Two runs from the same seed: train -> int4 weight-only; and the recipe's own
-   train -> prune (half the KV groups, a quarter of the MLP width) + distill -> int4. Rows: perplexity of each file
+   bundled English text. Three runs from the same seed: train -> int4 weight-only, round-to-nearest and HQQ
+   (quantize.algorithm: hqq); and the recipe's own train -> prune (half the KV groups, a quarter of the MLP width) + distill -> int4. Rows: perplexity of each file
    on the validation text (measured in ONNX Runtime), size, prefill and decode tokens/s, ratios to the float file.
    Issue 24's goals: int4 >= 4x smaller, >= 2x decode at batch 1, perplexity +5% at most; prune + distill +10% at
    most and >= 1.3x decode.
@@ -52,24 +52,28 @@ def _small() -> list[dict[str, Any]]:
     base["evaluate"] = {"latency": {"batch_sizes": [1], "warmup": 1, "iters": 3, "threads": 1}}
     train = base["stages"][0]
     plain = {**base, "name": "lm-int4", "stages": [train, INT4]}
+    hqq = {**base, "name": "lm-int4-hqq", "stages": [train, {**INT4, "algorithm": "hqq"}]}
     pruned = {**base, "name": "lm-prune-int4", "stages": [*base["stages"], INT4]}
-    folders = {k: Path(tempfile.mkdtemp(prefix=f"cp-bench-lm-{k}-")) for k in ("int4", "prune")}
+    folders = {k: Path(tempfile.mkdtemp(prefix=f"cp-bench-lm-{k}-")) for k in ("int4", "hqq", "prune")}
     _run(plain, folders["int4"])
+    _run(hqq, folders["hqq"])  # the same seed: the same trained float model, 4-bit groups fitted by HQQ
     _run(pruned, folders["prune"])
-    return measure_runs(folders["int4"] / "run", folders["prune"] / "run")
+    return measure_runs(folders["int4"] / "run", folders["prune"] / "run", hqq=folders["hqq"] / "run")
 
 
-def measure_runs(plain: Path, pruned: Path, rounds: int = 5) -> list[dict[str, Any]]:
-    """Rows from the two run folders: each file's perplexity and size from its report, decode tokens/s timed here,
+def measure_runs(plain: Path, pruned: Path, rounds: int = 5, hqq: Path | None = None) -> list[dict[str, Any]]:
+    """Rows from the run folders: each file's perplexity and size from its report, decode tokens/s timed here,
     every file once per round (interleaved)."""
     import json
 
     from compresspipe.stages.export.kv_cache import decode_speed
     from compresspipe.stages.export.onnx_float import session
 
-    reports = {p: json.loads((p / "report.json").read_text()) for p in (plain, pruned)}
-    files = {"float": (plain, "train"), "int4": (plain, "quantize"), "prune+distill": (pruned, "prune"),
-             "prune+distill int4": (pruned, "quantize")}
+    folders = [plain, pruned] + ([hqq] if hqq is not None else [])
+    reports = {p: json.loads((p / "report.json").read_text()) for p in folders}
+    files = {"float": (plain, "train"), "int4": (plain, "quantize"),
+             **({"int4 hqq": (hqq, "quantize")} if hqq is not None else {}),
+             "prune+distill": (pruned, "prune"), "prune+distill int4": (pruned, "quantize")}
     sessions, rows = {}, []
     for label, (folder, name) in files.items():
         row = stage(reports[folder], name)

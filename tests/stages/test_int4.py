@@ -18,12 +18,13 @@ pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _matmul_nbits_file(path, b: np.ndarray, block: int) -> None:
-    """y = x @ B as ONNX, then ONNX Runtime's own 4-bit block quantizer on it."""
+def _matmul_nbits_file(path, b: np.ndarray, block: int, algorithm: str = "rtn") -> None:
+    """y = x @ B as ONNX, then ONNX Runtime's own 4-bit block quantizer (round-to-nearest or HQQ) on it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
@@ -34,15 +35,17 @@ def _matmul_nbits_file(path, b: np.ndarray, block: int) -> None:
                               [numpy_helper.from_array(b, "B")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block,
-                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False))
+    config = (HQQWeightOnlyQuantConfig(block_size=block, bits=4) if algorithm == "hqq"
+              else DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False))
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(path), False)
     assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMulNBits"]
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_pytorch_4bit_layer_computes_what_onnx_runtime_matmulnbits_computes(tmp_path, kind):
+@pytest.mark.parametrize("kind, algorithm", [("linear", "rtn"), ("conv1d", "rtn"), ("linear", "hqq"),
+                                             ("conv1d", "hqq")])
+def test_pytorch_4bit_layer_computes_what_onnx_runtime_matmulnbits_computes(tmp_path, kind, algorithm):
     import onnxruntime as ort
 
     from compresspipe.stages.quantize.nbits import QuantMatMulNBits
@@ -58,16 +61,28 @@ def test_pytorch_4bit_layer_computes_what_onnx_runtime_matmulnbits_computes(tmp_
         nn.init.normal_(layer.weight, std=0.5)
         nn.init.zeros_(layer.bias)
         b = layer.weight.detach().contiguous().numpy()
-    q = QuantMatMulNBits.from_float(layer, 32)
-    assert q.conv1d == (kind == "conv1d")
+    q = QuantMatMulNBits.from_float(layer, 32, algorithm)
+    assert q.conv1d == (kind == "conv1d") and q.algorithm == algorithm
     x = torch.randn(5, 72)
-    _matmul_nbits_file(tmp_path / "m.onnx", b, 32)
+    _matmul_nbits_file(tmp_path / "m.onnx", b, 32, algorithm)
     ours = q(x).detach().numpy()
     theirs = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": x.numpy()})[0]
     assert np.allclose(ours, theirs, atol=1e-4, rtol=1e-4), np.abs(ours - theirs).max()
     # and the 4-bit weights are not the float ones: the test would pass trivially otherwise
     assert not np.allclose(ours, (x @ torch.from_numpy(b)).numpy(), atol=1e-3)
+
+
+def test_hqq_fits_4bit_groups_closer_to_the_weights_than_round_to_nearest():
+    from compresspipe.stages.quantize.nbits import QuantMatMulNBits
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 64)
+    with torch.no_grad():  # heavy tails, as trained weights have
+        layer.weight.copy_(torch.distributions.StudentT(3.0).sample(layer.weight.shape) * 0.02)
+    error = {a: (QuantMatMulNBits.from_float(layer, 32, a).weight() - layer.weight).abs().mean().item()
+             for a in ("rtn", "hqq")}
+    assert error["hqq"] < 0.97 * error["rtn"], error
 
 
 def _lm(config, *stages):
@@ -77,11 +92,11 @@ def _lm(config, *stages):
                        stages=[{"type": "train", "epochs": 1, "lr": 3.0e-3}, *stages])
 
 
-@pytest.mark.parametrize("config, linears, group, export", [({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1,
-                                                              16, False),
-                                                             (TINY_GPT2, 3 * 4 + 1, 32, True)], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("config, linears, group, export, algorithm", [
+    ({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1, 16, False, "rtn"),
+    (TINY_GPT2, 3 * 4 + 1, 32, True, "hqq")], ids=["llama-rtn", "gpt2-hqq"])
 def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(tmp_path, config, linears, group,
-                                                                                export):
+                                                                                export, algorithm):
     import onnx
     from onnx import helper
 
@@ -91,6 +106,8 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     quantize = {"type": "quantize", "method": "weight_only", "dtype": "int4"}
     if group != 32:
         quantize["group_size"] = group
+    if algorithm != "rtn":
+        quantize["algorithm"] = algorithm
     stages = [quantize] + ([{"type": "export", "formats": ["onnx_int4"]}] if export else [])
     report = run(tmp_path, _lm(config, *stages)).report
     row = next(s for s in report["stages"] if s["name"] == "quantize")
@@ -102,8 +119,11 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     packed = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(packed) == linears  # every Linear / Conv1D, lm_head included
     assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
-    # the recipe's group size is the file's block size
+    # the recipe's group size is the file's block size; HQQ's zero points are floats (rtn: packed 4-bit)
     assert {helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "block_size"} == {group}
+    zero_types = {t.data_type for t in model.graph.initializer if t.name in {n.input[3] for n in packed}}
+    assert zero_types == {onnx.TensorProto.FLOAT if algorithm == "hqq" else onnx.TensorProto.UINT8}
+    assert any(algorithm.upper() in n if algorithm == "hqq" else "round-to-nearest" in n for n in row["notes"])
     # what stays float is named, with the reason
     kept = [n for n in row["notes"] if n.startswith("model.int4.onnx: weights kept float")]
     assert kept and "embedding table" in kept[0], row["notes"]
@@ -121,3 +141,14 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     if export:
         manifest = json.loads((tmp_path / "run" / "03-export" / "export" / "manifest.json").read_text())
         assert "model.int4.onnx" in json.dumps(manifest)
+
+
+@pytest.mark.parametrize("stage", [{"method": "static", "algorithm": "hqq"},
+                                   {"method": "weight_only", "dtype": "int8", "algorithm": "hqq"}])
+def test_hqq_outside_4bit_weight_only_is_refused_naming_what_it_needs(stage):
+    from pydantic import ValidationError
+
+    from compresspipe.stages.quantize import QuantizeConfig
+
+    with pytest.raises(ValidationError, match="algorithm hqq fits 4-bit weight groups: it needs method weight_only"):
+        QuantizeConfig.model_validate({"type": "quantize", **stage})

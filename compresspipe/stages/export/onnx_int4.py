@@ -1,12 +1,13 @@
 """`onnx_int4`: 4-bit weight-only ONNX, ONNX Runtime's MatMulNBits kernels (decoder LMs, any Linear-heavy model).
 
 The float ONNX graph of the model before the quantize stage is written, and ONNX Runtime's own block quantizer
-(`MatMulNBitsQuantizer`, round-to-nearest) replaces the MatMul of every layer the quantize stage held in 4 bits
-with a MatMulNBits node: weights in 4-bit blocks of the stage's `group_size` along the input, a float scale and a
-4-bit zero point per block, activations and the rest of the graph float. It is the quantizer the stage's PyTorch
-layers (`compresspipe.stages.quantize.nbits`) call, so both hold the same weights. Gemm nodes (a Linear on a 2-D
-input) are first rewritten as MatMul + Add so that they are quantized too. What stays float and why (embedding
-tables, layers the recipe excluded) reaches the notes; nothing is skipped silently.
+(`MatMulNBitsQuantizer`: round-to-nearest, or HQQ when the stage chose `algorithm: hqq`) replaces the MatMul of
+every layer the quantize stage held in 4 bits with a MatMulNBits node: weights in 4-bit blocks of the stage's
+`group_size` along the input, a float scale and a zero point per block (4-bit; float for HQQ), activations and the
+rest of the graph float. It is the quantizer the stage's PyTorch layers (`compresspipe.stages.quantize.nbits`) call,
+so both hold the same weights. Gemm nodes (a Linear on a 2-D input) are first rewritten as MatMul + Add so that
+they are quantized too. What stays float and why (embedding tables, layers the recipe excluded) reaches the notes;
+nothing is skipped silently.
 
 Verified against the float model it came from (deploy.fidelity: top-1 agreement, per token for language models,
 and the task metric).
@@ -31,7 +32,7 @@ DEFAULT_BLOCK = 32
 
 
 def handoff(job: ExportJob) -> Any:
-    """The quantize stage's int4 settings, or the defaults (every MatMul weight, blocks of 32)."""
+    """The quantize stage's int4 settings, or the defaults (every MatMul weight, blocks of 32, round-to-nearest)."""
     from compresspipe.stages.quantize import OnnxInt4Handoff, QuantizeRecord
 
     record = job.state.get(QuantizeRecord)
@@ -138,8 +139,11 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
+
+    from compresspipe.stages.quantize.nbits import ALGORITHM_LABELS
 
     out = folder / "model.int4.onnx"
     scratch = folder / ".model.float.onnx"
@@ -156,7 +160,8 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
             chosen = [n.name for n in matmuls]
             job.notes.append("model.int4.onnx: no ONNX node carried the quantize stage's layer names; every MatMul "
                              "with a weight is 4-bit")
-        config = DefaultWeightOnlyQuantConfig(block_size=hand.block_size, is_symmetric=hand.symmetric)
+        config = (HQQWeightOnlyQuantConfig(block_size=hand.block_size, bits=4) if hand.algorithm == "hqq" else
+                  DefaultWeightOnlyQuantConfig(block_size=hand.block_size, is_symmetric=hand.symmetric))
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=hand.block_size, is_symmetric=hand.symmetric,
                                          nodes_to_include=chosen, algo_config=config)
         quantizer.process()
@@ -190,7 +195,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                        "compresspipe.float_layers": ",".join(sorted(reasons))})
     job.notes.append(f"model.int4.onnx: {len(packed)} MatMul(s) run as ONNX Runtime MatMulNBits (4-bit weights, "
                      f"blocks of {hand.block_size}, {'symmetric' if hand.symmetric else 'asymmetric'}, "
-                     f"round-to-nearest; activations float)" + (f", {rewritten} Gemm(s) rewritten as MatMul + Add first"
+                     f"{ALGORITHM_LABELS[hand.algorithm]}; activations float)" + (f", {rewritten} Gemm(s) rewritten as MatMul + Add first"
                                                                  if rewritten else ""))
     if reasons:
         job.notes.append("model.int4.onnx: weights kept float: " + "; ".join(f"{k}: {v}" for k, v in

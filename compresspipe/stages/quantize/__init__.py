@@ -107,6 +107,10 @@ class QuantizeConfig(StageConfig):
         32, description="weight_only int4: Linear and transformers' Conv1D weights get one scale and zero point per "
                         "this many input values (ONNX Runtime's MatMulNBits block size; the onnx_int4 file holds the "
                         "same 4-bit weights); convolutions stay per-channel")
+    algorithm: Literal["rtn", "hqq"] = Field(
+        "rtn", description="weight_only int4: how the 4-bit groups are fitted, both by ONNX Runtime's quantizers: rtn "
+                           "(round-to-nearest min/max) or hqq (Half-Quadratic Quantization: scale and float zero point "
+                           "per group fitted to the weights, robust to outliers, no calibration data)")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding quantized convolution (all but dynamic)")
     include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
@@ -125,6 +129,9 @@ class QuantizeConfig(StageConfig):
     def _consistent(self) -> QuantizeConfig:
         if self.dtype == "int4" and self.method != "weight_only":
             raise ValueError(f"dtype int4 needs method weight_only (got method {self.method}); use dtype: int8")
+        if self.algorithm != "rtn" and (self.method, self.dtype) != ("weight_only", "int4"):
+            raise ValueError(f"algorithm {self.algorithm} fits 4-bit weight groups: it needs method weight_only with "
+                             f"dtype int4 (got method {self.method}, dtype {self.dtype})")
         if self.backend != "auto" and self.method not in BACKEND_METHODS[self.backend]:
             can = ", ".join(sorted(BACKEND_METHODS[self.backend]))
             raise ValueError(f"backend {self.backend} cannot run method {self.method} (it runs: {can}); "
@@ -164,7 +171,7 @@ class OnnxInt4Handoff(StrictModel):
     bits: Literal[4] = 4
     block_size: Literal[16, 32, 64, 128, 256]
     symmetric: bool = False
-    algorithm: Literal["rtn"] = "rtn"
+    algorithm: Literal["rtn", "hqq"] = "rtn"
     layers: list[str] = Field(default_factory=list, description="torch layers whose MatMul holds 4-bit weights")
 
 

@@ -330,7 +330,7 @@ LAYER_CLASSES: dict[str, tuple[Any, frozenset[str]]] = {
     "QuantLinear": (QuantLinear, frozenset({"in_features", "out_features", *_LAYER_KW})),
     "QuantConv2d": (QuantConv2d, frozenset({*_CONV_KW, *_LAYER_KW})),
     "QuantMatMulNBits": (QuantMatMulNBits, frozenset({"in_features", "out_features", "bias", "bits", "block_size",
-                                                      "conv1d"})),
+                                                      "conv1d", "algorithm"})),
     "CastLinear": (CastLinear, frozenset({"in_features", "out_features", "bias", "dtype"})),
     "CastConv2d": (CastConv2d, frozenset({*_CONV_KW, "bias", "dtype", "padding_mode"})),
 }

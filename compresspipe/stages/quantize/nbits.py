@@ -2,9 +2,14 @@
 
 `y = x @ B + bias` with B = the layer's weight as a [in, out] matrix (a Linear's weight transposed, a GPT-2
 Conv1D's weight as it is), stored as 4-bit integers in blocks of `block_size` values along `in`, with one float
-scale and one 4-bit zero point per block and output. The integers, scales and zero points are computed by ONNX
-Runtime's own block quantizer (round-to-nearest, `DefaultWeightOnlyQuantizer`), the one that writes the
-`onnx_int4` file, so the PyTorch row and the shipped file hold the same weights. In PyTorch the weights are
+scale and one zero point per block and output. The integers, scales and zero points are computed by ONNX Runtime's
+own quantizers, the ones that write the `onnx_int4` file, so the PyTorch row and the shipped file hold the same
+weights:
+
+- `rtn`: round-to-nearest (`DefaultWeightOnlyQuantizer`), 4-bit zero points;
+- `hqq`: Half-Quadratic Quantization (`HQQWeightOnlyQuantizer`, Badri & Shaji 2023): scales and float zero
+  points fitted per block by a proximal solver that minimises the weights' lp error (p < 1, robust to outliers),
+  without calibration data; MatMulNBits reads its zero points as floats. In PyTorch the weights are
 dequantized once and the compute stays float (no CPU speed-up there); the speed comes from ONNX Runtime's
 MatMulNBits kernels (export format onnx_int4).
 """
@@ -21,6 +26,8 @@ from torch import nn
 from compresspipe.errors import ArtifactError
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
+ALGORITHMS = ("rtn", "hqq")
+ALGORITHM_LABELS = {"rtn": "round-to-nearest", "hqq": "HQQ (half-quadratic, fitted zero points)"}
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -35,9 +42,12 @@ def matrix(layer: nn.Module) -> torch.Tensor:
     return w if is_conv1d(layer) else w.t()
 
 
-def block_quant(b: np.ndarray, block_size: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ONNX Runtime's round-to-nearest 4-bit block quantization of B [K, N]: (packed [N, blocks, block/2] uint8,
-    scales [N, blocks], packed zero points [N, ceil(blocks/2)] uint8)."""
+def block_quant(b: np.ndarray, block_size: int, symmetric: bool = False,
+                algorithm: str = "rtn") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ONNX Runtime's 4-bit block quantization of B [K, N]: (packed [N, blocks, block/2] uint8, scales [N, blocks],
+    zero points: rtn packed [N, ceil(blocks/2)] uint8, hqq float32 [N, blocks])."""
+    if algorithm == "hqq":
+        return _hqq_block_quant(b, block_size)
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
@@ -47,6 +57,24 @@ def block_quant(b: np.ndarray, block_size: int, symmetric: bool = False) -> tupl
                                                                         is_symmetric=symmetric))
     packed, scales, zeros = quantizer.qbits_block_quant(np.ascontiguousarray(b, dtype=np.float32))
     return packed, scales, zeros
+
+
+def _hqq_block_quant(b: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ONNX Runtime's HQQ quantizer writes for a MatMul weight B [K, N] (its `quantize`, on the CPU)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantizer,
+    )
+
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=4))
+    q, scales, zeros = quantizer.quantize_internal(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).T,
+                                                   bits=4, group_size=block_size)
+    q = q.contiguous()
+    packed = torch.zeros((q.shape[0], q.shape[1] // 2), dtype=torch.uint8)
+    quantizer.pack_on_row_fast_248bit(packed, q, 4)
+    n, blocks = scales.shape
+    return (packed.reshape(n, blocks, block_size // 2).numpy(), scales.contiguous().numpy(),
+            zeros.contiguous().numpy())
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -95,27 +123,33 @@ class QuantMatMulNBits(DequantizedWeight):
     fbias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, block_size: int = 32,
-                 conv1d: bool = False):
+                 conv1d: bool = False, algorithm: str = "rtn"):
         super().__init__()
         if bits != 4:
             raise ArtifactError(f"QuantMatMulNBits holds 4-bit weights (got bits {bits})")
         if block_size not in BLOCK_SIZES:
             raise ArtifactError(f"block_size {block_size}; MatMulNBits takes {', '.join(map(str, BLOCK_SIZES))}")
         self.in_features, self.out_features, self.bits, self.block_size = in_features, out_features, bits, block_size
-        self.conv1d = conv1d
+        if algorithm not in ALGORITHMS:
+            raise ArtifactError(f"algorithm {algorithm!r}; QuantMatMulNBits holds {', '.join(ALGORITHMS)}")
+        self.conv1d, self.algorithm = conv1d, algorithm
         blocks = -(-in_features // block_size)
         self.register_buffer("qweight", torch.zeros(out_features, blocks, block_size // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, blocks))
-        self.register_buffer("zero_points", torch.zeros(out_features, -(-blocks // 2), dtype=torch.uint8))
+        if algorithm == "hqq":  # float zero points, one per block
+            self.register_buffer("zero_points", torch.zeros(out_features, blocks))
+        else:  # 4-bit zero points, two per byte
+            self.register_buffer("zero_points", torch.zeros(out_features, -(-blocks // 2), dtype=torch.uint8))
         self.register_buffer("fbias", torch.zeros(out_features) if bias else None)
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
-    def from_float(cls, layer: nn.Module, block_size: int) -> QuantMatMulNBits:
+    def from_float(cls, layer: nn.Module, block_size: int, algorithm: str = "rtn") -> QuantMatMulNBits:
         b = matrix(layer)
         k, n = b.shape
-        new = cls(k, n, getattr(layer, "bias", None) is not None, 4, block_size, conv1d=is_conv1d(layer))
-        packed, scales, zeros = block_quant(b.numpy(), block_size)
+        new = cls(k, n, getattr(layer, "bias", None) is not None, 4, block_size, conv1d=is_conv1d(layer),
+                  algorithm=algorithm)
+        packed, scales, zeros = block_quant(b.numpy(), block_size, algorithm=algorithm)
         new.qweight.copy_(torch.from_numpy(packed))
         new.scales.copy_(torch.from_numpy(scales))
         new.zero_points.copy_(torch.from_numpy(zeros))
@@ -131,7 +165,7 @@ class QuantMatMulNBits(DequantizedWeight):
         """The dequantized weight as a Linear holds it, [out, in] (what metrics count)."""
         blocks = self.scales.shape[1]
         q = _unpack(self.qweight).float()  # [out, blocks, block]
-        zero = _unpack(self.zero_points)[:, :blocks].float()
+        zero = self.zero_points if self.algorithm == "hqq" else _unpack(self.zero_points)[:, :blocks].float()
         w = (q - zero.unsqueeze(-1)) * self.scales.unsqueeze(-1)
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
@@ -156,7 +190,8 @@ class QuantMatMulNBits(DequantizedWeight):
     def spec(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.fbias is not None, "bits": self.bits, "block_size": self.block_size,
-                "conv1d": self.conv1d}
+                "conv1d": self.conv1d, "algorithm": self.algorithm}
 
     def extra_repr(self) -> str:
-        return f"int{self.bits}, block {self.block_size}, in={self.in_features}, out={self.out_features}"
+        return (f"int{self.bits} {self.algorithm}, block {self.block_size}, in={self.in_features}, "
+                f"out={self.out_features}")

@@ -33,7 +33,7 @@ from compresspipe.stages.quantize.layers import (
     cast_layer,
     quantize_edit,
 )
-from compresspipe.stages.quantize.nbits import QuantMatMulNBits, is_conv1d
+from compresspipe.stages.quantize.nbits import ALGORITHM_LABELS, QuantMatMulNBits, is_conv1d
 from compresspipe.stages.quantize.observers import RangeObserver
 from compresspipe.stages.select import breaks_model, select_layers
 
@@ -342,15 +342,15 @@ class QuantizeStage(Stage[QuantizeConfig]):
                             "bf16 is faster than float32 only on CPUs with AVX512-BF16 or AMX, slower elsewhere"))
         elif cfg.method in ("dynamic", "weight_only"):
             bits = 4 if cfg.dtype == "int4" else 8
-            new = {n: QuantMatMulNBits.from_float(m, cfg.group_size) if _matmul_nbits(m, cfg)
+            new = {n: QuantMatMulNBits.from_float(m, cfg.group_size, cfg.algorithm) if _matmul_nbits(m, cfg)
                    else _from_float(m, cfg.method, bits, cfg.per_channel, n in acts, backend) for n, m in layers.items()}
             if cfg.method == "weight_only":
                 grouped = sum(isinstance(m, QuantMatMulNBits) for m in new.values())
                 notes.append(f"weight_only: int{bits} weights, dequantized once at first use; compute stays float32 in "
                              "PyTorch (smaller file, no speed-up there)"
-                             + (f"; {grouped} Linear/Conv1D layer(s) in groups of {cfg.group_size} input values, as "
-                                "ONNX Runtime's MatMulNBits holds them (export format onnx_int4 runs them as 4-bit "
-                                "kernels)" if grouped else ""))
+                             + (f"; {grouped} Linear/Conv1D layer(s) in groups of {cfg.group_size} input values, "
+                                f"{ALGORITHM_LABELS[cfg.algorithm]}, as ONNX Runtime's MatMulNBits holds them (export "
+                                "format onnx_int4 runs them as 4-bit kernels)" if grouped else ""))
                 convs = len(new) - grouped
                 if grouped and convs and bits == 4:
                     notes.append(f"weight_only int4: {convs} convolution(s) hold 4-bit per-channel weights in PyTorch, "
@@ -419,7 +419,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
         handoff = None
         if method == "weight_only" and grouped:  # 4-bit Linear/Conv1D layers: the onnx_int4 file holds them
             return QuantizeRecord(method=method, float_stage=previous,
-                                  onnx_int4=OnnxInt4Handoff(block_size=cfg.group_size, layers=grouped))
+                                  onnx_int4=OnnxInt4Handoff(block_size=cfg.group_size, algorithm=cfg.algorithm,
+                                                            layers=grouped))
         if method in ("static", "qat", "dynamic"):
             handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
                                       per_channel=cfg.per_channel, observer=cfg.observer,
