@@ -48,6 +48,7 @@ class DeployTimer:
         try:
             calls: dict[Hashable, Callable[[], Any]] = {}
             key_of: dict[tuple[int, str, int], Hashable] = {}
+            decode: dict[tuple[int, str], int] = {}  # targets timed per generated token: tokens cached
             for i, fmt in targets:
                 row, entry = self.rows[i], self.rows[i]["formats"][fmt]
                 stage = self.folder / row["folder"]
@@ -60,12 +61,18 @@ class DeployTimer:
                             continue
                         calls[key] = call
                     key_of[(i, fmt, bs)] = key
+                    prompt = getattr(calls[key], "per_token_after", None)  # a DecodeStep (kv_cache)
+                    if prompt is not None:
+                        decode[(i, fmt)] = int(prompt)
             samples = interleaved(calls, rounds or self.recipe.deploy.rounds, spec.warmup, spec.iters,
                                   None if bar is None else lambda: bar.advance(1))
         finally:
             torch.set_num_threads(previous)
         for target, key in key_of.items():
             self.samples[target] = samples[key]
+        for i, fmt in targets:
+            self.rows[i]["formats"][fmt]["timed"] = f"decode step ({decode[(i, fmt)]} tokens cached)" \
+                if (i, fmt) in decode else "forward"
         self._summarise(targets)
 
     def remeasure(self, wanted: list[tuple[str, str | None, str]], bar: Any = None) -> None:
@@ -93,3 +100,5 @@ class DeployTimer:
                     r_med, r_q1, r_q3 = ratio(ref, mine)
                     speedup[str(bs)], speedup_iqr[str(bs)] = r_med, [r_q1, r_q3]
             entry.update(latency_ms=latency, latency_iqr_ms=spread, speedup=speedup, speedup_iqr=speedup_iqr)
+            if entry.get("timed", "").startswith("decode"):  # per generated token: every sequence of the batch
+                entry["decode_tokens_per_s"] = {bs: 1000.0 * int(bs) / ms for bs, ms in latency.items() if ms > 0}

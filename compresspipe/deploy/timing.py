@@ -48,6 +48,10 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, io: ModelIO,
         from compresspipe.stages.export.onnx_float import feed_types, session
 
         sess = session(folder / files[0], threads)
+        from compresspipe.stages.export.kv_cache import DecodeStep, KVSession
+
+        if isinstance(sess, KVSession):  # a language model that generates: time what it repeats per token
+            return DecodeStep(sess.raw, batch)
         names, dtypes = feed_types(sess)
         feed = numpy_feed(example(io, batch), names, dtypes)
         return lambda: sess.run(None, feed)

@@ -64,7 +64,7 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         for name, entry in (row.get("formats") or {fmt: fig}).items():
             formats[name] = {k: entry.get(k) for k in (
                 "files", "bytes", "accuracy", "loss", "metric", "score", "metrics", "agreement", "max_abs_diff",
-                "latency_ms", "latency_iqr_ms", "int8", "fidelity")}
+                "latency_ms", "latency_iqr_ms", "timed", "decode_tokens_per_s", "int8", "fidelity")}
             formats[name]["files"] = [f"{row.get('folder')}/{f}" for f in entry.get("files") or []]
             formats[name]["vs_reference"] = compare(entry, ref, row, ref_row)
         notes = list(row.get("notes") or [])
@@ -88,6 +88,8 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
             "bytes": fig.get("bytes"),
             "latency_ms": dict(fig.get("latency_ms") or {}),
             "latency_iqr_ms": dict(fig.get("latency_iqr_ms") or {}),
+            "timed": formats[fmt].get("timed"),
+            "decode_tokens_per_s": formats[fmt].get("decode_tokens_per_s"),
             **{k: row.get(k) for k in ("params", "nonzero_params", "sparsity", "macs")},
             "torch": {"accuracy": row.get("accuracy"), "loss": row.get("loss"), "metrics": row.get("metrics") or {},
                       "bytes": row.get("bytes"),
@@ -251,7 +253,8 @@ def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str],
     label = "accuracy" if metric == "top1" else metric
     header = ["#", "stage", "kind", "file", label, f"Δ{'acc' if metric == 'top1' else ''}", "params", "sparsity",
               "size", "MACs"]
-    header += [f"latency b{bs}" for bs in sizes]
+    per_token = any(str(s.get("timed") or "").startswith("decode") for s in stages)
+    header += [f"{'decode' if per_token else 'latency'} b{bs}" for bs in sizes]
     rows = []
     for s in stages:
         v = s["vs_reference"]
@@ -321,8 +324,12 @@ def measured_on(report: dict[str, Any]) -> str:
     if d.get("runtime") != "torch":
         where += f", int8 files for cpu {d.get('cpu_target')}"
     machine = d.get("machine") or {}
+    decode = next((s["timed"] for s in report.get("stages", []) if str(s.get("timed") or "").startswith("decode")),
+                  None)
+    per_token = (f" Files with a key/value cache are timed per generated token: one {decode} at each batch size "
+                 "(tokens/s = batch / step time, `decode_tokens_per_s` in report.json).") if decode else ""
     return (f"Figures of the files that ship ({where}), measured on {machine.get('cpu', '?')}; latency is the median "
-            f"of {d.get('rounds')} interleaved rounds, speedups the median of the per-round ratios.")
+            f"of {d.get('rounds')} interleaved rounds, speedups the median of the per-round ratios.{per_token}")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -395,7 +402,7 @@ def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[
     kinds = {h: h for h in header}
     kinds[metric] = "accuracy"  # the task's own metric is kept like accuracy at any width
     for h in header:
-        if h.startswith("latency"):
+        if h.startswith(("latency", "decode")):
             kinds[h] = "latency"
     stacked = [[_stack(cell) for cell in row] for row in rows]
     merged_header = [h for h in header if h != delta]

@@ -32,6 +32,8 @@ class FileFigures(_Open):
     bytes: Count | None = None
     accuracy: Fraction | None = None
     latency_ms: dict[str, Milliseconds | None] = Field(default_factory=dict)
+    timed: str | None = None  # "forward", or "decode step (N tokens cached)" for files with a key/value cache
+    decode_tokens_per_s: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
 
 
 class StageRow(_Open):
@@ -46,6 +48,8 @@ class StageRow(_Open):
     macs: Count | None = None
     sparsity: Fraction | None = None
     latency_ms: dict[str, Milliseconds | None] = Field(default_factory=dict)
+    timed: str | None = None
+    decode_tokens_per_s: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     formats: dict[str, FileFigures] = Field(default_factory=dict)
 
 

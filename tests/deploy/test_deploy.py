@@ -73,6 +73,7 @@ def test_prune_then_export_is_judged_on_the_int8_file(tmp_path):
         for file in row["files"]:
             assert Path(file).relative_to(row["folder"]).as_posix() in manifest
         assert set(row["latency_ms"]) == {"1", "16"}
+        assert row["timed"] == "forward" and row["decode_tokens_per_s"] is None  # a classifier: one whole pass
         lo, hi = row["latency_iqr_ms"]["1"]
         assert lo <= row["latency_ms"]["1"] <= hi
         assert 0 <= row["accuracy"] <= 1 and row["agreement"] >= 0.8

@@ -129,8 +129,13 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     assert kept and "embedding table" in kept[0], row["notes"]
     table = row["details"]["tables"]["per layer"]
     assert all(r["quantized"] == "yes" for r in table if r["type"] in ("Linear", "Conv1D"))
+    # files with a key/value cache are timed per generated token (a decode step), and the table says so
+    for r in (row, float_row := next(s for s in report["stages"] if s["name"] == "train")):
+        assert r["timed"] == "decode step (32 tokens cached)", r["timed"]
+        assert r["decode_tokens_per_s"]["1"] == pytest.approx(1000 / r["latency_ms"]["1"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "decode b1" in md and "timed per generated token" in md
     # the file is less than a third of the float one, and the recommendation weighed both
-    float_row = next(s for s in report["stages"] if s["name"] == "train")
     assert row["bytes"] < float_row["bytes"] / 3
     assert {c["format"] for c in report["recommendation"]["candidates"]} == {"onnx", "onnx_int4"}
     # the artifact reloads (4-bit buffers, no pickle) and computes what the stage measured

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compresspipe.stages.export.job import Exporter, ExportJob
+from compresspipe.stages.export.job import Exporter, ExportJob, warnings_as_notes
 from compresspipe.stages.export.onnx_float import (
     add_metadata,
     available,
@@ -164,7 +164,8 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                   DefaultWeightOnlyQuantConfig(block_size=hand.block_size, is_symmetric=hand.symmetric))
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=hand.block_size, is_symmetric=hand.symmetric,
                                          nodes_to_include=chosen, algo_config=config)
-        quantizer.process()
+        with warnings_as_notes(job, out.name):  # e.g. HQQ's torch.from_numpy of a read-only weight
+            quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     finally:
         for path in (scratch, scratch.with_name(scratch.name + ".data")):
