@@ -311,6 +311,11 @@ def test_export_after_prune_factorize_and_quantize_stages(tmp_path):
     assert {"Round", "Clip"} <= ops
     assert int8_rows["safetensors"]["max_abs_diff"] == 0  # the quantized torch model reloads from model.json
     assert any("static int8" in n for n in by_name["export"]["notes"])
+    # the quantize row's deploy file was built from the same float model and settings: not calibrated twice
+    shipped = tmp_path / "run" / "05-quantize" / "deploy" / "model.int8.onnx"
+    assert shipped.read_bytes() == (tmp_path / "run" / "06-export" / "export" / "model.int8.onnx").read_bytes()
+    assert any("reused, not calibrated again" in n for n in by_name["export"]["notes"])
+    assert not any("reused, not calibrated again" in n for n in by_name["quantize"]["notes"])
 
 
 @pytest.mark.int8

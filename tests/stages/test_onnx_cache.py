@@ -93,3 +93,31 @@ def test_tied_weights_are_part_of_the_key():
         a[1].weight.copy_(a[0].weight)
     a[1].weight = a[0].weight  # tied: one tensor
     assert onnx_cache.fingerprint(a, {}) != onnx_cache.fingerprint(b, {})
+
+
+@pytest.mark.int8
+def test_the_same_int8_file_is_calibrated_once_and_another_cpu_target_is_built_anew(tmp_path):
+    from compresspipe.stages.export import ExportConfig
+    from compresspipe.stages.export.onnx_int8 import export
+
+    onnx_cache.clear()
+    state = trained_cnn()
+    ctx = stage_context(tmp_path, digits_cnn_recipe(), "export", stage_dir=tmp_path / "stage")[1]
+    config = ExportConfig.model_validate({"type": "export", "formats": ["onnx_int8"],
+                                          "int8": {"calibration_batches": 2, "batch_size": 32}})
+
+    def build(folder, cpu="portable"):
+        job = build_job(config, state, ctx, ["onnx_int8"], 1, None)
+        job.cpu = cpu
+        (tmp_path / folder).mkdir()
+        return export(job, tmp_path / folder)[0], job.notes
+
+    first, notes = build("a")
+    again, again_notes = build("b")
+    other, other_notes = build("c", cpu="x86-vnni")
+    reused = "reused, not calibrated again"
+    assert not any(reused in n for n in notes) and any(reused in n for n in again_notes)
+    assert first.read_bytes() == again.read_bytes()
+    assert not any(reused in n for n in other_notes)  # 8-bit weights for a VNNI CPU: another file
+    assert other.read_bytes() != first.read_bytes()
+    onnx_cache.clear()

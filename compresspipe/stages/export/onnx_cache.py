@@ -1,4 +1,4 @@
-"""Float ONNX files this process has written, found again by content.
+"""ONNX files this process has written, found again by content.
 
 A run exports the same float model several times: for the previous stage's row, as the quantize stage's int8 or
 int4 source, and in the export stage. torch.onnx's dynamo exporter takes seconds for a small CNN and tens of
@@ -6,11 +6,16 @@ seconds for a decoder with a key/value cache, so a model whose classes, attribut
 settings all match one exported before is copied from that file instead of exported again. Anything the content
 cannot vouch for (a forward replaced on an instance, a forward hook) is exported afresh. The copies live in a
 private temporary folder, removed when the process ends; only the last few files are kept.
+
+The int8 file is kept the same way (onnx_int8): the quantize row's deploy file and the export stage's onnx_int8
+quantize the same float file with the same settings and calibration batches, so the second is the first's copy,
+not a second calibration and mixed-precision search.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
 import json
 import shutil
@@ -32,6 +37,7 @@ class Entry:
     files: list[Path]  # the cached copy (a self-contained .onnx file)
     notes: list[str] = field(default_factory=list)  # what the export said (notes), said again on a hit
     meta: dict[str, str] = field(default_factory=dict)  # what the exporter returned (key/value cache names)
+    extra: dict[str, Any] = field(default_factory=dict)  # what else the writer decided (int8: float layers)
 
 
 _entries: OrderedDict[str, Entry] = OrderedDict()
@@ -88,7 +94,8 @@ def lookup(key: str | None, path: Path) -> Entry | None:
     return entry
 
 
-def store(key: str | None, files: list[Path], notes: list[str], meta: dict[str, str]) -> None:
+def store(key: str | None, files: list[Path], notes: list[str], meta: dict[str, str],
+          extra: dict[str, Any] | None = None) -> None:
     """Keep a copy of the files just exported under `key`; the oldest entries go beyond MAX_ENTRIES."""
     global _folder
     if key is None:
@@ -100,7 +107,7 @@ def store(key: str | None, files: list[Path], notes: list[str], meta: dict[str, 
         return
     target = _folder / f"{key}.onnx"
     shutil.copyfile(files[0], target)
-    _entries[key] = Entry([target], list(notes), dict(meta))
+    _entries[key] = Entry([target], list(notes), dict(meta), copy.deepcopy(extra or {}))
     while len(_entries) > MAX_ENTRIES:
         _, old = _entries.popitem(last=False)
         for f in old.files:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from compresspipe.artifacts.files import sha256_file
 from compresspipe.deploy.cpu import WEIGHT_BITS, WEIGHT_LIMIT
 from compresspipe.models.inputs import batch_len, numpy_feed
+from compresspipe.stages.export import onnx_cache
 from compresspipe.stages.export.job import Exporter, ExportJob
 from compresspipe.stages.export.onnx_float import (
     add_metadata,
@@ -137,6 +140,16 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         else:
             source = write_onnx(job.module, job, temp[0])[0]
         opts = settings(job)
+        key = _int8_key(job, source, opts)
+        hit = onnx_cache.lookup(key, out)
+        if hit is not None:  # this process quantized the same float file with the same settings and data
+            job.notes.extend(n for n in hit.notes if n not in job.notes)
+            job.notes.append("model.int8.onnx: the int8 file an earlier row built from the same float model, "
+                             "settings and calibration batches (reused, not calibrated again)")
+            job.float_layers = list(hit.extra.get("float_layers", []))
+            job.diagnosis = list(hit.extra.get("diagnosis", []))
+            return [out]
+        noted = len(job.notes)
         reduce_range = WEIGHT_BITS[job.cpu] == 7
         prepared = _preprocess(source, temp[2], job)
         graph_model = onnx.load(str(prepared))
@@ -224,12 +237,35 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                          + (f" ({opts['calibrate_method']} calibration, "
                             f"{'per-channel' if opts['per_channel'] else 'per-tensor'} weights)"
                             if method == "static" else ""))
+        onnx_cache.store(key, [out], job.notes[noted:], {},
+                         {"float_layers": list(job.float_layers), "diagnosis": list(job.diagnosis)})
     finally:
         for path in temp:
             path.unlink(missing_ok=True)
         for leftover in folder.glob("*-inferred.onnx"):  # quantize_static's scratch files
             leftover.unlink(missing_ok=True)
     return [out]
+
+
+def _int8_key(job: ExportJob, source: Path, opts: dict[str, Any]) -> str:
+    """What decides model.int8.onnx: the float file's bytes, the int8 settings, the CPU target, the fidelity
+    spec, the inputs' description and the calibration batches the quantizer reads. (The validation batches a
+    stage verifies on are not part of it: a reused file was judged on the rows' own batches, and every stage
+    verifies the file it ships on its own.)"""
+    import hashlib
+
+    def plain(value: Any) -> Any:
+        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+    digest = hashlib.sha256(json.dumps({
+        "source": sha256_file(source), "opts": opts, "cpu": job.cpu, "handoff": plain(job.handoff),
+        "fidelity": plain(job.fidelity), "int8": plain(job.config.int8), "keep_names": job.config.keep_names,
+        "io": plain(job.io),
+    }, sort_keys=True, default=str).encode())
+    for batch in job.calibration(opts["batch_size"], opts["calibration_batches"]):
+        for tensor in (batch.values() if isinstance(batch, dict) else [batch]):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "int8:" + digest.hexdigest()
 
 
 QUANTIZABLE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
