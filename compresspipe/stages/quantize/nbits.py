@@ -27,7 +27,10 @@ from compresspipe.errors import ArtifactError
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
 ALGORITHMS = ("rtn", "hqq")
-ALGORITHM_LABELS = {"rtn": "round-to-nearest", "hqq": "HQQ (half-quadratic, fitted zero points)"}
+ALGORITHM_LABELS = {"rtn": "round-to-nearest",
+                    "hqq": "HQQ (half-quadratic, fitted float zero points: ONNX Runtime's MatMulNBits may run them "
+                           "on a slower CPU path than 4-bit ones, 0.30x the float file's decode speed in "
+                           "benchmarks/bench_lm.py; the deploy section times this file)"}
 
 
 def is_conv1d(layer: nn.Module) -> bool:
