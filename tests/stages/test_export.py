@@ -43,6 +43,31 @@ def _rows(result) -> dict[str, dict]:
 # -- validation before anything runs: exit 2 -----------------------------------------------------------------
 
 
+def test_an_int8_setting_the_file_would_not_use_is_refused_naming_where_it_belongs(tmp_path):
+    quantize = {"type": "quantize", "method": "static", "calibration": {"batches": 2}}
+
+    def load(*stages, folder):
+        (tmp_path / folder).mkdir()
+        return load_recipe(write_recipe(tmp_path / folder, tiny_recipe(stages=[{"type": "train", "epochs": 1},
+                                                                               *stages])))
+
+    with pytest.raises(RecipeError) as err:
+        load(quantize, {"type": "export", "formats": ["onnx_int8"],
+                        "int8": {"calibration_batches": 4, "calibrate_method": "entropy"}}, folder="a")
+    text = str(err.value)
+    assert "int8.calibrate_method" in text and "set observer (and percentile) there" in text
+    assert "int8.calibration_batches" in text and "set calibration.batches there" in text
+    # executorch_int8 calibrates with the export's own block: its batches are used, ONNX's method is still not
+    with pytest.raises(RecipeError) as err:
+        load(quantize, {"type": "export", "formats": ["onnx_int8", "executorch_int8"],
+                        "int8": {"calibration_batches": 4, "calibrate_method": "entropy"}}, folder="b")
+    assert "calibrate_method" in str(err.value) and "calibration_batches" not in str(err.value)
+    # without a quantize stage that hands the file its settings, the block is the file's
+    load({"type": "export", "formats": ["onnx_int8"], "int8": {"calibration_batches": 4}}, folder="c")
+    load({"type": "quantize", "method": "fp16"}, {"type": "export", "formats": ["onnx_int8"],
+                                                  "int8": {"calibrate_method": "entropy"}}, folder="d")
+
+
 @pytest.mark.parametrize("stage,message", [
     ({"opset": 99}, "newer than the installed onnx supports"),
     ({"opset": 5}, "greater than or equal to 7"),
@@ -328,7 +353,7 @@ def test_torchvision_classifier_after_prune_and_quantize_exports(tmp_path):
         {"type": "quantize", "method": "static", "calibration": {"batches": 2}},
         # executorch too in `make acceptance` (lowering every fake-quant op of a torchvision model takes a minute)
         {"type": "export", "formats": ["onnx", "onnx_int8", "torch_export", "safetensors"],
-         "verify": {"batches": 1, "min_agreement": 0.5}, "int8": {"calibration_batches": 2, "batch_size": 16}},
+         "verify": {"batches": 1, "min_agreement": 0.5}},
     ])
     recipe["evaluate"]["latency"]["enabled"] = False
     result = runner.invoke(app, ["run", str(write_recipe(tmp_path, recipe)), "--out", str(tmp_path / "run"), "-q"])

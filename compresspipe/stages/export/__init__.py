@@ -9,12 +9,15 @@ Each format is one module in this package with ``available()``, ``export(job, fo
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
 from compresspipe.recipe.spec import StrictModel
 from compresspipe.stages.base import StageConfig
+
+if TYPE_CHECKING:
+    from compresspipe.recipe.spec import Recipe
 
 Format = Literal["onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torch_export", "safetensors",
                  "torchscript", "huggingface"]
@@ -148,6 +151,23 @@ class ExportConfig(StageConfig):
     implementation: ClassVar[str] = "compresspipe.stages.export.stage:ExportStage"
     needs_float_model: ClassVar[bool] = False
     example: ClassVar[dict[str, Any]] = {"type": "export", "formats": ["onnx", "safetensors"], "verify": {"batches": 1}}
+
+    def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
+        """An int8 setting the file would not use is an error, not a silent default: after a quantize stage that
+        hands the int8 file its settings (static, qat, dynamic), that stage decides them."""
+        names = recipe.stage_names()
+        before = [(names[i], s) for i, s in enumerate(recipe.stages[:index]) if s.type == "quantize"
+                  and getattr(s, "method", None) in ("static", "qat", "dynamic")]
+        if not before:
+            return []
+        name, stage = before[-1]
+        where = {"calibrate_method": "observer (and percentile)", "onnx_method": "method"}
+        if "executorch_int8" not in self.formats:  # XNNPACK's calibration reads these three from this block
+            where.update(calibration_batches="calibration.batches", batch_size="data.eval_batch_size",
+                         per_channel="per_channel")
+        return [(("int8", key), f"the quantize stage {name!r} (method {getattr(stage, 'method', '?')}) sets this for "
+                                f"the ONNX int8 file after it: set {where[key]} there, or remove int8.{key} here")
+                for key in sorted(self.int8.model_fields_set & set(where))]
 
     @field_validator("formats")
     @classmethod
