@@ -177,3 +177,27 @@ def test_a_larger_hugging_face_teacher_with_hidden_state_losses(tmp_path):
     assert details["teacher"] == "huggingface:teacher" and details["teacher_params"] > 1.5 * details["student_params"]
     assert details["tables"]["feature losses"][0]["adapter"] == "Linear"  # hidden 32 -> 48
     assert details["teacher_batches_run"] > 0
+
+
+def test_a_pruned_decoder_lm_matches_its_teachers_hidden_states(tmp_path):
+    """Token-level KL plus hidden-state matching for a causal LM: a decoder block's output (batch, tokens,
+    hidden) against the unpruned teacher's, no adapter where the widths agree."""
+    pytest.importorskip("transformers")
+    from tests.fixtures import run, tiny_recipe
+    from tests.stages.test_prune_decoder import LM_DATA, TINY_LLAMA
+
+    block = "model.model.layers.1"
+    recipe = tiny_recipe(name="lm-hidden", task="language_modeling",
+                         model={"huggingface": {"config": dict(TINY_LLAMA)}}, data=dict(LM_DATA),
+                         deploy={"runtime": "torch"},
+                         stages=[{"type": "train", "epochs": 1, "lr": 3.0e-3},
+                                 {"type": "prune", "method": "structured", "amount": 0.25, "heads": 0.5},
+                                 {"type": "distill", "epochs": 1, "teacher": "train",
+                                  "features": [{"student": block, "teacher": block, "weight": 0.5}]}])
+    result = run(tmp_path, recipe)
+    details = json.loads((result.folder / "03-distill" / "metrics.json").read_text())["details"]
+    assert details["tables"]["feature losses"] == [{"student": block, "teacher": block, "weight": 0.5,
+                                                    "adapter": "none", "adapter_params": 0}]
+    assert details["teacher"] == "train" and details["teacher_params"] > details["student_params"]
+    row = next(s for s in result.report["stages"] if s["name"] == "distill")
+    assert row["metric"] == "perplexity" and 1 < row["score"] < float("inf")
