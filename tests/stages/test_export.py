@@ -276,6 +276,42 @@ def test_onnx_int8_quantizes_the_float_model_the_quantize_record_names(tmp_path)
     assert any("per-tensor" in n for n in result.notes)  # the quantize stage's settings were used
 
 
+@pytest.mark.int8
+def test_the_histogram_observer_reaches_the_file_as_its_own_range_search_not_entropy(tmp_path):
+    """observer: histogram (L2-optimal ranges) used to become ONNX Runtime's entropy (KL) calibration in the file;
+    now the file's activation ranges are the same search, on the histograms ONNX Runtime collects."""
+    import onnx
+    from onnx import numpy_helper
+
+    from compresspipe.stages.export import onnx_cache
+
+    def scales(observer: str | None, folder: str) -> tuple[dict[str, float], list[str]]:
+        onnx_cache.clear()
+        state = trained_cnn()
+        state.put(QuantizeRecord(method="static", float_stage="train", onnx_int8=OnnxInt8Handoff(
+            method="static", per_channel=True, observer=observer or "minmax", calibration_batches=2, batch_size=32)))
+        save_model(trained_cnn(), tmp_path / folder / "01-train")
+        ctx = _ctx(tmp_path / folder, digits_cnn_recipe(),
+                   {"train": StageRecord(1, "train", "train", tmp_path / folder / "01-train", {})})
+        config = _export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.5},
+                             int8={"calibration_batches": 2, "batch_size": 32, "calibrate_method": "entropy"})
+        if observer is None:  # no hand-off: the export's own int8 block, ONNX Runtime's entropy
+            state.records.clear()
+        result = ExportStage(config).run(state, ctx)
+        graph = onnx.load(str(ctx.stage_dir / "export" / "model.int8.onnx")).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        out = {n.input[0]: float(inits[n.input[1]]) for n in graph.node
+               if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1}
+        return out, result.notes
+
+    l2, l2_notes = scales("histogram", "l2")
+    entropy, entropy_notes = scales(None, "entropy")
+    assert any("histogram (the quantize stage's L2-optimal ranges" in n for n in l2_notes), l2_notes
+    assert any("entropy calibration" in n for n in entropy_notes), entropy_notes
+    shared = set(l2) & set(entropy)
+    assert shared and any(abs(l2[t] - entropy[t]) > 1e-6 * max(entropy[t], 1e-12) for t in shared)
+
+
 # -- torchvision classifiers -----------------------------------------------------------------------------------
 
 

@@ -53,7 +53,8 @@ CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 # digits-cnn's 1-channel 3x3 first conv is 5x slower at batch 64 as int8,
 # while resnet18's 3x7x7 first conv is 1.6x faster as int8 and mobilenet_v2's 3x3x3 one breaks even.
 SMALL_CONV_REDUCTION = 16
-# a quantize stage's observer names, as ONNX Runtime calls them
+# a quantize stage's observer names, as ONNX Runtime calls them; histogram collects ONNX Runtime's entropy
+# histograms, then picks each range with the observer's own L2 search (l2_ranges), not entropy's KL threshold
 OBSERVER_TO_METHOD = {"minmax": "minmax", "histogram": "entropy", "entropy": "entropy", "percentile": "percentile"}
 
 
@@ -180,6 +181,9 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         calib = {"method": opts["calibrate_method"], "extra": dict(opts["extra_options"])}
 
         cache_ok = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+        # the quantize stage's histogram observer picks L2-optimal ranges: the file gets the same search, run on
+        # the histograms ONNX Runtime collects (entropy calibration's), instead of entropy's KL thresholds
+        l2 = cache_ok and job.handoff is not None and job.handoff.observer == "histogram"
 
         def quantize(exclude: list[str], only: list[str] | None = None, seven_bit: bool | None = None) -> None:
             """Write `out` with these nodes float (or with only these int8); the calibrated ranges of one
@@ -196,18 +200,26 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                 names = [i.name for i in graph_model.graph.input]
                 ui = job.ui or UI(quiet=True)
                 # ONNX Runtime's percentile and entropy calibrators print their progress on stdout
+                fresh = not cache.exists()
                 with ui.progress(f"{job.stage}: calibrating model.int8.onnx", opts["calibration_batches"]) as bar, \
                         contextlib.redirect_stdout(io.StringIO()):
-                    quantize_static(
-                        str(prepared), str(out),
-                        reader_cls(job, names, opts["batch_size"], opts["calibration_batches"], bar),
-                        quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                          "percentile": CalibrationMethod.Percentile}[calib["method"]],
-                        nodes_to_exclude=exclude or None, nodes_to_quantize=only, reduce_range=narrow,
-                        extra_options=calib["extra"], **cached,
-                    )
+                    def run() -> None:
+                        quantize_static(
+                            str(prepared), str(out),
+                            reader_cls(job, names, opts["batch_size"], opts["calibration_batches"], bar),
+                            quant_format=QuantFormat.QDQ, per_channel=opts["per_channel"],
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                              "entropy": CalibrationMethod.Entropy,
+                                              "percentile": CalibrationMethod.Percentile}[calib["method"]],
+                            nodes_to_exclude=exclude or None, nodes_to_quantize=only, reduce_range=narrow,
+                            extra_options=calib["extra"], **cached,
+                        )
+
+                    run()
+                    if l2 and calib["method"] == "entropy" and fresh and cache.exists():
+                        l2_ranges(cache)
+                        run()  # from the rewritten ranges (a cache hit: no second calibration)
                 if job.config.int8.float_output:
                     float_outputs(out)
             else:
@@ -221,7 +233,8 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         quantize(excluded)
         if method == "static":
             _fit_fidelity(job, prepared, out, excluded, quantize, graph_model, calib, reduce_range)
-            opts["calibrate_method"] = calib["method"]
+            opts["calibrate_method"] = ("histogram (the quantize stage's L2-optimal ranges, on ONNX Runtime's "
+                                        "histograms)" if l2 and calib["method"] == "entropy" else calib["method"])
         elif transformer:
             job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
                              "embedding tables int8, activations quantized per call); softmax, LayerNorm and "
@@ -245,6 +258,33 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         for leftover in folder.glob("*-inferred.onnx"):  # quantize_static's scratch files
             leftover.unlink(missing_ok=True)
     return [out]
+
+
+def l2_ranges(cache: Path) -> int:
+    """Rewrite ONNX Runtime's calibration cache (entropy calibration: a histogram per tensor) with the range the
+    quantize stage's histogram observer would pick on each histogram: the least expected squared error of
+    rounding to the uint8 grid plus clipping (observers.Histogram.best_range). Returns the tensors rewritten."""
+    import torch
+    from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
+
+    from compresspipe.stages.quantize.observers import Histogram
+
+    data = load_tensors_data(cache)
+    count = 0
+    for name in list(data.keys()):
+        td = data[name]
+        hist, edges = getattr(td, "hist", None), getattr(td, "bins", getattr(td, "hist_edges", None))
+        if hist is None or edges is None or len(edges) != len(hist) + 1 or float(np.sum(hist)) == 0.0:
+            continue
+        histogram = Histogram(bins=len(hist))
+        histogram.lo, histogram.hi = float(edges[0]), float(edges[-1])
+        histogram.counts = torch.as_tensor(np.asarray(hist, dtype=np.float64))
+        lo, hi = histogram.best_range()
+        dtype = np.asarray(td.lowest).dtype
+        td.lowest, td.highest = np.asarray(min(lo, 0.0), dtype=dtype), np.asarray(max(hi, 0.0), dtype=dtype)
+        count += 1
+    save_tensors_data(data, cache)
+    return count
 
 
 def _int8_key(job: ExportJob, source: Path, opts: dict[str, Any]) -> str:

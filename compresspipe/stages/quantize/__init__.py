@@ -99,7 +99,8 @@ class QuantizeConfig(StageConfig):
     calibration: Calibration = Field(default_factory=Calibration)
     observer: Literal["minmax", "histogram", "percentile"] = Field(
         "minmax", description="how activation ranges are set from calibration: min/max, histogram "
-                              "(L2-optimal range) or percentile (clips the 0.01% tails)",
+                              "(L2-optimal range) or percentile (clips the 0.01% tails); the int8 ONNX file "
+                              "sets its ranges the same way",
     )
     percentile: float = Field(99.99, gt=50, le=100, description="observer percentile: the kept upper percentile")
     per_channel: bool = Field(True, description="one weight scale per output channel (else one per layer)")
