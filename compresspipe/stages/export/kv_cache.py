@@ -178,6 +178,12 @@ def greedy_torch(module: nn.Module, prompt: torch.Tensor, tokens: int) -> list[i
     return out
 
 
+def _vocab(raw: Any) -> int:
+    """The vocabulary size the session's logits declare (2 when the axis is symbolic): token ids to feed."""
+    size = raw.get_outputs()[0].shape[2]
+    return int(size) if isinstance(size, int) else 2
+
+
 DECODE_PROMPT = 32  # tokens already in the cache when the deploy timer times a decode step
 
 
@@ -187,11 +193,9 @@ class DecodeStep:
     latency (and speedup, recommendation, min_speedup gate) is per generated token, not a whole-sequence pass."""
 
     def __init__(self, raw: Any, batch: int, prompt: int = DECODE_PROMPT):
-        rng = np.random.default_rng(0)
-        vocab = int(raw.get_outputs()[0].shape[2]) if isinstance(raw.get_outputs()[0].shape[2], int) else 2
-        ids = rng.integers(0, vocab, (batch, prompt)).astype(np.int64)
+        ids = np.random.default_rng(0).integers(0, _vocab(raw), (batch, prompt)).astype(np.int64)
         logits, self.past = _step(raw, ids, np.ones_like(ids), empty_cache(raw, batch))
-        self.raw, self.batch = raw, batch
+        self.raw = raw
         self.per_token_after = prompt  # how the deploy timer tells a decode step from a forward
         self.ids = logits[:, -1].argmax(-1).astype(np.int64).reshape(batch, 1)
         self.mask = np.ones((batch, prompt + 1), dtype=np.int64)
@@ -204,7 +208,7 @@ def decode_speed(raw: Any, batch: int, prompt: int, tokens: int, rounds: int = 3
     """Tokens per second at this batch size: prefill of `prompt` tokens, then `tokens` decode steps, each through
     the cache (median over rounds; every sequence of the batch counts)."""
     rng = np.random.default_rng(0)
-    vocab = int(raw.get_outputs()[0].shape[2]) if isinstance(raw.get_outputs()[0].shape[2], int) else 2
+    vocab = _vocab(raw)
     prefill, decode = [], []
     for _ in range(rounds):
         ids = rng.integers(0, vocab, (batch, prompt)).astype(np.int64)

@@ -72,12 +72,15 @@ def fingerprint(module: nn.Module, settings: dict[str, Any]) -> str | None:
             digest.update(config.to_json_string().encode())
     first: dict[int, str] = {}
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    for name, tensor in tensors:
-        t = tensor.detach()
-        ptr = t.data_ptr()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{first.setdefault(ptr, name)}".encode())
-        if first[ptr] == name and t.numel():
-            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    try:
+        for name, tensor in tensors:
+            t = tensor.detach()
+            ptr = t.data_ptr()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{first.setdefault(ptr, name)}".encode())
+            if first[ptr] == name and t.numel():
+                digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    except (RuntimeError, TypeError, ValueError):  # sparse, meta or exotic tensors: exported afresh, never guessed
+        return None
     return digest.hexdigest()
 
 

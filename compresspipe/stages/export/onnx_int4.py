@@ -194,10 +194,10 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
     add_metadata(out, job)
     set_metadata(out, {"compresspipe.weight_bits": "4", "compresspipe.block_size": str(hand.block_size),
                        "compresspipe.float_layers": ",".join(sorted(reasons))})
+    gemms = f", {rewritten} Gemm(s) rewritten as MatMul + Add first" if rewritten else ""
     job.notes.append(f"model.int4.onnx: {len(packed)} MatMul(s) run as ONNX Runtime MatMulNBits (4-bit weights, "
                      f"blocks of {hand.block_size}, {'symmetric' if hand.symmetric else 'asymmetric'}, "
-                     f"{ALGORITHM_LABELS[hand.algorithm]}; activations float)" + (f", {rewritten} Gemm(s) rewritten as MatMul + Add first"
-                                                                 if rewritten else ""))
+                     f"{ALGORITHM_LABELS[hand.algorithm]}; activations float){gemms}")
     if reasons:
         job.notes.append("model.int4.onnx: weights kept float: " + "; ".join(f"{k}: {v}" for k, v in
                                                                                sorted(reasons.items())))

@@ -9,9 +9,10 @@ weights:
 - `rtn`: round-to-nearest (`DefaultWeightOnlyQuantizer`), 4-bit zero points;
 - `hqq`: Half-Quadratic Quantization (`HQQWeightOnlyQuantizer`, Badri & Shaji 2023): scales and float zero
   points fitted per block by a proximal solver that minimises the weights' lp error (p < 1, robust to outliers),
-  without calibration data; MatMulNBits reads its zero points as floats. In PyTorch the weights are
-dequantized once and the compute stays float (no CPU speed-up there); the speed comes from ONNX Runtime's
-MatMulNBits kernels (export format onnx_int4).
+  without calibration data; MatMulNBits reads its zero points as floats.
+
+In PyTorch the weights are dequantized once and the compute stays float (no CPU speed-up there); the speed comes
+from ONNX Runtime's MatMulNBits kernels (export format onnx_int4).
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ from compresspipe.errors import ArtifactError
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
 ALGORITHMS = ("rtn", "hqq")
-ALGORITHM_LABELS = {"rtn": "round-to-nearest",
-                    "hqq": "HQQ (half-quadratic, fitted float zero points: ONNX Runtime's MatMulNBits may run them "
-                           "on a slower CPU path than 4-bit ones, 0.30x the float file's decode speed in "
-                           "benchmarks/bench_lm.py; the deploy section times this file)"}
+ALGORITHM_LABELS = {"rtn": "round-to-nearest", "hqq": "HQQ (fitted float zero points)"}
 
 
 def is_conv1d(layer: nn.Module) -> bool:

@@ -351,6 +351,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
                              + (f"; {grouped} Linear/Conv1D layer(s) in groups of {cfg.group_size} input values, "
                                 f"{ALGORITHM_LABELS[cfg.algorithm]}, as ONNX Runtime's MatMulNBits holds them (export "
                                 "format onnx_int4 runs them as 4-bit kernels)" if grouped else ""))
+                if grouped and cfg.algorithm == "hqq":
+                    notes.append("hqq: ONNX Runtime's MatMulNBits may run float zero points on a slower CPU path "
+                                 "than 4-bit ones (0.30x the float file's decode speed in benchmarks/bench_lm.py); "
+                                 "the deploy section times this row's file")
                 convs = len(new) - grouped
                 if grouped and convs and bits == 4:
                     notes.append(f"weight_only int4: {convs} convolution(s) hold 4-bit per-channel weights in PyTorch, "
