@@ -66,8 +66,8 @@ def measure_runs(plain: Path, pruned: Path, rounds: int = 5, hqq: Path | None = 
     every file once per round (interleaved)."""
     import json
 
-    from compresspipe.stages.export.kv_cache import decode_speed
-    from compresspipe.stages.export.onnx_float import session
+    from compresspipe.runtimes.kv_cache import decode_speed
+    from compresspipe.runtimes.onnx_float import session
 
     folders = [plain, pruned] + ([hqq] if hqq is not None else [])
     reports = {p: json.loads((p / "report.json").read_text()) for p in folders}
@@ -117,8 +117,8 @@ def _large() -> list[dict[str, Any]]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     int4 = folder / "run" / "03-export" / "export" / "model.int4.onnx"
     # the float reference: the pruned model's own file, the float graph the int4 file was made from
-    from compresspipe.stages.export.kv_cache import decode_speed
-    from compresspipe.stages.export.onnx_float import session
+    from compresspipe.runtimes.kv_cache import decode_speed
+    from compresspipe.runtimes.onnx_float import session
 
     float_file = folder / "run" / "01-prune" / "deploy" / "model.onnx"
     sessions = {"float": session(float_file, 1).raw, "int4": session(int4, 1).raw}

@@ -75,7 +75,7 @@ def run() -> list[dict[str, Any]]:
 
 def row(case: str, report: dict[str, Any]) -> dict[str, Any]:
     """One zoo row from a run's report.json."""
-    from compresspipe.deploy.cpu import cpu_model, host_target
+    from compresspipe.runtimes.cpu import cpu_model, host_target
 
     final = report["stages"][-1]
     source = stage(report, "prune")

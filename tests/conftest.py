@@ -25,7 +25,7 @@ EMULATED_ISA = {"Haswell": ("sse4_1", "avx", "avx2", "fma", "f16c")}
 def _emulated_cpu_isa(monkeypatch):
     emulated = os.environ.get("COMPRESSPIPE_EMULATED_CPU")
     if emulated in EMULATED_ISA:
-        from compresspipe.deploy import cpu
+        from compresspipe.runtimes import cpu
 
         getattr(cpu.host_target, "cache_clear", lambda: None)()
         monkeypatch.setattr(cpu, "host_isa", lambda: EMULATED_ISA[emulated])

@@ -189,7 +189,7 @@ BUDGET: dict[str, tuple[list[str], Callable[[dict[str, Any], Path], None]]] = {
     "python_model.yaml": (["data.max_samples=400", "stages.0.epochs=2", "stages.2.finetune.epochs=1",
                            "model.kwargs.width=8", "gates=null", *FAST], _python_model),
     "export.yaml": (["stages.0.epochs=3", "stages.0.lr=0.01", "data.max_samples=700", "stages.1.verify.batches=1",
-                     "stages.1.int8.calibration_batches=2", *SMALL, *FAST], _export),
+                     "stages.1.int8.calibration.batches=2", *SMALL, *FAST], _export),
     # a search runs as `compresspipe search`: two tiny trials, every stage at the quickstart's reduced budget
     "search.yaml": (["stages.train.epochs=2", "stages.train.expect=null", "stages.prune.finetune.epochs=1",
                      "vars.distill_epochs=1", "stages.quantize.calibration.batches=2", "data.max_samples=500",

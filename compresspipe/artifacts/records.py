@@ -32,7 +32,7 @@ class Record(BaseModel):
 
 
 RECORDS: Registry[type[Record]] = Registry("record kind", "compresspipe.records")
-RECORDS.register("quantize", "compresspipe.stages.quantize:QuantizeRecord")
+RECORDS.register("quantize", "compresspipe.runtimes.handoff:QuantizeRecord")
 
 
 def record_from_json(kind: str, data: Any) -> Record:

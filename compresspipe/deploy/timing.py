@@ -34,7 +34,7 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, io: ModelIO,
     """A zero-argument call running one inference of the row's file at `batch`; None if it cannot run that batch."""
     if fmt == "torch":
         from compresspipe.artifacts.model import load_model
-        from compresspipe.stages.export.job import input_dtype
+        from compresspipe.runtimes.job import input_dtype
 
         module = load_model(folder).module.eval()
         x = example(io, batch, float_dtype=input_dtype(module))
@@ -45,10 +45,10 @@ def caller(fmt: str, folder: Path, files: list[str], batch: int, io: ModelIO,
 
         return run_torch
     if fmt in ("onnx", "onnx_int8", "onnx_int4"):
-        from compresspipe.stages.export.onnx_float import feed_types, session
+        from compresspipe.runtimes.onnx_float import feed_types, session
 
         sess = session(folder / files[0], threads)
-        from compresspipe.stages.export.kv_cache import DecodeStep, KVSession
+        from compresspipe.runtimes.kv_cache import DecodeStep, KVSession
 
         if isinstance(sess, KVSession):  # a language model that generates: time what it repeats per token
             return DecodeStep(sess.raw, batch)

@@ -708,3 +708,12 @@ class Recipe(StrictModel):
     def to_data(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what the lock file stores)."""
         return self.model_dump(mode="json", exclude_none=False)
+
+
+def named_metrics(recipe: Recipe) -> list[str]:
+    """The metrics the recipe's gates and expect: blocks name (every row measures them, beside the task's own)."""
+    out: list[str] = []
+    for limits in [cfg.expect for cfg in recipe.stages] + [recipe.gates]:
+        if limits is not None:
+            out += [m for m in [*(limits.max_drop or {}), *(limits.target or {})] if m != "loss"]
+    return list(dict.fromkeys(out))

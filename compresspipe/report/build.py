@@ -198,7 +198,7 @@ def _int8_slower_notes(stages: list[dict[str, Any]]) -> None:
 
 def deploy_summary(recipe: Any) -> dict[str, Any]:
     """The report's `deploy` block: what the figures are measured on, and on which machine."""
-    from compresspipe.deploy.cpu import machine_record, resolve
+    from compresspipe.runtimes.cpu import machine_record, resolve
 
     return {"runtime": recipe.deploy_runtime(), "cpu": recipe.deploy.cpu, "cpu_target": resolve(recipe.deploy.cpu),
             "threads": recipe.deploy_threads(), "batch_sizes": recipe.deploy_batch_sizes(),

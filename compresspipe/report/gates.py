@@ -21,15 +21,6 @@ _CHECKS = {
 }
 
 
-def named_metrics(recipe: Recipe) -> list[str]:
-    """The metrics the recipe's gates and expect: blocks name (every row measures them, beside the task's own)."""
-    out: list[str] = []
-    for limits in [cfg.expect for cfg in recipe.stages] + [recipe.gates]:
-        if limits is not None:
-            out += [m for m in [*(limits.max_drop or {}), *(limits.target or {})] if m != "loss"]
-    return list(dict.fromkeys(out))
-
-
 def _figures(row: dict[str, Any], fmt: str | None) -> dict[str, Any] | None:
     """The figures a gate judges: the row's shipped file, or the file of format `fmt` (None if not measured)."""
     if fmt is None or fmt == row.get("format"):

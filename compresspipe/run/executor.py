@@ -1,7 +1,7 @@
 """Run a validated recipe: the baseline, then each stage in order, a reloadable model after each, then the report.
 
 The run folder is locked for the whole run (`run.folder`). Each stage's model is measured twice: as the PyTorch
-model, and as the file the deploy runtime ships (`deploy.ship`); after the last stage every shipped file is
+model, and as the file the deploy runtime ships (`stages.ship`); after the last stage every shipped file is
 timed, interleaved (`deploy.timer`). report.json is written on every exit: complete, failed or interrupted.
 """
 
@@ -22,20 +22,20 @@ import torch
 from compresspipe.artifacts import stage_folder
 from compresspipe.artifacts.files import atomic_write_json, atomic_write_text
 from compresspipe.artifacts.model import ModelState, load_model, save_model
-from compresspipe.deploy.ship import is_int8, primary_format, ship
 from compresspipe.deploy.timer import DeployTimer
 from compresspipe.errors import CompressPipeError, GateFailed, InputError, RunStopped, StageError, interrupted
 from compresspipe.metrics.measure import measure_model
-from compresspipe.recipe.spec import Recipe
+from compresspipe.recipe.spec import Recipe, named_metrics
 from compresspipe.recipe.yamlio import dump_yaml
 from compresspipe.report.build import build_report, deploy_summary, render_markdown
-from compresspipe.report.gates import describe_failures, evaluate_gates, named_metrics, write_junit
+from compresspipe.report.gates import describe_failures, evaluate_gates, write_junit
 from compresspipe.report.html import render_html
 from compresspipe.run.folder import RunFolder, stage_dirname
 from compresspipe.run.plan import preflight
 from compresspipe.run.setup import RunSetup, prepare, reference_name, seed_everything
 from compresspipe.stages.base import StageResult
 from compresspipe.stages.context import CHECKPOINTS, StageContext, StageRecord
+from compresspipe.stages.ship import is_int8, primary_format, ship
 from compresspipe.training.distributed import Dist, init_from_env, shutdown
 from compresspipe.ui import UI, library_messages, strip_ansi
 

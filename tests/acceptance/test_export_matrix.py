@@ -47,7 +47,7 @@ def test_every_format_exports_and_verifies(tmp_path, model, pipeline):
         "data": {**data, "batch_size": 32, "eval_batch_size": 32}, "evaluate": {"latency": {"enabled": False}},
         "stages": [{"type": "train", "epochs": 1, "lr": 1.0e-3}, *PIPELINES[pipeline],
                    {"type": "export", "formats": list(FORMAT_ORDER), "verify": {"batches": 2, "min_agreement": 0.8},
-                    "int8": {"calibration_batches": 2, "batch_size": 16}}],
+                    "int8": {"calibration": {"batches": 2, "batch_size": 16}}}],
     }
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", str(write_recipe(tmp_path, recipe)), "--out", str(out), "-q"])

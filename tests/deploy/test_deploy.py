@@ -17,11 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 from compresspipe.cli import app
-from compresspipe.deploy import cpu
 from compresspipe.deploy.timing import interleaved, quartiles, ratio
 from compresspipe.recipe.spec import Limits
 from compresspipe.report.gates import judge
-from compresspipe.stages.export.onnx_int8 import weight_abs_max
+from compresspipe.runtimes import cpu
+from compresspipe.runtimes.onnx_int8 import weight_abs_max
 from compresspipe.stages.export.stage import ExportStage
 from tests.fixtures import digits_cnn_recipe, tiny_recipe, trained_cnn, write_recipe
 from tests.stages.test_export import _ctx, _export_cfg

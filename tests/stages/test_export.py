@@ -28,7 +28,7 @@ runner = CliRunner()
 
 def _export_cfg(**fields) -> ExportConfig:
     base = {"type": "export", "name": "export", "verify": {"batches": 1},
-            "int8": {"calibration_batches": 2, "batch_size": 32}}
+            "int8": {"calibration": {"batches": 2, "batch_size": 32}}}
     return ExportConfig.model_validate({**base, **fields})
 
 
@@ -53,19 +53,26 @@ def test_an_int8_setting_the_file_would_not_use_is_refused_naming_where_it_belon
 
     with pytest.raises(RecipeError) as err:
         load(quantize, {"type": "export", "formats": ["onnx_int8"],
-                        "int8": {"calibration_batches": 4, "calibrate_method": "entropy"}}, folder="a")
+                        "int8": {"calibration": {"batches": 4}, "observer": "entropy"}}, folder="a")
     text = str(err.value)
-    assert "int8.calibrate_method" in text and "set observer (and percentile) there" in text
-    assert "int8.calibration_batches" in text and "set calibration.batches there" in text
-    # executorch_int8 calibrates with the export's own block: its batches are used, ONNX's method is still not
+    assert "int8.observer" in text and "set observer there" in text
+    assert "int8.calibration" in text and "set calibration there" in text
+    # the stage's settings reach XNNPACK's calibration too: the same keys are refused with executorch_int8
     with pytest.raises(RecipeError) as err:
         load(quantize, {"type": "export", "formats": ["onnx_int8", "executorch_int8"],
-                        "int8": {"calibration_batches": 4, "calibrate_method": "entropy"}}, folder="b")
-    assert "calibrate_method" in str(err.value) and "calibration_batches" not in str(err.value)
+                        "int8": {"per_channel": False}}, folder="b")
+    assert "int8.per_channel" in str(err.value) and "set per_channel there" in str(err.value)
     # without a quantize stage that hands the file its settings, the block is the file's
-    load({"type": "export", "formats": ["onnx_int8"], "int8": {"calibration_batches": 4}}, folder="c")
+    load({"type": "export", "formats": ["onnx_int8"], "int8": {"calibration": {"batches": 4}}}, folder="c")
     load({"type": "quantize", "method": "fp16"}, {"type": "export", "formats": ["onnx_int8"],
-                                                  "int8": {"calibrate_method": "entropy"}}, folder="d")
+                                                  "int8": {"observer": "entropy"}}, folder="d")
+    # the file options are the export's either way
+    load(quantize, {"type": "export", "formats": ["onnx_int8"], "int8": {"float_output": False}}, folder="e")
+    # the names of earlier releases say what they are called now
+    for old, new in (("calibrate_method", "observer"), ("calibration_batches", "calibration.batches")):
+        with pytest.raises(RecipeError) as err:
+            load({"type": "export", "formats": ["onnx_int8"], "int8": {old: 4}}, folder=f"f-{old}")
+        assert f"{old} is now {new}" in str(err.value)
 
 
 @pytest.mark.parametrize("stage,message", [
@@ -82,7 +89,7 @@ def test_bad_config_is_a_recipe_error(tmp_path, stage, message):
 
 
 def test_opset_the_runtime_cannot_run_is_exit_2_naming_the_highest_usable(tmp_path, monkeypatch):
-    from compresspipe.stages.export import opset
+    from compresspipe.runtimes import opset
 
     assert opset._probe(18, int8=True) is None  # the real probe graph loads in the installed onnxruntime
     real = opset._probe
@@ -231,7 +238,7 @@ def test_int8_onnx_keeps_tiny_convs_float_returns_float_logits_and_short_names(t
     (tmp_path / "all").mkdir()
     ctx = _ctx(tmp_path / "all", digits_cnn_recipe())
     cfg = _export_cfg(formats=["onnx", "onnx_int8"], verify={"batches": 2, "min_agreement": 0.95}, keep_names=True,
-                      int8={"calibration_batches": 2, "batch_size": 32, "float_small_convs": False,
+                      int8={"calibration": {"batches": 2, "batch_size": 32}, "float_small_convs": False,
                             "float_output": False})
     result = ExportStage(cfg).run(trained_cnn(), ctx)
     assert all(r["check"] == "pass" for r in _rows(result).values())
@@ -283,9 +290,9 @@ def test_the_histogram_observer_reaches_the_file_as_its_own_range_search_not_ent
     import onnx
     from onnx import numpy_helper
 
-    from compresspipe.stages.export import onnx_cache
+    from compresspipe.runtimes import onnx_cache
 
-    def scales(observer: str | None, folder: str) -> tuple[dict[str, float], list[str]]:
+    def scales(observer: str | None, folder: str, export_observer: str = "entropy") -> tuple[dict[str, float], list[str]]:
         onnx_cache.clear()
         state = trained_cnn()
         state.put(QuantizeRecord(method="static", float_stage="train", onnx_int8=OnnxInt8Handoff(
@@ -294,8 +301,8 @@ def test_the_histogram_observer_reaches_the_file_as_its_own_range_search_not_ent
         ctx = _ctx(tmp_path / folder, digits_cnn_recipe(),
                    {"train": StageRecord(1, "train", "train", tmp_path / folder / "01-train", {})})
         config = _export_cfg(formats=["onnx_int8"], verify={"batches": 2, "min_agreement": 0.5},
-                             int8={"calibration_batches": 2, "batch_size": 32, "calibrate_method": "entropy"})
-        if observer is None:  # no hand-off: the export's own int8 block, ONNX Runtime's entropy
+                             int8={"calibration": {"batches": 2, "batch_size": 32}, "observer": export_observer})
+        if observer is None:  # no hand-off: the export's own int8 block
             state.records.clear()
         result = ExportStage(config).run(state, ctx)
         graph = onnx.load(str(ctx.stage_dir / "export" / "model.int8.onnx")).graph
@@ -306,10 +313,13 @@ def test_the_histogram_observer_reaches_the_file_as_its_own_range_search_not_ent
 
     l2, l2_notes = scales("histogram", "l2")
     entropy, entropy_notes = scales(None, "entropy")
-    assert any("histogram (the quantize stage's L2-optimal ranges" in n for n in l2_notes), l2_notes
+    assert any("histogram (the L2-optimal range search" in n for n in l2_notes), l2_notes
     assert any("entropy calibration" in n for n in entropy_notes), entropy_notes
     shared = set(l2) & set(entropy)
     assert shared and any(abs(l2[t] - entropy[t]) > 1e-6 * max(entropy[t], 1e-12) for t in shared)
+    # one algorithm whichever block names it: the export's own `observer: histogram` writes the same scales
+    from_export, _ = scales(None, "export-histogram", export_observer="histogram")
+    assert from_export == l2
 
 
 # -- torchvision classifiers -----------------------------------------------------------------------------------
@@ -436,7 +446,7 @@ def test_warnings_while_exporting_become_notes_once_each_and_none_is_dropped_uns
     import warnings
     from types import SimpleNamespace
 
-    from compresspipe.stages.export.job import MAX_WARNING_NOTES, warnings_as_notes
+    from compresspipe.runtimes.job import MAX_WARNING_NOTES, warnings_as_notes
 
     job = SimpleNamespace(notes=[])
     with warnings_as_notes(job, "torchscript"):  # type: ignore[arg-type]

@@ -86,7 +86,7 @@ def test_fidelity_judges_agreement_without_ties_and_not_for_a_model_that_has_not
     import torch
 
     from compresspipe.recipe.spec import FidelitySpec
-    from compresspipe.stages.export.job import agreement, fidelity
+    from compresspipe.runtimes.job import agreement, fidelity
 
     ref = torch.tensor([[2.0, 0.0], [1.0, 1.05], [0.0, 3.0]])
     out = torch.tensor([[2.0, 0.0], [1.1, 1.0], [3.0, 0.0]])
@@ -198,7 +198,7 @@ def test_a_float_model_that_does_not_hold_its_predictions_under_input_rounding_i
     import onnx
     import torch
 
-    from compresspipe.stages.export.onnx_int8 import _stability_note
+    from compresspipe.runtimes.onnx_int8 import _stability_note
 
     path = tmp_path / "m.onnx"
     _linear_onnx(path, gain)
@@ -229,7 +229,7 @@ def test_mixed_precision_ships_the_try_that_follows_best_not_the_last(tmp_path, 
     from types import SimpleNamespace
 
     from compresspipe.recipe.spec import FidelitySpec
-    from compresspipe.stages.export import onnx_int8
+    from compresspipe.runtimes import onnx_int8
 
     graph = _chain_graph(8)
     written: list[list[str]] = []
@@ -262,7 +262,7 @@ def test_mixed_precision_ships_the_try_that_follows_best_not_the_last(tmp_path, 
 def test_a_7_bit_file_that_fails_says_what_8_bit_weights_reach_and_is_kept(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from compresspipe.stages.export import onnx_int8
+    from compresspipe.runtimes import onnx_int8
 
     out = tmp_path / "model.int8.onnx"
     out.write_bytes(b"seven")
@@ -290,7 +290,7 @@ def test_float_outputs_drops_the_pair_and_the_scale_it_read(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from compresspipe.stages.export.onnx_int8 import float_outputs
+    from compresspipe.runtimes.onnx_int8 import float_outputs
 
     inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "W"),
              numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s"),

@@ -53,7 +53,7 @@ def test_an_exported_language_model_states_its_longest_sequence(tmp_path):
     from onnx import TensorProto, helper
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from compresspipe.stages.export.onnx_float import add_metadata, max_positions
+    from compresspipe.runtimes.onnx_float import add_metadata, max_positions
 
     gpt2 = GPT2LMHeadModel(GPT2Config(**TINY_GPT2))
     assert max_positions(gpt2) == 32 and max_positions(SimpleNamespace(model=gpt2)) == 32  # wrapped too

@@ -371,8 +371,8 @@ def test_dequantized_weight_cache_follows_the_buffers():
 
 
 def test_histogram_observer_clips_an_outlier_deterministically():
+    from compresspipe.runtimes.observers import RangeObserver
     from compresspipe.stages.quantize.layers import ACT_QMAX
-    from compresspipe.stages.quantize.observers import RangeObserver
 
     generator = torch.Generator().manual_seed(0)
     # L2-optimal: clipping the value at 1000 to hi costs (1000 - hi)^2, the grid costs each of the million others
@@ -400,7 +400,7 @@ def test_histogram_observer_clips_an_outlier_deterministically():
 
 
 def test_histogram_keeps_counts_when_the_range_widens():
-    from compresspipe.stages.quantize.observers import Histogram
+    from compresspipe.runtimes.observers import Histogram
 
     h = Histogram(bins=100)
     h.add(torch.linspace(0, 1, 1001))

@@ -104,7 +104,7 @@ def test_keep_float_refuses_a_runtime_that_would_ignore_it(tmp_path):
 def test_layer_nodes_pairs_torch_layers_with_onnx_nodes_by_order_and_shape(tmp_path):
     import onnx
 
-    from compresspipe.stages.export.onnx_int8 import layer_nodes
+    from compresspipe.runtimes.onnx_int8 import layer_nodes
     from tests.fixtures import trained_cnn
 
     module = trained_cnn().module

@@ -3,7 +3,7 @@ in the runtime that will run it. This module is the config only and imports no t
 
 Files land in ``<stage folder>/export/`` with a ``manifest.json``; the model itself passes through unchanged.
 Each format is one module in this package with ``available()``, ``export(job, folder)`` and
-``verify(files, job)`` (see `compresspipe.stages.export.job`).
+``verify(files, job)`` (see `compresspipe.runtimes.job`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from compresspipe.recipe.spec import StrictModel
+from compresspipe.runtimes import FORMAT_MODULES
 from compresspipe.stages.base import StageConfig
+from compresspipe.stages.quantize import Calibration
 
 if TYPE_CHECKING:
     from compresspipe.recipe.spec import Recipe
+    from compresspipe.runtimes.handoff import OnnxInt8Handoff
 
 Format = Literal["onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torch_export", "safetensors",
                  "torchscript", "huggingface"]
@@ -27,18 +30,6 @@ FORMAT_ORDER: tuple[str, ...] = (
     "safetensors", "torch_export", "onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torchscript",
     "huggingface",
 )
-# format -> implementation module (imported only when the stage runs)
-FORMAT_MODULES: dict[str, str] = {
-    "onnx": "compresspipe.stages.export.onnx_float",
-    "onnx_int8": "compresspipe.stages.export.onnx_int8",
-    "onnx_int4": "compresspipe.stages.export.onnx_int4",
-    "executorch": "compresspipe.stages.export.executorch_pte",
-    "executorch_int8": "compresspipe.stages.export.executorch_pte",
-    "torch_export": "compresspipe.stages.export.torch_export",
-    "safetensors": "compresspipe.stages.export.safetensors_copy",
-    "torchscript": "compresspipe.stages.export.torchscript",
-    "huggingface": "compresspipe.stages.export.hf_folder",
-}
 # Quantized formats are judged by top-1 agreement (verify.min_agreement), not by atol.
 INT8_FORMATS = frozenset({"onnx_int8", "onnx_int4", "executorch_int8"})
 
@@ -99,18 +90,22 @@ class VerifySettings(StrictModel):
 
 
 class Int8Settings(StrictModel):
-    """Post-training int8 for onnx_int8 (ONNX Runtime) and executorch_int8 (XNNPACK quantizer, PT2E)."""
+    """Post-training int8 for onnx_int8 (ONNX Runtime) and executorch_int8 (XNNPACK quantizer, PT2E), in the
+    quantize stage's words. After a quantize stage (static, qat, dynamic) that stage sets the calibration and
+    these keys are an error; float_small_convs and float_output shape the file either way."""
 
-    calibration_batches: PositiveInt = Field(8, description="batches drawn from the calibration split")
-    batch_size: PositiveInt = Field(32, description="calibration batch size")
-    per_channel: bool = Field(True, description="per-output-channel weight scales")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="activation range estimator (onnx_int8)"
-    )
-    onnx_method: Literal["auto", "static", "dynamic"] = Field(
+    method: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="auto: static QDQ when the graph has Conv, dynamic for Linear/RNN-only graphs and for "
                             "transformers (attention: MatMul weights and embeddings int8, convs stay float)"
     )
+    observer: Literal["minmax", "histogram", "percentile", "entropy"] = Field(
+        "minmax", description="activation ranges from calibration: min/max, histogram (the quantize stage's "
+                              "L2-optimal range), percentile (clips the tails), entropy (ONNX Runtime's KL thresholds)"
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="observer percentile: the kept upper percentile")
+    calibration: Calibration = Field(default_factory=lambda: Calibration(),
+                                     description="batches of the calibration split, as the quantize stage's")
+    per_channel: bool = Field(True, description="per-output-channel weight scales")
     float_small_convs: bool = Field(
         True, description="onnx_int8: keep convs that sum over fewer than 16 inputs per output (in_channels/groups "
                           "x kernel area, e.g. a 3x3 conv on a 1-channel image) in float, where ONNX Runtime's "
@@ -120,6 +115,35 @@ class Int8Settings(StrictModel):
         True, description="onnx_int8 static: the last layer runs int8 but returns float logits instead of "
                           "rounding them to 8 bits (one node fewer, exact ranking of close scores)"
     )
+
+    # keys of earlier releases -> their name now (the quantize stage's)
+    RENAMED: ClassVar[dict[str, str]] = {"calibrate_method": "observer", "onnx_method": "method",
+                                         "calibration_batches": "calibration.batches",
+                                         "batch_size": "calibration.batch_size"}
+    # keys a quantize stage sets for the file after it -> where, in that stage
+    STAGE_SETS: ClassVar[dict[str, str]] = {
+        "method": "method", "observer": "observer", "percentile": "percentile", "calibration": "calibration",
+        "per_channel": "per_channel"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in cls.RENAMED.items():
+                if old in data:
+                    raise ValueError(f"{old} is now {new}, as the quantize stage calls it")
+        return data
+
+    def handoff(self, eval_batch_size: int) -> OnnxInt8Handoff:
+        """These settings as the writers read them (no quantize stage before the export)."""
+        from compresspipe.runtimes.handoff import OnnxInt8Handoff
+
+        return OnnxInt8Handoff(
+            method=self.method, per_channel=self.per_channel, observer=self.observer,
+            percentile=self.percentile if self.observer == "percentile" else None,
+            calibration_batches=max(self.calibration.batches, 1),
+            batch_size=self.calibration.batch_size or eval_batch_size,
+            float_small_convs=self.float_small_convs, float_output=self.float_output)
 
 
 class ExportConfig(StageConfig):
@@ -161,13 +185,10 @@ class ExportConfig(StageConfig):
         if not before:
             return []
         name, stage = before[-1]
-        where = {"calibrate_method": "observer (and percentile)", "onnx_method": "method"}
-        if "executorch_int8" not in self.formats:  # XNNPACK's calibration reads these three from this block
-            where.update(calibration_batches="calibration.batches", batch_size="data.eval_batch_size",
-                         per_channel="per_channel")
         return [(("int8", key), f"the quantize stage {name!r} (method {getattr(stage, 'method', '?')}) sets this for "
-                                f"the ONNX int8 file after it: set {where[key]} there, or remove int8.{key} here")
-                for key in sorted(self.int8.model_fields_set & set(where))]
+                                f"the int8 files after it: set {Int8Settings.STAGE_SETS[key]} there, or remove "
+                                f"int8.{key} here")
+                for key in sorted(self.int8.model_fields_set & set(Int8Settings.STAGE_SETS))]
 
     @field_validator("formats")
     @classmethod
@@ -196,7 +217,7 @@ class ExportConfig(StageConfig):
         if "onnx_int8" in formats and opset < MIN_OPSET_INT8:
             raise ValueError(f"onnx_int8 needs opset >= {MIN_OPSET_INT8} (per-channel QuantizeLinear); "
                              f"got opset {opset}")
-        from compresspipe.stages.export.opset import runtime_problem
+        from compresspipe.runtimes.opset import runtime_problem
 
         problem = runtime_problem(opset, "onnx_int8" in formats)
         if problem:

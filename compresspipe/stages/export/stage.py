@@ -16,9 +16,7 @@ from torch import nn
 from compresspipe.artifacts.files import atomic_write_json, sha256_file
 from compresspipe.errors import StageConfigError, StageError
 from compresspipe.models.inputs import float_to
-from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
-from compresspipe.stages.export import FORMAT_MODULES, FORMAT_ORDER, ExportConfig
-from compresspipe.stages.export.job import (
+from compresspipe.runtimes.job import (
     Exporter,
     ExportJob,
     dtype_label,
@@ -26,6 +24,8 @@ from compresspipe.stages.export.job import (
     input_dtype,
     torch_runner,
 )
+from compresspipe.stages.base import Need, Stage, StagePlan, StageResult
+from compresspipe.stages.export import FORMAT_MODULES, FORMAT_ORDER, ExportConfig
 from compresspipe.stages.quantize import OnnxInt8Handoff, QuantizeRecord
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ MANIFEST_FORMAT = "compresspipe.export"
 MANIFEST_VERSION = 1
 EXPORT_FOLDER = "export"
 SPARSE_FORMAT = "safetensors_zip"
-FORMAT_MODULES_ALL = {**FORMAT_MODULES, SPARSE_FORMAT: "compresspipe.stages.export.safetensors_copy"}
+FORMAT_MODULES_ALL = {**FORMAT_MODULES, SPARSE_FORMAT: "compresspipe.runtimes.safetensors_copy"}
 def output_shape(io: Any, batch: str | int, fixed: bool, classes: int | None) -> list[Any]:
     """The logits' shape: [batch, classes], or [batch, positions, classes] for per-token tasks."""
     from compresspipe.metrics.tasks import TASKS
@@ -78,11 +78,15 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
     """Everything a format module needs: the model (and its float source for int8), verification batches
     (`verify_batches` of the validation split, None: all of it) with PyTorch's answers, calibration data,
     and the CPU target int8 files must be correct on."""
-    from compresspipe.deploy.cpu import resolve
-    from compresspipe.report.gates import named_metrics
+    from compresspipe.recipe.spec import named_metrics
+    from compresspipe.runtimes.cpu import resolve
 
     module = state.module.eval().to("cpu")
     float_module, handoff = float_source(state, formats, ctx)
+    # one typed source for the int8 files' settings: the quantize stage's, else the export block's (its file
+    # options, float_small_convs and float_output, apply either way)
+    files = {"float_small_convs": config.int8.float_small_convs, "float_output": config.int8.float_output}
+    handoff = handoff.model_copy(update=files) if handoff is not None else config.int8.handoff(ctx.recipe.data.eval_batch_size)
     dtype = input_dtype(module)
     batches = [(float_to(x, dtype), y) for x, y in ctx.batches("val", verify_batches)]
     run = torch_runner(module)
@@ -111,8 +115,8 @@ def build_job(config: ExportConfig, state: ModelState, ctx: StageContext, format
 
 def int8_record(path: Path, job: ExportJob) -> dict[str, Any]:
     """Which CPUs an int8 ONNX file is exact on, and the machine that verified it (the manifest's `int8`)."""
-    from compresspipe.deploy.cpu import WEIGHT_BITS, correct_on, machine_record
-    from compresspipe.stages.export.onnx_int8 import weight_abs_max
+    from compresspipe.runtimes.cpu import WEIGHT_BITS, correct_on, machine_record
+    from compresspipe.runtimes.onnx_int8 import weight_abs_max
 
     widest = weight_abs_max(path)
     return {"cpu_target": job.cpu, "weight_bits": WEIGHT_BITS[job.cpu], "weight_abs_max": widest,

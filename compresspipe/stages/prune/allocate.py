@@ -234,7 +234,7 @@ class _LatencyShare:
 
     def _file(self, state: ModelState) -> tuple[Path, list[str]]:
         from compresspipe.artifacts.model import save_model
-        from compresspipe.deploy.ship import ship
+        from compresspipe.stages.ship import ship
 
         folder = self.root / f"{self.count:02d}"
         self.count += 1
@@ -313,7 +313,7 @@ def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: _Sele
     settings = {"target": target.model_dump(mode="json"), "selected": selected,
                 "sensitivity": stage.sensitivity_settings(target.ratios)}
     if target.metric == "latency_b1":
-        from compresspipe.deploy.cpu import machine_record
+        from compresspipe.runtimes.cpu import machine_record
 
         settings["deploy"] = {"runtime": ctx.recipe.deploy_runtime(), "threads": ctx.recipe.deploy_threads(),
                               "machine": machine_record().get("cpu")}

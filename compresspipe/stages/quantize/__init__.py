@@ -33,16 +33,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from compresspipe.artifacts.records import Record
 from compresspipe.recipe.spec import StrictModel
 from compresspipe.recipe.training import FinetuneSettings
+from compresspipe.runtimes.handoff import Method, OnnxInt4Handoff, OnnxInt8Handoff, QuantizeRecord
 from compresspipe.stages.base import StageConfig
 from compresspipe.stages.common import SELECTOR_HELP, Selector
 
 if TYPE_CHECKING:
     from compresspipe.recipe.spec import Recipe
 
-Method = Literal["dynamic", "static", "qat", "weight_only", "fp16", "bf16"]
 Backend = Literal["auto", "torch", "torchao", "onnxruntime"]
 
 # backend -> methods it can run at all (whether it can run *here* is checked at run time by the backend)
@@ -60,9 +59,12 @@ WHY_NOT: dict[str, str] = {
 
 
 class Calibration(StrictModel):
-    """Batches of the calibration split that set activation ranges (static, qat)."""
+    """Batches of the calibration split that set activation ranges (the quantize stage's static and qat, and the
+    export stage's int8 block: one name and one default for both). By default the whole split
+    (data.calibration_samples, 256) in batches of data.eval_batch_size."""
 
-    batches: int = Field(16, ge=0, description="calibration batches (of data.eval_batch_size samples)")
+    batches: int = Field(16, ge=0, description="calibration batches (of batch_size samples)")
+    batch_size: PositiveInt | None = Field(None, description="calibration batch size (default data.eval_batch_size)")
 
 
 class QatSettings(FinetuneSettings):
@@ -152,52 +154,5 @@ class QuantizeConfig(StageConfig):
         return []
 
 
-class OnnxInt8Handoff(StrictModel):
-    """How the int8 ONNX file replays this stage's quantization with ONNX Runtime's quantizer."""
-
-    method: Literal["static", "dynamic"]
-    per_channel: bool
-    observer: Literal["minmax", "histogram", "percentile"]
-    percentile: float | None = None  # observer percentile: the file's calibration keeps the same share
-    calibration_batches: PositiveInt
-    batch_size: PositiveInt
-    layers: list[str] = Field(default_factory=list)
-    nodes_to_exclude: list[str] = Field(default_factory=list)
-    keep_float: list[str] = Field(default_factory=list, description="torch layers the int8 file keeps float")
-
-
-class OnnxInt4Handoff(StrictModel):
-    """How the onnx_int4 file replays this stage's 4-bit weights with ONNX Runtime's MatMulNBits quantizer."""
-
-    bits: Literal[4] = 4
-    block_size: Literal[16, 32, 64, 128, 256]
-    symmetric: bool = False
-    algorithm: Literal["rtn", "hqq"] = "rtn"
-    layers: list[str] = Field(default_factory=list, description="torch layers whose MatMul holds 4-bit weights")
-
-
-class QuantizeRecord(Record):
-    """What a quantize stage hands the export and the deploy measurement, saved with the model.
-
-    int8 runtimes calibrate their own graphs: onnx_int8 and executorch_int8 quantize the float model of
-    `float_stage` (the stage before the quantize stage) with these settings.
-    """
-
-    KIND: ClassVar[str] = "quantize"
-    VERSION: ClassVar[int] = 3  # 2: onnx_int8.keep_float (mixed precision); 3: onnx_int4; older read with none
-
-    method: Method
-    # the stage whose float model the int8 runtimes quantize; None: the model itself (float with backend
-    # onnxruntime; after qat its int8 layers dequantized, so the trained weights reach the file)
-    float_stage: str | None
-    onnx_int8: OnnxInt8Handoff | None = None
-    onnx_int4: OnnxInt4Handoff | None = None
-
-    @property
-    def int8(self) -> bool:
-        """Whether the model runs int8 arithmetic (the runtimes then ship their int8 file)."""
-        return self.method in ("static", "qat", "dynamic")
-
-
-__all__ = ["BACKEND_METHODS", "Calibration", "KeepFloat", "OnnxInt4Handoff", "OnnxInt8Handoff", "QatSettings", "QuantizeConfig",
-           "QuantizeRecord"]
+__all__ = ["BACKEND_METHODS", "Calibration", "KeepFloat", "Method", "OnnxInt4Handoff", "OnnxInt8Handoff", "QatSettings",
+           "QuantizeConfig", "QuantizeRecord"]

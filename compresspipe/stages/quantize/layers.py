@@ -36,10 +36,10 @@ from compresspipe.artifacts.edits import (
     set_submodule,
 )
 from compresspipe.errors import ArtifactError
+from compresspipe.runtimes.observers import ACT_QMAX, act_qparams  # noqa: F401 - the layers' activation grid
 from compresspipe.stages.quantize.nbits import DequantizedWeight, QuantMatMulNBits
 
-ACT_QMAX = 127  # activation scales span 7 bits (the x86 int8 convention: u8*s8 pair sums cannot overflow int16)
-ACT_CLAMP = 255  # ...but values still clamp at uint8's 255, as quint8 tensors and ONNX QuantizeLinear do
+ACT_CLAMP = 255  # activation scales span ACT_QMAX steps, but values still clamp at uint8's 255, as quint8 tensors and ONNX QuantizeLinear do
 # dynamic mode: the smallest per-batch input scale (torch's ChooseQuantizationParams, which the artifacts
 # written with its int8 kernels used)
 DYNAMIC_MIN_SCALE = 6.1e-5
@@ -72,14 +72,6 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     flat = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, : math.prod(shape[1:])]
     flat = torch.where(flat > 7, flat - 16, flat)
     return flat.to(torch.int8).reshape(shape)
-
-
-def act_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """Asymmetric uint8 (7-bit) scale and zero point covering [lo, hi] and zero."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = max((hi - lo) / ACT_QMAX, 1e-8)
-    zero_point = int(min(max(round(-lo / scale), 0), ACT_QMAX))
-    return scale, zero_point
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

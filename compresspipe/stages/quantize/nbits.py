@@ -28,7 +28,6 @@ from compresspipe.errors import ArtifactError
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
 ALGORITHMS = ("rtn", "hqq")
-ALGORITHM_LABELS = {"rtn": "round-to-nearest", "hqq": "HQQ (fitted float zero points)"}
 
 
 def is_conv1d(layer: nn.Module) -> bool:

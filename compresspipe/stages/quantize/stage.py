@@ -21,6 +21,8 @@ from compresspipe.artifacts.edits import set_submodule
 from compresspipe.errors import StageConfigError
 from compresspipe.metrics.tasks import TASKS
 from compresspipe.models.inputs import float_to, forward
+from compresspipe.runtimes.handoff import ALGORITHM_LABELS
+from compresspipe.runtimes.observers import RangeObserver
 from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.graph import analyse, fold_bn, fold_target
 from compresspipe.stages.quantize import OnnxInt4Handoff, OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
@@ -33,8 +35,7 @@ from compresspipe.stages.quantize.layers import (
     cast_layer,
     quantize_edit,
 )
-from compresspipe.stages.quantize.nbits import ALGORITHM_LABELS, QuantMatMulNBits, is_conv1d
-from compresspipe.stages.quantize.observers import RangeObserver
+from compresspipe.stages.quantize.nbits import QuantMatMulNBits, is_conv1d
 from compresspipe.stages.select import breaks_model, select_layers
 
 if TYPE_CHECKING:
@@ -384,7 +385,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
             raise StageConfigError(ctx.name, f"method {self.config.method} needs calibration data, but the "
                                              "calibration split is empty; raise data.calibration_samples")
-        return [float_to(x, torch.float32) for x, _ in ctx.batches("calibration", self.config.calibration.batches)]
+        return [float_to(x, torch.float32) for x, _ in ctx.batches("calibration", self.config.calibration.batches,
+                                                                         self.config.calibration.batch_size)]
 
     def _qat(self, model: nn.Module, layers: dict[str, nn.Module], acts: dict[str, Callable],
              ranges: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
@@ -430,7 +432,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                                       per_channel=cfg.per_channel, observer=cfg.observer,
                                       percentile=cfg.percentile if cfg.observer == "percentile" else None,
                                       calibration_batches=max(cfg.calibration.batches, 1),
-                                      batch_size=ctx.recipe.data.eval_batch_size, layers=layers,
+                                      batch_size=cfg.calibration.batch_size or ctx.recipe.data.eval_batch_size,
                                       keep_float=sorted(keep_float or []))
         return QuantizeRecord(method=method, float_stage=None if method == "qat" else previous, onnx_int8=handoff)
 
@@ -560,7 +562,7 @@ class _FileJudge:
         return f"judged on the {self.int8_fmt} file in {self.ctx.recipe.deploy_runtime()}"
 
     def _ship(self, fmt: str, state: ModelState) -> float:
-        from compresspipe.deploy.ship import ship
+        from compresspipe.stages.ship import ship
 
         folder = self.root / f"{self.count:02d}"
         self.count += 1

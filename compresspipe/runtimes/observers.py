@@ -13,10 +13,17 @@ import math
 
 import torch
 
-from compresspipe.stages.quantize.layers import ACT_QMAX, act_qparams
-
+ACT_QMAX = 127  # activation scales span 7 bits (the x86 int8 convention: u8*s8 pair sums cannot overflow int16)
 HISTOGRAM_BINS = 2048
 PERCENTILE_SAMPLES = 1_000_000
+
+
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric uint8 (7-bit) scale and zero point covering [lo, hi] and zero."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / ACT_QMAX, 1e-8)
+    zero_point = int(min(max(round(-lo / scale), 0), ACT_QMAX))
+    return scale, zero_point
 
 
 class RangeObserver:

@@ -13,7 +13,7 @@ calibration batches and batch size, nodes to exclude) overrides the export stage
 
 Weights use 7 bits (ONNX Runtime's reduce_range, |w| <= 64) unless deploy.cpu is x86-vnni or arm64: on x86
 CPUs with AVX2 but no VNNI, ONNX Runtime's u8s8 kernels add pairs of products in int16 and saturate with
-8-bit weights (`compresspipe.deploy.cpu`), so a full 8-bit file is correct only on VNNI and ARM CPUs.
+8-bit weights (`compresspipe.runtimes.cpu`), so a full 8-bit file is correct only on VNNI and ARM CPUs.
 
 Two defaults make the file faster in ONNX Runtime (int8.float_small_convs, int8.float_output): convs with
 a tiny reduction (a first conv on a 1-channel image) stay float, costing a few hundred bytes, and the
@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 
 from compresspipe.artifacts.files import sha256_file
-from compresspipe.deploy.cpu import WEIGHT_BITS, WEIGHT_LIMIT
 from compresspipe.models.inputs import batch_len, numpy_feed
-from compresspipe.stages.export import onnx_cache
-from compresspipe.stages.export.job import Exporter, ExportJob
-from compresspipe.stages.export.onnx_float import (
+from compresspipe.runtimes import onnx_cache
+from compresspipe.runtimes.cpu import WEIGHT_BITS, WEIGHT_LIMIT
+from compresspipe.runtimes.job import Exporter, ExportJob, int8_settings
+from compresspipe.runtimes.onnx_float import (
     add_metadata,
     available,
     set_metadata,
@@ -59,20 +59,15 @@ OBSERVER_TO_METHOD = {"minmax": "minmax", "histogram": "entropy", "entropy": "en
 
 
 def settings(job: ExportJob) -> dict[str, Any]:
-    """int8 settings: the recipe's `int8`, overridden by what a quantize stage recorded for this export."""
-    cfg = job.config.int8
-    out: dict[str, Any] = {"method": cfg.onnx_method, "per_channel": cfg.per_channel,
-                           "calibrate_method": cfg.calibrate_method, "calibration_batches": cfg.calibration_batches,
-                           "batch_size": cfg.batch_size, "nodes_to_exclude": [], "extra_options": {}}
-    hand = job.handoff
-    if hand is not None:
-        out.update(method=hand.method, per_channel=hand.per_channel,
-                   calibrate_method=OBSERVER_TO_METHOD[hand.observer],
-                   calibration_batches=hand.calibration_batches, batch_size=hand.batch_size,
-                   nodes_to_exclude=list(hand.nodes_to_exclude))
-        if hand.observer == "percentile" and hand.percentile is not None:
-            # the quantize stage's percentile reaches the file's calibration as the same value
-            out["extra_options"] = {"CalibPercentile": hand.percentile}
+    """The file's calibration in ONNX Runtime's terms, from the job's one int8 settings object (`job.handoff`: the
+    quantize stage's, else the export stage's `int8` block)."""
+    hand = int8_settings(job)
+    out: dict[str, Any] = {"method": hand.method, "per_channel": hand.per_channel,
+                           "calibrate_method": OBSERVER_TO_METHOD[hand.observer],
+                           "calibration_batches": hand.calibration_batches, "batch_size": hand.batch_size,
+                           "extra_options": {}}
+    if hand.observer == "percentile" and hand.percentile is not None:
+        out["extra_options"] = {"CalibPercentile": hand.percentile}  # the same share as the PyTorch row keeps
     return out
 
 
@@ -163,15 +158,16 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
             job.notes.append("model.int8.onnx: dynamic quantization was asked for, but ONNX Runtime cannot run "
                              "dynamically quantized Conv; used static QDQ")
             method = "static"
-        excluded = list(opts["nodes_to_exclude"])
-        keep = list(job.handoff.keep_float) if job.handoff is not None else []
+        hand = int8_settings(job)
+        excluded: list[str] = []
+        keep = list(hand.keep_float)
         if keep:
             mapped, missing = layer_nodes(job.float_module or job.module, graph_model, keep, job.input_shape)
             excluded += [n for n in mapped if n not in excluded]
             job.notes.append(f"model.int8.onnx: {len(mapped)} layer(s) stay float (the quantize stage's keep_float: "
                              f"{', '.join(keep)})" + (f"; no ONNX node found for {', '.join(missing)}, quantized"
                                                       if missing else ""))
-        if method == "static" and job.config.int8.float_small_convs:
+        if method == "static" and hand.float_small_convs:
             small = small_convs(graph_model)
             if small:
                 excluded += [n for n in small if n not in excluded]
@@ -183,7 +179,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         cache_ok = "calibration_cache_path" in inspect.signature(quantize_static).parameters
         # the quantize stage's histogram observer picks L2-optimal ranges: the file gets the same search, run on
         # the histograms ONNX Runtime collects (entropy calibration's), instead of entropy's KL thresholds
-        l2 = cache_ok and job.handoff is not None and job.handoff.observer == "histogram"
+        l2 = cache_ok and hand.observer == "histogram"
 
         def quantize(exclude: list[str], only: list[str] | None = None, seven_bit: bool | None = None) -> None:
             """Write `out` with these nodes float (or with only these int8); the calibrated ranges of one
@@ -220,7 +216,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                     if l2 and calib["method"] == "entropy" and fresh and cache.exists():
                         l2_ranges(cache)
                         run()  # from the rewritten ranges (a cache hit: no second calibration)
-                if job.config.int8.float_output:
+                if hand.float_output:
                     float_outputs(out)
             else:
                 # MatMul/Gemm weights and embedding tables int8, activations quantized per call; convolutions (a
@@ -233,7 +229,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         quantize(excluded)
         if method == "static":
             _fit_fidelity(job, prepared, out, excluded, quantize, graph_model, calib, reduce_range)
-            opts["calibrate_method"] = ("histogram (the quantize stage's L2-optimal ranges, on ONNX Runtime's "
+            opts["calibrate_method"] = ("histogram (the L2-optimal range search of the quantize stage's observer, on ONNX Runtime's "
                                         "histograms)" if l2 and calib["method"] == "entropy" else calib["method"])
         elif transformer:
             job.notes.append("model.int8.onnx: a transformer graph: dynamic int8 (weights of MatMul/Gemm and "
@@ -267,7 +263,7 @@ def l2_ranges(cache: Path) -> int:
     import torch
     from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
 
-    from compresspipe.stages.quantize.observers import Histogram
+    from compresspipe.runtimes.observers import Histogram
 
     data = load_tensors_data(cache)
     count = 0
@@ -317,8 +313,8 @@ def _measure(job: ExportJob, path: Path) -> dict[str, Any]:
     """The file's fidelity (deploy.fidelity) on the job's validation batches, against its float source."""
     import torch
 
-    from compresspipe.stages.export.job import compare, fidelity, per_sample
-    from compresspipe.stages.export.onnx_float import feed_types, session
+    from compresspipe.runtimes.job import compare, fidelity, per_sample
+    from compresspipe.runtimes.onnx_float import feed_types, session
 
     sess = session(path, 1)
     names, dtypes = feed_types(sess)
@@ -527,7 +523,7 @@ def _stability_note(job: ExportJob, prepared: Path, out: Path, graph_model: Any)
     int8 input grid (uniform noise, calibration samples). Past 1 - min_agreement, no int8 file can follow it: the
     note says so, and that the cure is in the model (longer training, weight decay, label smoothing), not in the
     quantizer."""
-    from compresspipe.stages.export.onnx_float import session
+    from compresspipe.runtimes.onnx_float import session
 
     assert job.fidelity is not None  # noqa: S101 - only called when the gate is on
     feeds = _samples(job, graph_model)
@@ -562,7 +558,7 @@ def _impact(job: ExportJob, prepared: Path, out: Path, graph_model: Any, nodes: 
     """Each node's sensitivity: the logits' squared error, relative to their energy, when it alone is int8 (every
     other node float), on calibration samples (not the validation split the gate judges). The calibrated ranges
     are computed once (ONNX Runtime's calibration cache), so each node costs one graph rewrite and one run."""
-    from compresspipe.stages.export.onnx_float import session
+    from compresspipe.runtimes.onnx_float import session
     from compresspipe.ui import UI
 
     feeds = _samples(job, graph_model)
@@ -597,7 +593,7 @@ def _diverging(job: ExportJob, prepared: Path, out: Path, graph_model: Any) -> l
         modify_model_output_intermediate_tensors,
     )
 
-    from compresspipe.deploy.cpu import VNNI_FLAGS, host_isa
+    from compresspipe.runtimes.cpu import VNNI_FLAGS, host_isa
 
     names = [i.name for i in graph_model.graph.input]
     batches = [numpy_feed(x, names) for x in job.calibration(8, DIAGNOSIS_BATCHES)]

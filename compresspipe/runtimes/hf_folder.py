@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from compresspipe.stages.export.job import Exporter, ExportJob, compare
+from compresspipe.runtimes.job import Exporter, ExportJob, compare
 
 FOLDER = "huggingface"
 SAMPLE_TEXT = "Compressed models still say what they mean: héllo, wörld.\n\tdef f(x): return x ** 2"

@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compresspipe.stages.export.job import Exporter, ExportJob, warnings_as_notes
-from compresspipe.stages.export.onnx_float import (
+from compresspipe.runtimes.job import Exporter, ExportJob, warnings_as_notes
+from compresspipe.runtimes.onnx_float import (
     add_metadata,
     available,
     set_metadata,
@@ -33,7 +33,7 @@ DEFAULT_BLOCK = 32
 
 def handoff(job: ExportJob) -> Any:
     """The quantize stage's int4 settings, or the defaults (every MatMul weight, blocks of 32, round-to-nearest)."""
-    from compresspipe.stages.quantize import OnnxInt4Handoff, QuantizeRecord
+    from compresspipe.runtimes.handoff import OnnxInt4Handoff, QuantizeRecord
 
     record = job.state.get(QuantizeRecord)
     if record is not None and record.onnx_int4 is not None:
@@ -129,7 +129,7 @@ def weight_nodes(model: Any) -> list[Any]:
 
 
 def export(job: ExportJob, folder: Path) -> list[Path]:
-    from compresspipe.stages.export.onnx_int8 import runtime_logs_held
+    from compresspipe.runtimes.onnx_int8 import runtime_logs_held
 
     with runtime_logs_held():  # ONNX Runtime's quantizer logs every node at INFO on the root logger
         return _export(job, folder)
@@ -143,7 +143,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         MatMulNBitsQuantizer,
     )
 
-    from compresspipe.stages.quantize.nbits import ALGORITHM_LABELS
+    from compresspipe.runtimes.handoff import ALGORITHM_LABELS
 
     out = folder / "model.int4.onnx"
     scratch = folder / ".model.float.onnx"

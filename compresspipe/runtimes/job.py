@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from compresspipe.artifacts.io import ModelIO
     from compresspipe.artifacts.model import ModelState
     from compresspipe.recipe.spec import LatencySpec
+    from compresspipe.runtimes.handoff import OnnxInt8Handoff
     from compresspipe.stages.export import ExportConfig
-    from compresspipe.stages.quantize import OnnxInt8Handoff
     from compresspipe.ui import UI
 
 INPUT_NAME = "input"
@@ -48,7 +48,7 @@ class ExportJob:
     reference: list[torch.Tensor]  # the PyTorch model's logits on `batches`
     calibration: Callable[[int, int], Iterator[Any]]  # (batch_size, batches) -> input batches
     latency: LatencySpec | None = None
-    handoff: OnnxInt8Handoff | None = None  # what a quantize stage asked the ONNX int8 export to do
+    handoff: OnnxInt8Handoff | None = None  # the int8 files' settings: a quantize stage's, else the export block's
     float_module: nn.Module | None = None  # the float model int8 formats quantize (after a quantize stage)
     cpu: str = "portable"  # deploy.cpu, resolved: the CPUs int8 files must be exact on (deploy.cpu module)
     ui: UI | None = None  # progress of long steps (calibration)
@@ -340,3 +340,10 @@ def warnings_as_notes(job: ExportJob, step: str) -> Iterator[None]:
     show them, rather than lines scrolling through the progress display (ui.library_messages)."""
     with library_messages(job.notes, prefix=step):
         yield
+
+
+def int8_settings(job: ExportJob) -> OnnxInt8Handoff:
+    """The int8 files' settings: the job's one typed object (the quantize stage's, else the export block's)."""
+    from compresspipe.runtimes.handoff import OnnxInt8Handoff
+
+    return job.handoff if job.handoff is not None else OnnxInt8Handoff()

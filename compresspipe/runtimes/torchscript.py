@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from compresspipe.stages.export.job import (
+from compresspipe.runtimes.job import (
     Exporter,
     ExportJob,
     always,

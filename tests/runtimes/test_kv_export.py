@@ -22,7 +22,7 @@ def test_an_lm_onnx_file_has_a_cache_and_generates_what_pytorch_does(tmp_path, c
     import onnxruntime as ort
 
     from compresspipe.artifacts.model import load_model
-    from compresspipe.stages.export.kv_cache import greedy, greedy_torch
+    from compresspipe.runtimes.kv_cache import greedy, greedy_torch
 
     # deploy torch: the export stage writes the one ONNX file this test reads
     recipe = tiny_recipe(name="kv", task="language_modeling", model={"huggingface": {"config": dict(config)}},
@@ -58,7 +58,7 @@ def test_an_lm_onnx_file_has_a_cache_and_generates_what_pytorch_does(tmp_path, c
 
 
 def _empty(sess):
-    from compresspipe.stages.export.kv_cache import empty_cache
+    from compresspipe.runtimes.kv_cache import empty_cache
 
     return empty_cache(sess, 1)
 

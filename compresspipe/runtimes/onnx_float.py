@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compresspipe.models.inputs import args_and_kwargs, numpy_feed
-from compresspipe.stages.export.job import (
+from compresspipe.runtimes.job import (
     OUTPUT_NAME,
     Exporter,
     ExportJob,
@@ -56,7 +56,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > SINGLE_FILE_LIMIT
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
-    from compresspipe.stages.export import onnx_cache
+    from compresspipe.runtimes import onnx_cache
 
     key = None if big else onnx_cache.fingerprint(module, {
         "opset": opset, "dynamic": dynamic, "keep_names": job.config.keep_names, "names": names,
@@ -72,7 +72,7 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
         return [path]
     noted = len(job.notes)
     dynamo_error = None
-    from compresspipe.stages.export.kv_cache import export_kv, language_model
+    from compresspipe.runtimes.kv_cache import export_kv, language_model
 
     lm = language_model(module, job.io.task)
     kv_meta: dict[str, str] = {}
@@ -262,7 +262,7 @@ def session(path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    from compresspipe.stages.export.kv_cache import KVSession, has_cache
+    from compresspipe.runtimes.kv_cache import KVSession, has_cache
 
     return KVSession(sess) if has_cache(sess) else sess
 
@@ -292,7 +292,7 @@ def verify_onnx(files: list[Path], job: ExportJob) -> dict[str, Any]:
                                          None if job.config.dynamic_batch else [1],
                                          prepare=lambda x: numpy_feed(x, names, dtypes))
     metrics["runtime"] = f"onnxruntime ({threads} thread{'s' if threads != 1 else ''})"
-    from compresspipe.stages.export.kv_cache import KVSession
+    from compresspipe.runtimes.kv_cache import KVSession
 
     if isinstance(sess, KVSession):
         metrics["generation"] = _generation(files[0], sess, job, threads)
@@ -306,7 +306,7 @@ PROMPTS = 2
 def _generation(path: Path, sess: Any, job: ExportJob, threads: int) -> dict[str, Any]:
     """Greedy decoding through the file's key/value cache against the PyTorch model's (whole sequence each step),
     on the first validation prompts; and prefill / decode tokens per second at batch 1."""
-    from compresspipe.stages.export.kv_cache import decode_speed, greedy, greedy_torch
+    from compresspipe.runtimes.kv_cache import decode_speed, greedy, greedy_torch
 
     x = job.batches[0][0]
     ids, mask = x["input_ids"], x.get("attention_mask")

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from compresspipe.models.inputs import args_and_kwargs, batch_len, forward, take
-from compresspipe.stages.export.job import (
+from compresspipe.runtimes.job import (
     Exporter,
     ExportJob,
     compare,
     dynamic_batch_shapes,
+    int8_settings,
     per_sample,
     time_batches,
     warnings_as_notes,
@@ -86,7 +87,7 @@ def _quantized(job: ExportJob) -> nn.Module:
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    cfg = job.config.int8
+    cfg = int8_settings(job)
     source = job.float_module if job.float_module is not None else job.module  # after a quantize stage: its float input
     quantizer = XNNPACKQuantizer()
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
@@ -109,8 +110,9 @@ def export_int8(job: ExportJob, folder: Path) -> list[Path]:
     with warnings_as_notes(job, "executorch_int8"):
         converted = _quantized(job)
         _lower(_export(converted, job.example(1)), path)
-    job.notes.append(f"model.int8.pte: XNNPACK int8 (PT2E, {job.config.int8.calibration_batches} calibration "
-                     f"batches of {job.config.int8.batch_size})")
+    cfg = int8_settings(job)
+    job.notes.append(f"model.int8.pte: XNNPACK int8 (PT2E, {cfg.calibration_batches} calibration "
+                     f"batches of {cfg.batch_size})")
     return [path]
 
 

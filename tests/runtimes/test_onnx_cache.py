@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from compresspipe.stages.export import onnx_cache
-from compresspipe.stages.export.onnx_float import write_onnx
+from compresspipe.runtimes import onnx_cache
+from compresspipe.runtimes.onnx_float import write_onnx
 from compresspipe.stages.export.stage import build_job
 from tests.fixtures import digits_cnn_recipe, stage_context, trained_cnn
 
@@ -97,14 +97,14 @@ def test_tied_weights_are_part_of_the_key():
 
 @pytest.mark.int8
 def test_the_same_int8_file_is_calibrated_once_and_another_cpu_target_is_built_anew(tmp_path):
+    from compresspipe.runtimes.onnx_int8 import export
     from compresspipe.stages.export import ExportConfig
-    from compresspipe.stages.export.onnx_int8 import export
 
     onnx_cache.clear()
     state = trained_cnn()
     ctx = stage_context(tmp_path, digits_cnn_recipe(), "export", stage_dir=tmp_path / "stage")[1]
     config = ExportConfig.model_validate({"type": "export", "formats": ["onnx_int8"],
-                                          "int8": {"calibration_batches": 2, "batch_size": 32}})
+                                          "int8": {"calibration": {"batches": 2, "batch_size": 32}}})
 
     def build(folder, cpu="portable"):
         job = build_job(config, state, ctx, ["onnx_int8"], 1, None)

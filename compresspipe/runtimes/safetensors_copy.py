@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compresspipe.artifacts.model import MODEL_FILE, WEIGHTS_FILE, load_model, save_model
-from compresspipe.stages.export.job import (
+from compresspipe.runtimes.job import (
     Exporter,
     ExportJob,
     always,

@@ -59,7 +59,7 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
     loss, `metric` and its `score`, every metric under `metrics`), agreement with
     the PyTorch model, max |logit difference|, notes, and for int8 ONNX the CPUs it is exact on.
     """
-    from compresspipe.stages.export.job import compare, fidelity, torch_runner
+    from compresspipe.runtimes.job import compare, fidelity, torch_runner
     from compresspipe.stages.export.stage import build_job, exporter, int8_record
 
     if fmt == "torch":
@@ -106,7 +106,7 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
         entry["int8"] = int8_record(paths[0], job)
     entry["fidelity"] = metrics.get("fidelity") or fidelity(metrics, job, int8=ex.int8)
     if fmt == "onnx_int8":
-        from compresspipe.stages.export.onnx_int8 import float_layers_of
+        from compresspipe.runtimes.onnx_int8 import float_layers_of
 
         job.float_layers = job.float_layers or float_layers_of(paths[0])
     if job.float_layers:

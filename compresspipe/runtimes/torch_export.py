@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from compresspipe.models.inputs import args_and_kwargs
-from compresspipe.stages.export.job import (
+from compresspipe.runtimes.job import (
     Exporter,
     ExportJob,
     always,
