@@ -126,7 +126,7 @@ SOURCES = ("builtin", "torchvision", "timm", "huggingface", "python")
 def check_hf_config(config: Any, where: str = "config", overrides: bool = False) -> dict[str, Any]:
     """A Hugging Face config mapping we may build: a known model_type and nothing that runs or fetches code.
     `overrides`: config values to apply on top of one (kwargs), which need no model_type."""
-    from compresspipe.models.hf_names import HF_MODEL_TYPES
+    from compresspipe.models.library_names import names
     from compresspipe.registry import closest
 
     if not isinstance(config, dict):
@@ -136,8 +136,8 @@ def check_hf_config(config: Any, where: str = "config", overrides: bool = False)
         pass
     elif not isinstance(model_type, str):
         raise ValueError(f"{where} needs model_type (e.g. bert, vit, gpt2), which names the architecture")
-    elif model_type not in HF_MODEL_TYPES:
-        hint = closest(model_type, list(HF_MODEL_TYPES))
+    elif model_type not in (known := names("transformers")["model_types"]):
+        hint = closest(model_type, sorted(known))
         raise ValueError(f"unknown Hugging Face model_type {model_type!r}" + (f"; did you mean {hint!r}?" if hint else
                          "") + " (the model types of the installed transformers)")
     for key, why in HF_REFUSED_KEYS.items():
@@ -221,19 +221,20 @@ HF_AUTO_CLASSES = {
 def hf_task(task: str, model_type: str) -> str:
     """The Hugging Face Auto-class task for a compresspipe task: classification and regression take the image
     class for image model types, the sequence class otherwise."""
-    from compresspipe.models import hf_names
+    from compresspipe.models.library_names import names
 
     if task in ("classification", "regression"):
-        return "image_classification" if model_type in hf_names.HF_IMAGE_CLASSIFICATION else "sequence_classification"
+        image = model_type in names("transformers")["image_classification"]
+        return "image_classification" if image else "sequence_classification"
     return task
 
 
 def hf_unsupported(task: str, model_type: str) -> str | None:
     """Why a Hugging Face model type cannot run `task` (it has no such Auto class), or None."""
-    from compresspipe.models import hf_names
+    from compresspipe.models.library_names import names
 
     which = hf_task(task, model_type)
-    if model_type not in getattr(hf_names, f"HF_{which.upper()}"):
+    if model_type not in names("transformers")[which]:
         return (f"Hugging Face model_type {model_type!r} has no {HF_AUTO_CLASSES[which]}, which task {task} needs; "
                 "pick another task or model")
     return None
@@ -318,13 +319,14 @@ class ModelSpec(StrictModel):
         import difflib
         import importlib.util
 
-        from compresspipe.models.timm_names import TIMM_MODELS
+        from compresspipe.models.library_names import names
 
         if importlib.util.find_spec("timm") is None:
             raise ValueError("timm is not installed (pip install 'compresspipe[timm]')")
         arch = value.split(".", 1)[0]  # a pretrained tag (resnet18.a1_in1k) names weights, which are not fetched
-        if arch not in TIMM_MODELS:
-            hints = difflib.get_close_matches(arch, TIMM_MODELS, n=3, cutoff=0.6)
+        known = names("timm")["models"]
+        if arch not in known:
+            hints = difflib.get_close_matches(arch, sorted(known), n=3, cutoff=0.6)
             raise ValueError(f"unknown timm model {value!r}" + (f"; did you mean {' or '.join(map(repr, hints))}?"
                                                                 if hints else "") + " (see timm.list_models())")
         return arch

@@ -1,30 +1,62 @@
-"""The name tables the recipe checks without importing timm or transformers match the installed libraries: a
-different version would otherwise refuse its new models and accept removed ones. Regenerate with
-`python -m compresspipe.models.generate_names` (and pin the version in pyproject.toml's extras)."""
+"""Recipes are checked against the names the installed timm and transformers know, read from the libraries (no
+table kept by hand), once per library version, without importing torch into a process that has not."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from compresspipe.models import hf_names, timm_names
-from compresspipe.models.generate_names import HF_TASK_MAPPINGS
-
-HINT = "the installed library drifted from the table: python -m compresspipe.models.generate_names"
+from compresspipe.models import library_names
+from compresspipe.models.library_names import HF_TASK_MAPPINGS, installed_version, names
 
 
-def test_timm_table_is_the_installed_timm():
+@pytest.fixture(autouse=True)
+def _fresh():
+    names.cache_clear()
+    yield
+    names.cache_clear()
+
+
+def test_the_names_are_the_installed_libraries():
     timm = pytest.importorskip("timm")
-    assert timm.__version__ == timm_names.TIMM_VERSION, HINT
-    installed = set(timm.list_models())
-    assert installed == set(timm_names.TIMM_MODELS), (HINT, sorted(installed ^ set(timm_names.TIMM_MODELS))[:10])
-
-
-def test_transformers_tables_are_the_installed_transformers():
-    transformers = pytest.importorskip("transformers")
+    assert names("timm")["models"] == set(timm.list_models())
+    pytest.importorskip("transformers")
     from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    assert transformers.__version__ == hf_names.TRANSFORMERS_VERSION, HINT
-    assert set(hf_names.HF_MODEL_TYPES) == set(CONFIG_MAPPING_NAMES), HINT
+    hf = names("transformers")
+    assert hf["model_types"] == set(CONFIG_MAPPING_NAMES) and "llama" in hf["language_modeling"]
     for task, mapping in HF_TASK_MAPPINGS.items():
-        assert set(getattr(hf_names, f"HF_{task.upper()}")) == set(getattr(modeling_auto, mapping)), (HINT, task)
+        assert hf[task] == set(getattr(modeling_auto, mapping)), task
+
+
+def test_names_are_kept_per_library_version(tmp_path):
+    pytest.importorskip("timm")
+    kept = tmp_path / ".cache" / "names" / f"timm-{installed_version('timm')}.json"
+    assert "resnet18" in names("timm")["models"] and kept.is_file()
+    kept.write_text(json.dumps({"models": ["only_this"]}))  # what a later process reads instead of importing timm
+    names.cache_clear()
+    assert names("timm")["models"] == {"only_this"}
+    kept.write_text("{torn")  # a damaged file is read afresh from the library
+    names.cache_clear()
+    assert "resnet18" in names("timm")["models"]
+
+
+def test_a_library_that_is_not_installed_is_named(monkeypatch):
+    monkeypatch.setattr(library_names, "installed_version", lambda library: None)
+    with pytest.raises(ValueError, match=r"timm is not installed \(pip install 'compresspipe\[timm\]'\)"):
+        names("timm")
+
+
+def test_checking_a_recipe_imports_no_torch(tmp_path):
+    """A cold cache: the names come from a child process; this one never imports torch."""
+    pytest.importorskip("timm")
+    code = ("import sys; from compresspipe.recipe.spec import ModelSpec; "
+            "ModelSpec.model_validate({'timm': 'resnet18'}); assert 'torch' not in sys.modules")
+    env = {**os.environ, "COMPRESSPIPE_CACHE": str(tmp_path / "cold")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    assert list((tmp_path / "cold" / "names").glob("timm-*.json"))
