@@ -87,3 +87,28 @@ def test_library_warnings_become_the_rows_notes_once_without_escape_codes(tmp_pa
     assert "register_constant() is deprecated" in report and "\x1b" not in report
     assert "register_constant" not in capfd.readouterr().err  # the terminal does not get the raw line
     assert torch_logger.handlers == handlers  # the libraries' logging is as it was
+
+
+def test_plan_counts_library_warnings_instead_of_printing_them(tmp_path):
+    """`plan` keeps the terminal for what the user acts on: a dependency's warning is counted in the row's notes,
+    and --json lists it whole."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from compresspipe.cli import app
+    from tests.fixtures import write_recipe
+
+    (tmp_path / "noisy.py").write_text(NOISY_MODEL, encoding="utf-8")
+    recipe = write_recipe(tmp_path, {
+        "compresspipe": 1, "name": "noisy", "seed": 0, "device": "cpu",
+        "model": {"python": str(tmp_path / "noisy.py") + ":build", "input_shape": [1, 8, 8]},
+        "data": {"dataset": "digits", "max_samples": 200}, "stages": [{"type": "train", "epochs": 1}]})
+    runner = CliRunner()
+    table = runner.invoke(app, ["plan", str(recipe), "--allow-code"], env={"COLUMNS": "100"})
+    assert table.exit_code == 0, table.output
+    assert "register_constant" not in table.output and "Unwrapped" not in table.output
+    assert "2 library warning(s): plan --json lists them" in " ".join(table.output.split()).replace("│ ", "")
+    listed = runner.invoke(app, ["plan", str(recipe), "--allow-code", "--json"])
+    notes = json.loads(listed.output)["stages"][0]["notes"]
+    assert any("register_constant() is deprecated" in n for n in notes)

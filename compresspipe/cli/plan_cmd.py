@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -44,7 +45,7 @@ def plan(
         if len(row["layers"]) > 6:
             layers += f", ... ({len(row['layers'])} layers)"
         table.add_row(str(row["index"]), escape(str(row["name"])), row["type"], _count(row["params"]), _count(row["macs"]),
-                      escape(layers), escape("; ".join(row["notes"]) if row["predicted"] else "not predicted"))
+                      escape(layers), escape(_notes(row) if row["predicted"] else "not predicted"))
     console.print(table)
     d = result["deploy"]
     console.print(f"deploy: every figure will come from {d['runtime']} files"
@@ -52,6 +53,14 @@ def plan(
                   + f" (this machine: {escape(str(d['machine']['cpu']))}, {d['machine']['target']})")
     for w in result["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(w['stage'])}: {escape(w['message'])}")
+
+
+def _notes(row: dict[str, Any]) -> str:
+    """A row's notes for the terminal: what the user may act on; the libraries' own warnings (a dependency's
+    deprecation, say) are counted here and listed in full by --json and in a run's report."""
+    own = [n for n in row["notes"] if not n.startswith("warning: ")]
+    heard = len(row["notes"]) - len(own)
+    return "; ".join(own + ([f"{heard} library warning(s): plan --json lists them"] if heard else []))
 
 
 def _count(value: int | None) -> str:
