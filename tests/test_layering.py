@@ -121,3 +121,14 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch, source, upward):
     (fake / "bad.py").write_text(source, encoding="utf-8")
     monkeypatch.setattr(f"{__name__}.PACKAGE", tmp_path / "compresspipe")
     assert bool([u for u in _upward(fake / "bad.py") if u[2]]) == upward
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """A name with a leading underscore is its module's own; one another module needs is public (and tested so)."""
+    bad = []
+    for path in _files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("compresspipe"):
+                bad += [f"{path.relative_to(PACKAGE.parent)}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)

@@ -116,17 +116,17 @@ def compare_reports(report_a: dict[str, Any], report_b: dict[str, Any]) -> dict[
 
 
 def _fmt(metric: str, v: Any) -> str:
-    from compresspipe.report.build import _fmt_bytes, _fmt_count
+    from compresspipe.report.build import fmt_bytes, fmt_count
 
     if v is None:
         return "n/a"
     if metric == "accuracy":
         return f"{100 * v:.2f}%"
     if metric == "bytes":
-        return _fmt_bytes(v)
+        return fmt_bytes(v)
     if metric == "latency":
         return f"{v:.3f} ms"
-    return _fmt_count(v)
+    return fmt_count(v)
 
 
 def _fmt_delta(metric: str, a: Any, d: Any) -> tuple[str, str]:

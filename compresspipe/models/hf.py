@@ -81,10 +81,10 @@ def resolve_config(source: Any, kwargs: dict[str, Any], task: str, num_labels: i
 
 
 def read_folder_config(folder: Path) -> dict[str, Any]:
-    from compresspipe.recipe.spec import _read_hf_folder
+    from compresspipe.recipe.spec import read_hf_folder
 
     try:
-        return _read_hf_folder(folder)
+        return read_hf_folder(folder)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 

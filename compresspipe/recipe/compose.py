@@ -31,7 +31,7 @@ _VAR = re.compile(r"\$\{vars\.([A-Za-z_][A-Za-z0-9_-]*)\}")
 _ANY_VAR = re.compile(r"\$\{([^}]*)\}")
 
 
-def _stage_names(stages: list[Any]) -> list[str | None]:
+def raw_stage_names(stages: list[Any]) -> list[str | None]:
     """The names the loader will give stages (explicit name, else type, type-2, ...)."""
     names: list[str | None] = []
     taken = {s.get("name") for s in stages if isinstance(s, dict) and s.get("name")}
@@ -92,8 +92,8 @@ class _Merged:
 
     def _merge_stages(self, base: list[Any], over: list[Any], child: YamlDocument) -> list[Any]:
         out = list(base)
-        base_names = _stage_names(base)
-        for i, (stage, name) in enumerate(zip(over, _stage_names(over), strict=True)):
+        base_names = raw_stage_names(base)
+        for i, (stage, name) in enumerate(zip(over, raw_stage_names(over), strict=True)):
             src = ("stages", i)
             if name is not None and name in base_names:
                 j = base_names.index(name)

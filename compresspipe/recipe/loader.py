@@ -238,13 +238,13 @@ def validate_recipe_data(
 
 def _check_model_task(rep: _Reporter, recipe: Recipe) -> None:
     """The model can do the recipe's task (a Hugging Face model type has the task's Auto class)."""
-    from compresspipe.recipe.spec import HuggingFaceConfig, _read_hf_folder, hf_unsupported
+    from compresspipe.recipe.spec import HuggingFaceConfig, hf_unsupported, read_hf_folder
 
     hf = recipe.model.huggingface
     if hf is None:
         return
     try:
-        config = hf.config if isinstance(hf, HuggingFaceConfig) else _read_hf_folder(Path(hf))
+        config = hf.config if isinstance(hf, HuggingFaceConfig) else read_hf_folder(Path(hf))
     except ValueError:
         return  # reported by the model block's own validation
     why = hf_unsupported(recipe.task, str(config.get("model_type")))

@@ -285,20 +285,20 @@ def limit_figure(key: str, names: list[str]) -> str | None:
 
 def stage_index(stages: Any, part: str | int) -> int | None:
     """A stage given by index or by name (the names the loader gives: explicit, else type, type-2, ...)."""
-    from compresspipe.recipe.compose import _stage_names
+    from compresspipe.recipe.compose import raw_stage_names
 
     if not isinstance(stages, list):
         return None
     if isinstance(part, int) or str(part).isdigit():
         i = int(part)
         return i if 0 <= i < len(stages) else None
-    names = _stage_names(stages)
+    names = raw_stage_names(stages)
     return names.index(str(part)) if str(part) in names else None
 
 
 def key_path(raw: dict[str, Any], key: str) -> tuple[Loc | None, str | None]:
     """The location a space key sets in the recipe data (stage names resolved to indexes), or why it cannot."""
-    from compresspipe.recipe.compose import _stage_names
+    from compresspipe.recipe.compose import raw_stage_names
     from compresspipe.registry import unknown_message
 
     parts: list[str | int] = [p for p in key.split(".")]
@@ -316,7 +316,7 @@ def key_path(raw: dict[str, Any], key: str) -> tuple[Loc | None, str | None]:
         stages = raw.get("stages")
         index = stage_index(stages, parts[1])
         if index is None:
-            names = [n for n in _stage_names(stages) if n] if isinstance(stages, list) else []
+            names = [n for n in raw_stage_names(stages) if n] if isinstance(stages, list) else []
             return None, unknown_message("stage", parts[1], [*names, *map(str, range(len(names)))])
         parts[1] = index
     return tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in parts), None

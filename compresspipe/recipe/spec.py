@@ -240,7 +240,7 @@ def hf_unsupported(task: str, model_type: str) -> str | None:
     return None
 
 
-def _read_hf_folder(folder: Path) -> dict[str, Any]:
+def read_hf_folder(folder: Path) -> dict[str, Any]:
     import json
 
     config = folder / "config.json"
@@ -352,7 +352,7 @@ class ModelSpec(StrictModel):
                              "downloads from the Hugging Face hub. Download the model yourself (huggingface-cli "
                              "download NAME --local-dir DIR) and give the folder, or give {config: {...}}")
         if (info.context or {}).get("check_paths", True) or (folder / "config.json").exists():
-            _read_hf_folder(folder)
+            read_hf_folder(folder)
         return str(folder)
 
     @field_validator("python")

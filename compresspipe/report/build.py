@@ -205,7 +205,7 @@ def deploy_summary(recipe: Any) -> dict[str, Any]:
             "rounds": recipe.deploy.rounds, "machine": machine_record()}
 
 
-def _fmt_bytes(n: int | None) -> str:
+def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB"):  # binary units, labelled as such everywhere we print sizes
@@ -215,7 +215,7 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def _fmt_count(n: int | None) -> str:
+def fmt_count(n: int | None) -> str:
     if n is None:
         return "n/a"
     if n >= 1e9:
@@ -261,10 +261,10 @@ def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str],
         acc, dacc = metric_cells(s, metric)
         row = [
             str(s["index"]), s["name"], s["kind"] or "", FORMAT_LABELS.get(s.get("format") or "torch", ""), acc, dacc,
-            _fmt_count(s["params"]) + _x(v["param_reduction"]),
+            fmt_count(s["params"]) + _x(v["param_reduction"]),
             "n/a" if s["sparsity"] is None else f"{100 * s['sparsity']:.1f}%",
-            _fmt_bytes(s["bytes"]) + _x(v["size_reduction"]),
-            _fmt_count(s["macs"]) + _x(v["mac_reduction"]),
+            fmt_bytes(s["bytes"]) + _x(v["size_reduction"]),
+            fmt_count(s["macs"]) + _x(v["mac_reduction"]),
         ]
         for bs in sizes:
             row.append(_speed((s.get("latency_ms") or {}).get(bs), (v.get("speedup") or {}).get(bs),
@@ -309,7 +309,7 @@ def torch_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         acc = metric_value(t, metric)
         text = "n/a" if acc is None else (f"{100 * acc:.2f}%" if metric == "top1" else f"{acc:.4g}")
         rows.append([str(s["index"]), s["name"], text,
-                     _fmt_bytes(t.get("bytes")),
+                     fmt_bytes(t.get("bytes")),
                      *[_speed((t.get("latency_ms") or {}).get(bs), None, None, False) for bs in sizes],
                      "int8 emulated in float" if t.get("emulated") else ""])
     return header, rows
@@ -355,7 +355,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if gates:
         verdict = "all passed" if all(g["passed"] for g in gates) else "FAILED"
         lines += ["", f"## Quality gates: {verdict}", "", "| scope | gate | value | limit | result |", "|---|---|---|---|---|"]
-        lines += [f"| {g['scope']} | {g['gate']} | {_cell(g['value'])} | {_cell(g['limit'])} | "
+        lines += [f"| {g['scope']} | {g['gate']} | {table_cell(g['value'])} | {table_cell(g['limit'])} | "
                   f"{'pass' if g['passed'] else '**FAIL**'}{' (within noise)' if g.get('within_noise') else ''} |"
                   for g in gates]
     rec = report.get("recommendation")
@@ -380,11 +380,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             cols = list(table[0])
             lines += ["", f"## {s['name']}: {title}", "", "| " + " | ".join(cols) + " |",
                       "|" + "|".join("---" for _ in cols) + "|"]
-            lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in table]
+            lines += ["| " + " | ".join(table_cell(r.get(c)) for c in cols) + " |" for r in table]
     return "\n".join(lines) + "\n"
 
 
-def _cell(v: Any) -> str:
+def table_cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
@@ -404,7 +404,7 @@ def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[
     for h in header:
         if h.startswith(("latency", "decode")):
             kinds[h] = "latency"
-    stacked = [[_stack(cell) for cell in row] for row in rows]
+    stacked = [[stack_rows(cell) for cell in row] for row in rows]
     merged_header = [h for h in header if h != delta]
     cells: dict[str, list[str]] = {h: [] for h in merged_header}
     for row in stacked:
@@ -433,7 +433,7 @@ def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[
     return table, hidden
 
 
-def _stack(cell: str) -> str:
+def stack_rows(cell: str) -> str:
     """`593.4 KiB (17.69x)` -> two lines, value over ratio, so a column needs half the width."""
     if cell.endswith(")") and " (" in cell:
         value, _, ratio = cell.rpartition(" (")

@@ -13,13 +13,13 @@ from typing import Any
 
 from compresspipe import __version__
 from compresspipe.report.build import (
-    _cell,
-    _fmt_bytes,
-    _stack,
+    fmt_bytes,
     measured_on,
     metric_value,
     report_metric,
+    stack_rows,
     status_line,
+    table_cell,
     table_rows,
 )
 
@@ -260,7 +260,7 @@ def render_html(report: dict[str, Any]) -> str:
 
     unit, scale = _size_unit([b for b in sizes if b is not None])
     header, rows = table_rows(report, spread=True)
-    rows = [[_stack(cell) for cell in row] for row in rows]  # ratios under their values: a narrower table
+    rows = [[stack_rows(cell) for cell in row] for row in rows]  # ratios under their values: a narrower table
     row_classes = [" ".join(c for c in ("reference" if s["name"] == report.get("reference") else "",
                                         "pareto" if on_size_front[i] else "") if c)
                    for i, s in enumerate(stages)]
@@ -291,7 +291,7 @@ def render_html(report: dict[str, Any]) -> str:
         "<figure>",
         _scatter(f"{what} vs size", f"size of the shipped file ({unit})", names,
                  [None if b is None else b / scale for b in sizes], accs, _fmt_ms,
-                 lambda v: f"{_fmt_bytes(round(v * scale))} ({round(v * scale):,} bytes)", metric, higher),
+                 lambda v: f"{fmt_bytes(round(v * scale))} ({round(v * scale):,} bytes)", metric, higher),
         "<figcaption>Red points are Pareto-optimal: no other stage is both at least as accurate and at least as "
         "small. The dashed line joins them.</figcaption>",
         "</figure>",
@@ -313,7 +313,7 @@ def render_html(report: dict[str, Any]) -> str:
     if gates:
         verdict = "all passed" if all(g.get("passed") for g in gates) else "FAILED"
         parts.append(f'<h2 id="gates">Quality gates: {escape(verdict)}</h2>')
-        gate_rows = [[str(g.get("scope", "")), str(g.get("gate", "")), _cell(g.get("value")), _cell(g.get("limit")),
+        gate_rows = [[str(g.get("scope", "")), str(g.get("gate", "")), table_cell(g.get("value")), table_cell(g.get("limit")),
                       "pass" if g.get("passed") else "FAIL"] for g in gates]
         parts.append(_html_table(["scope", "gate", "value", "limit", "result"], gate_rows, {0, 1, 4},
                                  cell_classes={"pass": "pass", "FAIL": "fail"}))
@@ -344,7 +344,7 @@ def render_html(report: dict[str, Any]) -> str:
             cols = list(table[0])
             parts.append(f"<h2>{escape(str(s['name']))}: {escape(str(table_title))}</h2>")
             text_cols = {i for i, c in enumerate(cols) if any(isinstance(r.get(c), str) for r in table)}
-            parts.append(_html_table([str(c) for c in cols], [[_cell(r.get(c)) for c in cols] for r in table], text_cols))
+            parts.append(_html_table([str(c) for c in cols], [[table_cell(r.get(c)) for c in cols] for r in table], text_cols))
     parts += [f'<p class="meta">Written by compresspipe {escape(__version__)}.</p>', "</body>", "</html>"]
     return "\n".join(parts) + "\n"
 

@@ -126,9 +126,9 @@ def _fmt(name: str, value: Any) -> str:
     if value is None:
         return "n/a"
     if name == "bytes":
-        from compresspipe.report.build import _fmt_bytes
+        from compresspipe.report.build import fmt_bytes
 
-        return _fmt_bytes(int(value))  # KiB/MiB, as every size compresspipe prints
+        return fmt_bytes(int(value))  # KiB/MiB, as every size compresspipe prints
     if name in ("accuracy", "accuracy_drop", "sparsity"):
         return f"{100 * value:.2f}%"
     if name.startswith("latency_b"):

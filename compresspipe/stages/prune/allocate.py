@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from compresspipe.stages.base import Score
     from compresspipe.stages.context import StageContext
     from compresspipe.stages.prune import PruneTarget
-    from compresspipe.stages.prune.stage import PruneStage, _Selection
+    from compresspipe.stages.prune.stage import PruneSelection, PruneStage
 
 BISECTION_STEPS = 16
 LATENCY_STEPS = 6  # each step builds and times a file in the deploy runtime
@@ -125,7 +125,7 @@ def kept(channels: int, ratio: float, round_to: int | None) -> int:
 def group_curve(stage: PruneStage, state: ModelState, ctx: StageContext, root: str, ratios: list[float],
                 score: Score) -> list[dict[str, Any]]:
     """One group pruned alone at each ratio (increasing), one-shot, scored after each."""
-    from compresspipe.stages.prune.stage import _calibration_grads
+    from compresspipe.stages.prune.stage import calibration_grads
 
     cfg = stage.config
     model = copy.deepcopy(state.module).eval()
@@ -136,7 +136,7 @@ def group_curve(stage: PruneStage, state: ModelState, ctx: StageContext, root: s
     channels = int(dg.get_out_channels(module))
     importance = stage.importance().group()
     if stage.importance().needs_grad:
-        _calibration_grads(model, ctx, cfg.calibration_batches)
+        calibration_grads(model, ctx, cfg.calibration_batches)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         imp = importance(dg.get_pruning_group(module, fn.prune_out_channels, list(range(channels))))
@@ -305,7 +305,7 @@ def target_groups(state: ModelState, ctx: StageContext, selected: list[str]) -> 
     return found
 
 
-def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: _Selection) -> Allocation:
+def allocate(stage: PruneStage, state: ModelState, ctx: StageContext, sel: PruneSelection) -> Allocation:
     """Per-group amounts for the stage's target, from the cache when this model and these settings were seen."""
     target: PruneTarget = stage.config.target  # type: ignore[assignment]
     selected = list(sel.amounts)

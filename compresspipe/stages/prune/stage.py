@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _Selection:
+class PruneSelection:
     """The layers a config resolves to on one model, with the amount requested for each."""
 
     amounts: dict[str, float]
@@ -75,7 +75,7 @@ def _candidates() -> tuple[type, ...]:
     return (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def resolve_selection(cfg: PruneConfig, model: nn.Module, stage: str) -> _Selection:
+def resolve_selection(cfg: PruneConfig, model: nn.Module, stage: str) -> PruneSelection:
     """Apply include/exclude/head protection and per-layer overrides; errors name the selector at fault."""
 
     head = classifier_head(model)
@@ -105,7 +105,7 @@ def resolve_selection(cfg: PruneConfig, model: nn.Module, stage: str) -> _Select
                 amounts[name] = value
                 overridden.add(name)
                 break
-    return _Selection(amounts, head, overridden)
+    return PruneSelection(amounts, head, overridden)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -116,7 +116,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight for n, m in model.named_modules() if isinstance(m, _candidates())}  # type: ignore[attr-defined]
 
 
-def _calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> None:
+def calibration_grads(model: nn.Module, ctx: StageContext, batches: int) -> None:
     """Accumulate loss gradients over a few calibration batches (taylor importance reads .grad)."""
 
     device = model_device(model)
@@ -291,7 +291,7 @@ class PruneStage(Stage[PruneConfig]):
         return {"step": step, "best_epoch": result.best_epoch, "best_accuracy": result.best_accuracy,
                 "history": result.history}
 
-    def _write_resolved(self, ctx: StageContext, sel: _Selection, schedule: list[float],
+    def _write_resolved(self, ctx: StageContext, sel: PruneSelection, schedule: list[float],
                         rows: list[dict[str, Any]], alloc: Allocation | None = None) -> None:
         cfg = self.config
         atomic_write_json(ctx.stage_dir / "pruning.json", {
@@ -303,7 +303,7 @@ class PruneStage(Stage[PruneConfig]):
             "result": rows,
         })
 
-    def _allocate(self, state: ModelState, ctx: StageContext, sel: _Selection) -> Allocation | None:
+    def _allocate(self, state: ModelState, ctx: StageContext, sel: PruneSelection) -> Allocation | None:
         """A target's per-group amounts, written into the selection (group roots rank their channels)."""
         if self.config.target is None:
             return None
@@ -472,7 +472,7 @@ class PruneStage(Stage[PruneConfig]):
                 now = find_decoder(model, ctx.name)
                 assert now is not None  # noqa: S101
                 if cfg.method != "random" and cfg.importance == "taylor":
-                    _calibration_grads(model, ctx, cfg.calibration_batches)
+                    calibration_grads(model, ctx, cfg.calibration_batches)
                 before = shape_snapshot(model)
                 for block in now.blocks:
                     d.prune_attention(now, model.get_submodule(block.attention), sizes, scorer)
@@ -525,7 +525,7 @@ class PruneStage(Stage[PruneConfig]):
             notes.append(f"{cfg.steps} steps without fine-tuning between them; add finetune: to recover accuracy")
         final = cfg.amount or 0.0
         schedule = step_amounts(final, cfg.steps, cfg.schedule)
-        self._write_resolved(ctx, _Selection(amounts, None), schedule, rows)
+        self._write_resolved(ctx, PruneSelection(amounts, None), schedule, rows)
         details: dict[str, Any] = {"method": cfg.method, "schedule": schedule, "finetune": history,
                                    "tables": {"per layer": rows}}
         return StageResult(state=state, kind="structural", notes=notes, details=details)
@@ -566,7 +566,7 @@ class PruneStage(Stage[PruneConfig]):
     def _scores(self, model: nn.Module, ctx: StageContext, names: list[str]) -> dict[str, torch.Tensor]:
         weights, importance = _weights(model), self.importance()
         if importance.needs_grad:
-            _calibration_grads(model, ctx, self.config.calibration_batches)
+            calibration_grads(model, ctx, self.config.calibration_batches)
         scores = {}
         for n in names:
             w = weights[n]
@@ -599,7 +599,7 @@ class PruneStage(Stage[PruneConfig]):
                 offset += scores[n].numel()
         return masks
 
-    def _magnitude(self, state: ModelState, ctx: StageContext, sel: _Selection) -> tuple[list[dict], list[dict]]:
+    def _magnitude(self, state: ModelState, ctx: StageContext, sel: PruneSelection) -> tuple[list[dict], list[dict]]:
         cfg, model = self.config, state.module
         names = list(sel.amounts)
         modules = dict(model.named_modules())
@@ -632,7 +632,7 @@ class PruneStage(Stage[PruneConfig]):
 
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
-    def _metapruner(self, scope: nn.Module, example: Any, sel: _Selection, prefix: str,
+    def _metapruner(self, scope: nn.Module, example: Any, sel: PruneSelection, prefix: str,
                     attention: list[_Attention] | None = None) -> Any:
         """Torch-Pruning's pruner for `scope` (the model, or one submodule named `prefix`, whose inputs and outputs
         must keep their channels: the rest of the model reads and writes them). Attention modules whose q, k, v
@@ -657,7 +657,7 @@ class PruneStage(Stage[PruneConfig]):
             head_pruning_ratio=head_amount if heads else 0.0,
         )
 
-    def _pruners(self, model: nn.Module, example: Any, sel: _Selection, stage: str,
+    def _pruners(self, model: nn.Module, example: Any, sel: PruneSelection, stage: str,
                  notes: list[str], attention: list[_Attention] | None = None) -> list[Any]:
         """One pruner over the whole model; where Torch-Pruning cannot trace it (a channel shuffle, say), one
         per submodule it can trace, pruning channels inside each (what crosses its border stays; no whole
@@ -690,7 +690,7 @@ class PruneStage(Stage[PruneConfig]):
                                    + ". Exclude these layers, or select the layers they are tied to as well")
         return [pruner]
 
-    def _stuck(self, pruner: Any, model: nn.Module, sel: _Selection) -> list[str]:
+    def _stuck(self, pruner: Any, model: nn.Module, sel: PruneSelection) -> list[str]:
         """Selected layers whose output channels Torch-Pruning will not remove."""
         names = {m: n for n, m in model.named_modules()}
         prunable: set[str] = set()
@@ -703,10 +703,10 @@ class PruneStage(Stage[PruneConfig]):
                     prunable.add(names[dep.target.module])
         return [n for n, a in sel.amounts.items() if a > 0 and n not in prunable]
 
-    def _prunes_cleanly(self, module: nn.Module, args: tuple, sel: _Selection, name: str) -> bool:
+    def _prunes_cleanly(self, module: nn.Module, args: tuple, sel: PruneSelection, name: str) -> bool:
         """Whether pruning this part on its own, all steps, leaves a part that still takes its inputs and gives
         outputs of the same shapes (tried on a copy: a tracer that misses a coupling must not break the model)."""
-        inside = _Selection({k[len(name) + 1:]: v for k, v in sel.amounts.items() if k.startswith(name + ".")}, None)
+        inside = PruneSelection({k[len(name) + 1:]: v for k, v in sel.amounts.items() if k.startswith(name + ".")}, None)
         trial = copy.deepcopy(module).eval()
         example = args if len(args) > 1 else args[0]
         try:
@@ -725,7 +725,7 @@ class PruneStage(Stage[PruneConfig]):
         shapes = [tuple(t.shape) for t in (before if isinstance(before, tuple | list) else [before])]
         return shapes == [tuple(t.shape) for t in (after if isinstance(after, tuple | list) else [after])]
 
-    def _submodule_pruners(self, model: nn.Module, example: Any, sel: _Selection,
+    def _submodule_pruners(self, model: nn.Module, example: Any, sel: PruneSelection,
                            why: str) -> tuple[list[tuple[str, Any]], list[str]]:
         """Pruners for the largest submodules Torch-Pruning can trace on their own (their inputs captured from
         one forward pass); returns them and the names of selected parts that could not be traced."""
@@ -763,7 +763,7 @@ class PruneStage(Stage[PruneConfig]):
         return pruners, skipped
 
     @staticmethod
-    def _why_stuck(pruner: Any, model: nn.Module, name: str, sel: _Selection) -> str:
+    def _why_stuck(pruner: Any, model: nn.Module, name: str, sel: PruneSelection) -> str:
         module = model.get_submodule(name)
         if module not in pruner.DG.module2node:
             return f"cannot prune {name!r} structurally: it is not used in the forward pass"
@@ -782,7 +782,7 @@ class PruneStage(Stage[PruneConfig]):
                 else "layers outside the selection")
         return f"cannot prune {name!r} structurally: its output channels are tied to {what}"
 
-    def _structured(self, state: ModelState, ctx: StageContext, sel: _Selection, finetune: bool,
+    def _structured(self, state: ModelState, ctx: StageContext, sel: PruneSelection, finetune: bool,
                     notes: list[str] | None = None) -> tuple[list[dict], list[dict]]:
         cfg, model = self.config, state.module
         model.eval()
@@ -811,7 +811,7 @@ class PruneStage(Stage[PruneConfig]):
         history: list[dict[str, Any]] = []
         for step in range(1, cfg.steps + 1):
             if cfg.method != "random" and cfg.importance == "taylor":
-                _calibration_grads(model, ctx, cfg.calibration_batches)
+                calibration_grads(model, ctx, cfg.calibration_batches)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(ctx.seed + step)
                 for pruner in pruners:

@@ -103,7 +103,7 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(scale, min=DYNAMIC_MIN_SCALE), zero_point
 
 
-class _QuantLayer(DequantizedWeight):
+class QuantLayer(DequantizedWeight):
     """Shared storage: int weights (int8, or int4 packed in uint8), per-channel scales, float bias."""
 
     # buffers (declared for type checkers: nn.Module.__getattr__ would type them as Tensor | Module)
@@ -210,7 +210,7 @@ class _QuantLayer(DequantizedWeight):
         return f"{self.mode}, int{self.bits}, weight={list(self.weight_shape)}, relu={self.relu}"
 
 
-class QuantLinear(_QuantLayer):
+class QuantLinear(QuantLayer):
     """int8 Linear: static (calibrated ranges), dynamic (input range per batch) or weight-only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: Any):
@@ -236,7 +236,7 @@ class QuantLinear(_QuantLayer):
         return {**super().spec(), "in_features": self.in_features, "out_features": self.out_features}
 
 
-class QuantConv2d(_QuantLayer):
+class QuantConv2d(QuantLayer):
     """int8 Conv2d (static or weight-only), zero padding; BatchNorm folded in beforehand."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
@@ -308,7 +308,7 @@ def cast_spec(layer: Any) -> dict[str, Any]:
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any]:
-    if isinstance(layer, (_QuantLayer, QuantMatMulNBits)):
+    if isinstance(layer, (QuantLayer, QuantMatMulNBits)):
         return layer.spec()
     if isinstance(layer, (CastLinear, CastConv2d)):
         return cast_spec(layer)
@@ -377,7 +377,7 @@ def dequantized(model: nn.Module) -> nn.Module:
 
     out = copy.deepcopy(model)
     for name, layer in list(out.named_modules()):
-        if isinstance(layer, (_QuantLayer, QuantMatMulNBits)):
+        if isinstance(layer, (QuantLayer, QuantMatMulNBits)):
             out = set_submodule(out, name, layer.to_float())
     return out.eval()
 

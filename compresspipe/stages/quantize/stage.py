@@ -29,8 +29,8 @@ from compresspipe.stages.quantize import OnnxInt4Handoff, OnnxInt8Handoff, Quant
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
 from compresspipe.stages.quantize.layers import (
     QuantConv2d,
+    QuantLayer,
     QuantLinear,
-    _QuantLayer,
     act_qparams,
     cast_layer,
     quantize_edit,
@@ -449,7 +449,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 m = new[name]
                 if isinstance(m, QuantMatMulNBits):
                     row.update(quantized="yes", **{"as": f"int{m.bits} weight-only, groups of {m.block_size}"})
-                elif isinstance(m, _QuantLayer):
+                elif isinstance(m, QuantLayer):
                     extras = [m.mode.replace("_", "-"), "per-channel" if m.per_channel else "per-tensor"]
                     extras += ["+relu"] if name in acts else []
                     extras += [f"+{folds[name]}"] if name in folds else []
@@ -513,7 +513,7 @@ def _as_linear(layer: nn.Module) -> nn.Module:
 
 
 def _from_float(layer: nn.Module, mode: str, bits: int, per_channel: bool, relu: bool,
-                backend: QuantBackend) -> _QuantLayer:
+                backend: QuantBackend) -> QuantLayer:
     layer = _as_linear(layer)
     cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
     return cls.from_float(layer, mode, bits, per_channel, relu, quantizer=backend.quantize_weight)  # type: ignore[arg-type]
