@@ -53,6 +53,10 @@ class OnnxInt4Handoff(StrictModel):
     block_size: Literal[16, 32, 64, 128, 256]
     symmetric: bool = False
     algorithm: Literal["rtn", "hqq"] = "rtn"
+    # how MatMulNBits computes: int8 (activations rounded to int8 per block: ONNX Runtime's accuracy_level 4, the
+    # CPU setting of its generation models) or float (weights dequantized, float activations: accuracy_level 0);
+    # records written before this field ran float
+    compute: Literal["int8", "float"] = "float"
     layers: list[str] = Field(default_factory=list, description="torch layers whose MatMul holds 4-bit weights")
 
 

@@ -29,6 +29,8 @@ from compresspipe.runtimes.onnx_float import (
 )
 
 DEFAULT_BLOCK = 32
+# int4_compute -> MatMulNBits' accuracy_level (4: int8 activations; 0: as the weights' float type)
+ACCURACY_LEVEL = {"int8": 4, "float": 0}
 
 
 def handoff(job: ExportJob) -> Any:
@@ -38,7 +40,7 @@ def handoff(job: ExportJob) -> Any:
     record = job.state.get(QuantizeRecord)
     if record is not None and record.onnx_int4 is not None:
         return record.onnx_int4
-    return OnnxInt4Handoff(block_size=DEFAULT_BLOCK)
+    return OnnxInt4Handoff(block_size=DEFAULT_BLOCK, compute="int8")
 
 
 def _layer(node_name: str) -> str:
@@ -166,6 +168,12 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                                          nodes_to_include=chosen, algo_config=config)
         with warnings_as_notes(job, out.name):  # e.g. HQQ's torch.from_numpy of a read-only weight
             quantizer.process()
+        level = ACCURACY_LEVEL[hand.compute]
+        for node in quantizer.model.model.graph.node:  # the quantizers of both algorithms leave it unset
+            if node.op_type == "MatMulNBits":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     finally:
         for path in (scratch, scratch.with_name(scratch.name + ".data")):
@@ -197,7 +205,9 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
     gemms = f", {rewritten} Gemm(s) rewritten as MatMul + Add first" if rewritten else ""
     job.notes.append(f"model.int4.onnx: {len(packed)} MatMul(s) run as ONNX Runtime MatMulNBits (4-bit weights, "
                      f"blocks of {hand.block_size}, {'symmetric' if hand.symmetric else 'asymmetric'}, "
-                     f"{ALGORITHM_LABELS[hand.algorithm]}; activations float){gemms}")
+                     f"{ALGORITHM_LABELS[hand.algorithm]}; "
+                     + ("int8 compute: activations rounded to int8 per block, accuracy_level 4"
+                        if hand.compute == "int8" else "float activations") + f"){gemms}")
     if reasons:
         job.notes.append("model.int4.onnx: weights kept float: " + "; ".join(f"{k}: {v}" for k, v in
                                                                                sorted(reasons.items())))

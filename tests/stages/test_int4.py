@@ -92,11 +92,11 @@ def _lm(config, *stages):
                        stages=[{"type": "train", "epochs": 1, "lr": 3.0e-3}, *stages])
 
 
-@pytest.mark.parametrize("config, linears, group, export, algorithm", [
-    ({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1, 16, False, "rtn"),
-    (TINY_GPT2, 3 * 4 + 1, 32, True, "hqq")], ids=["llama-rtn", "gpt2-hqq"])
+@pytest.mark.parametrize("config, linears, group, export, algorithm, compute", [
+    ({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1, 16, False, "rtn", "int8"),
+    (TINY_GPT2, 3 * 4 + 1, 32, True, "hqq", "float")], ids=["llama-rtn-int8compute", "gpt2-hqq-float"])
 def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(tmp_path, config, linears, group,
-                                                                                export, algorithm):
+                                                                                export, algorithm, compute):
     import onnx
     from onnx import helper
 
@@ -108,6 +108,8 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
         quantize["group_size"] = group
     if algorithm != "rtn":
         quantize["algorithm"] = algorithm
+    if compute != "int8":  # int8 compute is the default
+        quantize["int4_compute"] = compute
     stages = [quantize] + ([{"type": "export", "formats": ["onnx_int4"]}] if export else [])
     report = run(tmp_path, _lm(config, *stages)).report
     row = next(s for s in report["stages"] if s["name"] == "quantize")
@@ -121,6 +123,10 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     # the recipe's group size is the file's block size; HQQ's zero points are floats (rtn: packed 4-bit)
     assert {helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "block_size"} == {group}
+    # int4_compute reaches the file as MatMulNBits' accuracy_level (4: int8 activations, 0: float)
+    levels = {helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4 if compute == "int8" else 0}
+    assert any(("int8 compute" if compute == "int8" else "float activations") in n for n in row["notes"])
     zero_types = {t.data_type for t in model.graph.initializer if t.name in {n.input[3] for n in packed}}
     assert zero_types == {onnx.TensorProto.FLOAT if algorithm == "hqq" else onnx.TensorProto.UINT8}
     assert any(algorithm.upper() in n if algorithm == "hqq" else "round-to-nearest" in n for n in row["notes"])

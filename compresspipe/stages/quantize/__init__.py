@@ -114,6 +114,11 @@ class QuantizeConfig(StageConfig):
         "rtn", description="weight_only int4: how the 4-bit groups are fitted, both by ONNX Runtime's quantizers: rtn "
                            "(round-to-nearest min/max) or hqq (Half-Quadratic Quantization: scale and float zero point "
                            "per group fitted to the weights, robust to outliers, no calibration data)")
+    int4_compute: Literal["int8", "float"] = Field(
+        "int8", description="weight_only int4: how the onnx_int4 file's MatMulNBits computes: int8 (activations "
+                            "rounded to int8 per block, ONNX Runtime's accuracy_level 4, as its generation models run "
+                            "on CPU: faster decoding) or float (weights dequantized, float activations); the file is "
+                            "judged against its float model either way (deploy.fidelity)")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding quantized convolution (all but dynamic)")
     include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)

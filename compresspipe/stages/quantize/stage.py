@@ -426,6 +426,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if method == "weight_only" and grouped:  # 4-bit Linear/Conv1D layers: the onnx_int4 file holds them
             return QuantizeRecord(method=method, float_stage=previous,
                                   onnx_int4=OnnxInt4Handoff(block_size=cfg.group_size, algorithm=cfg.algorithm,
+                                                            compute=cfg.int4_compute,
                                                             layers=grouped))
         if method in ("static", "qat", "dynamic"):
             handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
