@@ -34,11 +34,11 @@ def main(argv: list[str]) -> int:
             continue
         results[name] = rows
         table = Table(title=f"{getattr(module, 'TITLE', name)}  ({time.perf_counter() - t0:.0f}s)", title_justify="left")
-        cols = list(rows[0]) if rows else []
+        cols = list(dict.fromkeys(k for r in rows for k in r))  # rows of two parts may differ
         for c in cols:
             table.add_column(c, justify="left" if c in ("case", "check", "method", "backend", "stage") else "right")
         for r in rows:
-            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in (r.get(c) for c in cols)])
+            table.add_row(*["" if c not in r else f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
         console.print(table)
     out = Path(".bench")
     out.mkdir(exist_ok=True)

@@ -7,10 +7,13 @@ key/value cache, decode tokens per second timed interleaved in one process (1 th
    on the validation text (measured in ONNX Runtime), size, prefill and decode tokens/s, ratios to the float file.
    Issue 24's goals: int4 >= 4x smaller, >= 2x decode at batch 1, perplexity +5% at most; prune + distill +10% at
    most and >= 1.3x decode.
-2. A ~100M-parameter Llama-style config (12 blocks, hidden 768, 12 heads, 4 key/value heads, random weights, no
+3. A ~100M-parameter Llama-style config (12 blocks, hidden 768, 12 heads, 4 key/value heads, random weights, no
    training) through prune -> int4 -> export: wall time and peak resident memory.
 
-`BENCH_LM=small` or `BENCH_LM=large` runs one part.
+2. The same recipe at hidden 256 and 4 blocks (2.9M parameters, one epoch): float against int4, where the weights
+   start to outweigh ONNX Runtime's cost per node.
+
+`BENCH_LM=small`, `medium` or `large` runs one part.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ LARGE = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 768, "num_hi
          "num_attention_heads": 12, "num_key_value_heads": 4, "intermediate_size": 2048,
          "max_position_embeddings": 512, "tie_word_embeddings": True}
 INT4 = {"type": "quantize", "method": "weight_only", "dtype": "int4"}
+MEDIUM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+          "intermediate_size": 688}
 
 
 def _run(recipe: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -64,16 +69,20 @@ def _small() -> list[dict[str, Any]]:
 def measure_runs(plain: Path, pruned: Path, rounds: int = 5, hqq: Path | None = None) -> list[dict[str, Any]]:
     """Rows from the run folders: each file's perplexity and size from its report, decode tokens/s timed here,
     every file once per round (interleaved)."""
+    files = {"float": (plain, "train"), "int4": (plain, "quantize"),
+             **({"int4 hqq": (hqq, "quantize")} if hqq is not None else {}),
+             "prune+distill": (pruned, "prune"), "prune+distill int4": (pruned, "quantize")}
+    return measure_files(files, rounds)
+
+
+def measure_files(files: dict[str, tuple[Path, str]], rounds: int = 5) -> list[dict[str, Any]]:
+    """{label: (run folder, stage)} -> rows; the first file is the reference of the ratios."""
     import json
 
     from compresspipe.runtimes.kv_cache import decode_speed
     from compresspipe.runtimes.onnx_float import session
 
-    folders = [plain, pruned] + ([hqq] if hqq is not None else [])
-    reports = {p: json.loads((p / "report.json").read_text()) for p in folders}
-    files = {"float": (plain, "train"), "int4": (plain, "quantize"),
-             **({"int4 hqq": (hqq, "quantize")} if hqq is not None else {}),
-             "prune+distill": (pruned, "prune"), "prune+distill int4": (pruned, "quantize")}
+    reports = {folder: json.loads((folder / "report.json").read_text()) for folder, _ in files.values()}
     sessions, rows = {}, []
     for label, (folder, name) in files.items():
         row = stage(reports[folder], name)
@@ -89,14 +98,26 @@ def measure_runs(plain: Path, pruned: Path, rounds: int = 5, hqq: Path | None = 
                 speeds[label][batch].append(decode_speed(sess, batch, prompt=32, tokens=32, rounds=1)
                                             ["decode_tokens_per_s"])
     ref = rows[0]
+    first = {b: statistics.median(v) for b, v in speeds[ref["case"]].items()}
     for r in rows:
         tps = {b: statistics.median(v) for b, v in speeds[r["case"]].items()}
         r["decode tok/s b1"], r["decode tok/s b8"] = tps[1], tps[8]
         r["size x"] = ref["bytes"] / r["bytes"] if r["bytes"] else None
         r["ppl +%"] = 100 * (r["perplexity"] / ref["perplexity"] - 1) if r["perplexity"] and ref["perplexity"] else None
-        r["decode x b1"] = tps[1] / statistics.median(speeds["float"][1])
-        r["decode x b8"] = tps[8] / statistics.median(speeds["float"][8])
+        r["decode x b1"], r["decode x b8"] = tps[1] / first[1], tps[8] / first[8]
     return rows
+
+
+def _medium() -> list[dict[str, Any]]:
+    """The recipe's model at hidden 256 and 4 blocks (2.9M parameters, one epoch): where int4 starts to pay."""
+    base = yaml.safe_load(RECIPE.read_text())
+    base["model"]["huggingface"]["config"].update(MEDIUM)
+    base["deploy"] = {"runtime": "onnxruntime", "rounds": 3}
+    base["evaluate"] = {"latency": {"batch_sizes": [1], "warmup": 1, "iters": 3, "threads": 1}}
+    recipe = {**base, "name": "lm-medium-int4", "stages": [{**base["stages"][0], "epochs": 1}, INT4]}
+    folder = Path(tempfile.mkdtemp(prefix="cp-bench-lm-medium-"))
+    _run(recipe, folder)
+    return measure_files({"medium float": (folder / "run", "train"), "medium int4": (folder / "run", "quantize")})
 
 
 def _large() -> list[dict[str, Any]]:
@@ -139,6 +160,8 @@ def run() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if part in ("", "small"):
         rows += _small()
+    if part in ("", "medium"):
+        rows += _medium()
     if part in ("", "large"):
         rows += _large()
     return rows
