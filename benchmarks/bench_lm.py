@@ -7,11 +7,10 @@ key/value cache, decode tokens per second timed interleaved in one process (1 th
    on the validation text (measured in ONNX Runtime), size, prefill and decode tokens/s, ratios to the float file.
    Issue 24's goals: int4 >= 4x smaller, >= 2x decode at batch 1, perplexity +5% at most; prune + distill +10% at
    most and >= 1.3x decode.
-3. A ~100M-parameter Llama-style config (12 blocks, hidden 768, 12 heads, 4 key/value heads, random weights, no
-   training) through prune -> int4 -> export: wall time and peak resident memory.
-
 2. The same recipe at hidden 256 and 4 blocks (2.9M parameters, one epoch): float against int4, where the weights
    start to outweigh ONNX Runtime's cost per node.
+3. A ~100M-parameter Llama-style config (12 blocks, hidden 768, 12 heads, 4 key/value heads, random weights, no
+   training) through prune -> int4 -> export: wall time and peak resident memory.
 
 `BENCH_LM=small`, `medium` or `large` runs one part.
 """
