@@ -92,6 +92,7 @@ def _lm(config, *stages):
                        stages=[{"type": "train", "epochs": 1, "lr": 3.0e-3}, *stages])
 
 
+@pytest.mark.int8  # int8 compute: MatMulNBits' int8 kernels differ by CPU (AVX2-only, VNNI), as the int8 files' do
 @pytest.mark.parametrize("config, linears, group, export, algorithm, compute", [
     ({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1, 16, False, "rtn", "int8"),
     (TINY_GPT2, 3 * 4 + 1, 32, True, "hqq", "float")], ids=["llama-rtn-int8compute", "gpt2-hqq-float"])
