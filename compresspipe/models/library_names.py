@@ -17,6 +17,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from compresspipe.cache import cache_root
 
 # compresspipe task -> the transformers Auto-class mapping whose model types can run it
 HF_TASK_MAPPINGS = {
@@ -25,7 +28,6 @@ HF_TASK_MAPPINGS = {
     "image_classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "language_modeling": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
 }
-CACHE_ENV = "COMPRESSPIPE_CACHE"
 
 
 def installed_version(library: str) -> str | None:
@@ -36,8 +38,7 @@ def installed_version(library: str) -> str | None:
 
 
 def _cache_file(library: str, version: str) -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compresspipe")
-    return root / "names" / f"{library}-{version}.json"
+    return cache_root() / "names" / f"{library}-{version}.json"
 
 
 @functools.cache
@@ -50,13 +51,13 @@ def names(library: str) -> dict[str, frozenset[str]]:
         extra = "huggingface" if library == "transformers" else library
         raise ValueError(f"{library} is not installed (pip install 'compresspipe[{extra}]')")
     path = _cache_file(library, version)
-    data = None
+    data: Any = None
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            data = None  # a torn or foreign file: read the library again
-    if not isinstance(data, dict):
+            data = None  # a torn file: read the library again
+    if not _well_formed(data, library):  # missing, torn or edited
         data = _read(library)
         try:  # whole or not at all: other processes may read it at once
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,15 +69,32 @@ def names(library: str) -> dict[str, frozenset[str]]:
     return {group: frozenset(values) for group, values in data.items()}
 
 
+def _groups(library: str) -> set[str]:
+    return {"models"} if library == "timm" else {"model_types", *HF_TASK_MAPPINGS}
+
+
+def _well_formed(data: object, library: str) -> bool:
+    """Every group the checks read, each a list of names (a file edited by hand is read afresh)."""
+    return isinstance(data, dict) and set(data) == _groups(library) and all(
+        isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values())
+
+
 def _read(library: str) -> dict[str, list[str]]:
     if "torch" in sys.modules:  # importing the library costs this process little more
         return read_here(library)
     code = f"import json; from compresspipe.models.library_names import read_here; print(json.dumps(read_here({library!r})))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValueError(f"could not read the names {library} knows: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ValueError(f"could not read the names {library} knows ({type(exc).__name__}: {exc})") from None
+    try:
+        data = json.loads((done.stdout.strip().splitlines() or [""])[-1])
+    except ValueError:
+        data = None
+    if done.returncode != 0 or not _well_formed(data, library):
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise ValueError(f"could not read the names {library} knows ({why[:200]})")
+    return data
 
 
 def read_here(library: str) -> dict[str, list[str]]:

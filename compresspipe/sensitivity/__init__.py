@@ -13,5 +13,4 @@ This module imports no torch.
 
 SENSITIVITY_FORMAT = "compresspipe.sensitivity"
 SENSITIVITY_VERSION = 1
-CACHE_ENV = "COMPRESSPIPE_CACHE"  # where curves are cached; default ~/.cache/compresspipe
 SENSITIVE_STAGES = ("prune", "quantize", "factorize")

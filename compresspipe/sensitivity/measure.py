@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +19,9 @@ from filelock import FileLock
 from torch import nn
 
 from compresspipe.artifacts.files import atomic_write_json, read_json
+from compresspipe.cache import cache_root
 from compresspipe.metrics.modes import eval_mode, model_device
-from compresspipe.sensitivity import CACHE_ENV, SENSITIVITY_FORMAT, SENSITIVITY_VERSION
+from compresspipe.sensitivity import SENSITIVITY_FORMAT, SENSITIVITY_VERSION
 
 if TYPE_CHECKING:
     from compresspipe.artifacts.model import ModelState
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     from compresspipe.stages.context import StageContext
 
 CACHE_VERSION = 2  # 2: every curve carries the sha256 of its key, layer and points (hand edits are found)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compresspipe")
 
 
 def model_hash(state: ModelState) -> str:

@@ -44,6 +44,26 @@ def test_names_are_kept_per_library_version(tmp_path):
     kept.write_text("{torn")  # a damaged file is read afresh from the library
     names.cache_clear()
     assert "resnet18" in names("timm")["models"]
+    for edited in ('{"models": [1, 2]}', '{"other": ["x"]}', "[]"):  # edited by hand: read afresh too
+        kept.write_text(edited)
+        names.cache_clear()
+        assert "resnet18" in names("timm")["models"], edited
+
+
+def test_a_child_that_cannot_read_the_names_is_a_recipe_error_not_a_traceback(monkeypatch):
+    """Without torch in the process the names come from a child; its failure (or a hang) is a ValueError, which the
+    recipe loader reports at the key that named the model (exit 2)."""
+    import subprocess
+
+    monkeypatch.setattr(library_names, "_cache_file", lambda library, version: library_names.Path("/nonexistent/x"))
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(subprocess.TimeoutExpired("py", 300)))
+    with pytest.raises(ValueError, match=r"could not read the names timm knows \(TimeoutExpired"):
+        names("timm")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "not json\n", ""))
+    names.cache_clear()
+    with pytest.raises(ValueError, match="could not read the names timm knows"):
+        names("timm")
 
 
 def test_a_library_that_is_not_installed_is_named(monkeypatch):

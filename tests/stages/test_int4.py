@@ -167,3 +167,15 @@ def test_hqq_outside_4bit_weight_only_is_refused_naming_what_it_needs(stage):
 
     with pytest.raises(ValidationError, match="algorithm hqq fits 4-bit weight groups: it needs method weight_only"):
         QuantizeConfig.model_validate({"type": "quantize", **stage})
+
+
+@pytest.mark.parametrize("method, dtype", [("static", "int8"), ("weight_only", "int8")])
+def test_int4_compute_outside_4bit_weight_only_is_refused(method, dtype):
+    from pydantic import ValidationError
+
+    from compresspipe.stages.quantize import QuantizeConfig
+
+    with pytest.raises(ValidationError, match="int4_compute sets how the onnx_int4 file's 4-bit MatMuls compute"):
+        QuantizeConfig.model_validate({"type": "quantize", "method": method, "dtype": dtype, "int4_compute": "float"})
+    assert QuantizeConfig.model_validate({"type": "quantize", "method": "weight_only", "dtype": "int4",
+                                          "int4_compute": "float"}).int4_compute == "float"

@@ -15,12 +15,12 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_
 
 from compresspipe.recipe.spec import StrictModel
 from compresspipe.runtimes import FORMAT_MODULES
+from compresspipe.runtimes.handoff import OnnxInt8Handoff
 from compresspipe.stages.base import StageConfig
 from compresspipe.stages.quantize import Calibration
 
 if TYPE_CHECKING:
     from compresspipe.recipe.spec import Recipe
-    from compresspipe.runtimes.handoff import OnnxInt8Handoff
 
 Format = Literal["onnx", "onnx_int8", "onnx_int4", "executorch", "executorch_int8", "torch_export", "safetensors",
                  "torchscript", "huggingface"]
@@ -136,8 +136,6 @@ class Int8Settings(StrictModel):
 
     def handoff(self, eval_batch_size: int) -> OnnxInt8Handoff:
         """These settings as the writers read them (no quantize stage before the export)."""
-        from compresspipe.runtimes.handoff import OnnxInt8Handoff
-
         return OnnxInt8Handoff(
             method=self.method, per_channel=self.per_channel, observer=self.observer,
             percentile=self.percentile if self.observer == "percentile" else None,
