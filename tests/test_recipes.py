@@ -239,3 +239,14 @@ def test_plan_runs_on_every_recipe_without_training(name, tmp_path, monkeypatch)
     plan = json.loads(result.stdout)
     assert [s["name"] for s in plan["stages"]][0] == "baseline" and len(plan["stages"]) > 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET))
+def test_every_recipe_loads_again_from_its_lock_file(name):
+    """recipe.lock.yaml stores the resolved recipe with every default written out; verify, --resume and the
+    search's best.yaml read it back, so no check may refuse a value only because it was written."""
+    from compresspipe.recipe.loader import load_recipe, validate_recipe_data
+
+    recipe = load_recipe(RECIPES / name, allow_code=True)
+    again = validate_recipe_data(recipe.to_data(), check_paths=False, allow_code=True)
+    assert again.to_data() == recipe.to_data()

@@ -68,6 +68,11 @@ def test_an_int8_setting_the_file_would_not_use_is_refused_naming_where_it_belon
                                                   "int8": {"observer": "entropy"}}, folder="d")
     # the file options are the export's either way
     load(quantize, {"type": "export", "formats": ["onnx_int8"], "int8": {"float_output": False}}, folder="e")
+    # a lock file writes every default: the resolved recipe loads again (verify, search's best.yaml, --resume)
+    from compresspipe.recipe.loader import validate_recipe_data
+
+    resolved = load(quantize, {"type": "export", "formats": ["onnx_int8", "executorch_int8"]}, folder="g")
+    assert validate_recipe_data(resolved.to_data(), check_paths=False).to_data() == resolved.to_data()
     # the names of earlier releases say what they are called now
     for old, new in (("calibrate_method", "observer"), ("calibration_batches", "calibration.batches")):
         with pytest.raises(RecipeError) as err:

@@ -144,6 +144,9 @@ class Int8Settings(StrictModel):
             float_small_convs=self.float_small_convs, float_output=self.float_output)
 
 
+DEFAULT_INT8 = Int8Settings()
+
+
 class ExportConfig(StageConfig):
     """Write deployable files (ONNX, ONNX int8, ExecuTorch .pte, torch.export .pt2, safetensors) and verify each."""
 
@@ -176,7 +179,8 @@ class ExportConfig(StageConfig):
 
     def check(self, recipe: Recipe, index: int) -> list[tuple[tuple[str | int, ...], str]]:
         """An int8 setting the file would not use is an error, not a silent default: after a quantize stage that
-        hands the int8 file its settings (static, qat, dynamic), that stage decides them."""
+        hands the int8 file its settings (static, qat, dynamic), that stage decides them. A key judged by its value,
+        not by whether it was written: a lock file (recipe.lock.yaml) writes every default and must load again."""
         names = recipe.stage_names()
         before = [(names[i], s) for i, s in enumerate(recipe.stages[:index]) if s.type == "quantize"
                   and getattr(s, "method", None) in ("static", "qat", "dynamic")]
@@ -186,7 +190,7 @@ class ExportConfig(StageConfig):
         return [(("int8", key), f"the quantize stage {name!r} (method {getattr(stage, 'method', '?')}) sets this for "
                                 f"the int8 files after it: set {Int8Settings.STAGE_SETS[key]} there, or remove "
                                 f"int8.{key} here")
-                for key in sorted(self.int8.model_fields_set & set(Int8Settings.STAGE_SETS))]
+                for key in sorted(Int8Settings.STAGE_SETS) if getattr(self.int8, key) != getattr(DEFAULT_INT8, key)]
 
     @field_validator("formats")
     @classmethod

@@ -140,7 +140,7 @@ class QuantizeConfig(StageConfig):
         if self.algorithm != "rtn" and (self.method, self.dtype) != ("weight_only", "int4"):
             raise ValueError(f"algorithm {self.algorithm} fits 4-bit weight groups: it needs method weight_only with "
                              f"dtype int4 (got method {self.method}, dtype {self.dtype})")
-        if "int4_compute" in self.model_fields_set and (self.method, self.dtype) != ("weight_only", "int4"):
+        if self.int4_compute != "int8" and (self.method, self.dtype) != ("weight_only", "int4"):  # not the default
             raise ValueError(f"int4_compute sets how the onnx_int4 file's 4-bit MatMuls compute: it needs method "
                              f"weight_only with dtype int4 (got method {self.method}, dtype {self.dtype})")
         if self.backend != "auto" and self.method not in BACKEND_METHODS[self.backend]:
