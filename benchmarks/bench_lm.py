@@ -4,13 +4,16 @@ key/value cache, decode tokens per second timed interleaved in one process (1 th
 1. `recipes/causal_lm.yaml`'s Llama-style model (2 blocks, hidden 128, grouped-query attention), trained on the
    bundled English text. Three runs from the same seed: train -> int4 weight-only, round-to-nearest and HQQ
    (quantize.algorithm: hqq); and the recipe's own train -> prune (half the KV groups, a quarter of the MLP width) + distill -> int4. Rows: perplexity of each file
-   on the validation text (measured in ONNX Runtime), size, prefill and decode tokens/s, ratios to the float file.
+   on the validation text (measured in ONNX Runtime), size, prefill and decode tokens/s, ratios to the float file,
+   and the peak resident memory of a process that loads the file and generates at batch 1 (ONNX Runtime's own
+   memory in `runtime MiB`).
    Issue 24's goals: int4 >= 4x smaller, >= 2x decode at batch 1, perplexity +5% at most; prune + distill +10% at
    most and >= 1.3x decode.
 2. The same recipe at hidden 256 and 4 blocks (2.9M parameters, one epoch): float against int4, where the weights
    start to outweigh ONNX Runtime's cost per node.
 3. A ~100M-parameter Llama-style config (12 blocks, hidden 768, 12 heads, 4 key/value heads, random weights, no
-   training) through prune -> int4 -> export: wall time and peak resident memory.
+   training) through prune -> int4 -> export: wall time and peak resident memory of the whole run, and of a
+   process that only loads the pruned float file or the int4 file and generates with it.
 
 `BENCH_LM=small`, `medium` or `large` runs one part.
 """
@@ -79,6 +82,7 @@ def measure_files(files: dict[str, tuple[Path, str]], rounds: int = 5) -> list[d
     import json
 
     from compresspipe.runtimes.kv_cache import decode_speed
+    from compresspipe.runtimes.memory import peak_memory
     from compresspipe.runtimes.onnx_float import session
 
     reports = {folder: json.loads((folder / "report.json").read_text()) for folder, _ in files.values()}
@@ -87,9 +91,11 @@ def measure_files(files: dict[str, tuple[Path, str]], rounds: int = 5) -> list[d
         row = stage(reports[folder], name)
         sessions[label] = session(folder / row["files"][0], 1).raw
         fid = row.get("fidelity") or {}
+        memory = peak_memory(folder / row["files"][0], 1, 1)  # a process of its own: ONNX Runtime + this file
         rows.append({"case": label, "file": row["files"][0], "perplexity": row.get("score"), "bytes": row.get("bytes"),
                      "token agreement": fid.get("agreement") if fid.get("source") == "float model" else None,
-                     "gate": "pass" if fid.get("passed", True) else "FAIL"})
+                     "gate": "pass" if fid.get("passed", True) else "FAIL",
+                     "peak MiB b1": memory and memory["peak_mib"], "runtime MiB": memory and memory["runtime_mib"]})
     speeds: dict[str, dict[int, list[float]]] = {k: {1: [], 8: []} for k in sessions}
     for _ in range(rounds):  # interleaved: every file once per round, so load hits all alike
         for label, sess in sessions.items():
@@ -147,11 +153,15 @@ def _large() -> list[dict[str, Any]]:
         for label, sess in sessions.items():
             speeds[label].append(decode_speed(sess, 1, prompt=32, tokens=16, rounds=1)["decode_tokens_per_s"])
     decode = {k: statistics.median(v) for k, v in speeds.items()}
+    from compresspipe.runtimes.memory import peak_memory
+
+    memory = {k: peak_memory(p, 1, 1, tokens=8) for k, p in (("float", float_file), ("int4", int4))}
     return [{"case": "llama ~100M: prune -> int4 -> export", "params before": stage(report, "baseline").get("params"),
              "params after": stage(report, "prune").get("params"), "int4 file MiB": int4.stat().st_size / 2**20,
              "float file MiB": float_file.stat().st_size / 2**20, "decode tok/s b1 float": decode["float"],
              "decode tok/s b1 int4": decode["int4"], "decode x b1": decode["int4"] / decode["float"],
-             "wall s": wall, "peak RSS MiB": peak}]
+             "wall s": wall, "peak RSS MiB": peak,
+             **{f"generate peak MiB {k}": m and m["peak_mib"] for k, m in memory.items()}}]
 
 
 def run() -> list[dict[str, Any]]:

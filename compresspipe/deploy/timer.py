@@ -74,6 +74,29 @@ class DeployTimer:
             self.rows[i]["formats"][fmt]["timed"] = f"decode step ({decode[(i, fmt)]} tokens cached)" \
                 if (i, fmt) in decode else "forward"
         self._summarise(targets)
+        self._peak_memory([t for t in targets if t in decode])
+
+    def _peak_memory(self, targets: list[Target]) -> None:
+        """Files that generate: peak resident memory of a process of their own that prefills and decodes with
+        them at each batch size (`peak_memory_mib`, the runtime's own in `runtime_memory_mib`); measured once."""
+        from compresspipe.runtimes.kv_cache import DECODE_PROMPT
+        from compresspipe.runtimes.memory import peak_memory
+
+        seen: dict[tuple[str, int], dict[str, float] | None] = {}
+        for i, fmt in targets:
+            row, entry = self.rows[i], self.rows[i]["formats"][fmt]
+            if "peak_memory_mib" in entry:
+                continue
+            path = self.folder / row["folder"] / entry["files"][0]
+            peaks, runtime = {}, None
+            for bs in self.sizes:
+                key = (sha256_file(path), bs)
+                if key not in seen:
+                    seen[key] = peak_memory(path, bs, self.threads, prompt=DECODE_PROMPT)
+                got = seen[key]
+                if got is not None:
+                    peaks[str(bs)], runtime = got["peak_mib"], got["runtime_mib"]
+            entry["peak_memory_mib"], entry["runtime_memory_mib"] = peaks, runtime
 
     def remeasure(self, wanted: list[tuple[str, str | None, str]], bar: Any = None) -> None:
         """Time again, with twice the rounds, the (stage name, format or None: the shipped one, batch) given."""

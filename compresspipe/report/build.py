@@ -64,7 +64,8 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
         for name, entry in (row.get("formats") or {fmt: fig}).items():
             formats[name] = {k: entry.get(k) for k in (
                 "files", "bytes", "accuracy", "loss", "metric", "score", "metrics", "agreement", "max_abs_diff",
-                "latency_ms", "latency_iqr_ms", "timed", "decode_tokens_per_s", "int8", "fidelity")}
+                "latency_ms", "latency_iqr_ms", "timed", "decode_tokens_per_s", "peak_memory_mib", "runtime_memory_mib",
+                "int8", "fidelity")}
             formats[name]["files"] = [f"{row.get('folder')}/{f}" for f in entry.get("files") or []]
             formats[name]["vs_reference"] = compare(entry, ref, row, ref_row)
         notes = list(row.get("notes") or [])
@@ -90,6 +91,8 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
             "latency_iqr_ms": dict(fig.get("latency_iqr_ms") or {}),
             "timed": formats[fmt].get("timed"),
             "decode_tokens_per_s": formats[fmt].get("decode_tokens_per_s"),
+            "peak_memory_mib": formats[fmt].get("peak_memory_mib"),
+            "runtime_memory_mib": formats[fmt].get("runtime_memory_mib"),
             **{k: row.get(k) for k in ("params", "nonzero_params", "sparsity", "macs")},
             "torch": {"accuracy": row.get("accuracy"), "loss": row.get("loss"), "metrics": row.get("metrics") or {},
                       "bytes": row.get("bytes"),
@@ -255,6 +258,11 @@ def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str],
               "size", "MACs"]
     per_token = any(str(s.get("timed") or "").startswith("decode") for s in stages)
     header += [f"{'decode' if per_token else 'latency'} b{bs}" for bs in sizes]
+    peak_bs = next((bs for s in stages for bs in s.get("peak_memory_mib") or {}), None)
+    if peak_bs is not None:  # files that generate: peak resident memory of a process of their own
+        header.append(f"peak mem b{peak_bs}")
+    ref_peak = next(((s.get("peak_memory_mib") or {}).get(peak_bs) for s in stages
+                     if s.get("name") == report.get("reference")), None) if peak_bs else None
     rows = []
     for s in stages:
         v = s["vs_reference"]
@@ -269,8 +277,16 @@ def table_rows(report: dict[str, Any], spread: bool = False) -> tuple[list[str],
         for bs in sizes:
             row.append(_speed((s.get("latency_ms") or {}).get(bs), (v.get("speedup") or {}).get(bs),
                               (v.get("speedup_iqr") or {}).get(bs), spread))
+        if peak_bs is not None:
+            row.append(_peak((s.get("peak_memory_mib") or {}).get(peak_bs), ref_peak))
         rows.append(row)
     return header, rows
+
+
+def _peak(mib: float | None, ref: float | None) -> str:
+    if mib is None:
+        return "n/a"
+    return f"{mib:.1f} MiB" + (f" ({ref / mib:.2f}x)" if ref and mib > 0 else "")
 
 
 def report_metric(report: dict[str, Any]) -> str:
@@ -327,7 +343,10 @@ def measured_on(report: dict[str, Any]) -> str:
     decode = next((s["timed"] for s in report.get("stages", []) if str(s.get("timed") or "").startswith("decode")),
                   None)
     per_token = (f" Files with a key/value cache are timed per generated token: one {decode} at each batch size "
-                 "(tokens/s = batch / step time, `decode_tokens_per_s` in report.json).") if decode else ""
+                 "(tokens/s = batch / step time, `decode_tokens_per_s` in report.json); `peak mem` is the peak "
+                 "resident memory of a process of its own that loads the file, prefills and decodes with it, ONNX "
+                 "Runtime's own included (`peak_memory_mib`, the runtime alone `runtime_memory_mib`).") \
+        if decode else ""
     return (f"Figures of the files that ship ({where}), measured on {machine.get('cpu', '?')}; latency is the median "
             f"of {d.get('rounds')} interleaved rounds, speedups the median of the per-round ratios.{per_token}")
 
@@ -391,7 +410,7 @@ def table_cell(v: Any) -> str:
 
 
 # Terminal columns in the order they are dropped last: a narrow terminal shows the first ones that fit.
-PRIORITY = ("#", "stage", "accuracy", "size", "latency", "file", "MACs", "params", "kind", "sparsity")
+PRIORITY = ("#", "stage", "accuracy", "size", "latency", "file", "peak mem", "MACs", "params", "kind", "sparsity")
 
 
 def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[str]]:
@@ -404,6 +423,8 @@ def render_table(report: dict[str, Any], width: int = 200) -> tuple[Table, list[
     for h in header:
         if h.startswith(("latency", "decode")):
             kinds[h] = "latency"
+        if h.startswith("peak mem"):
+            kinds[h] = "peak mem"
     stacked = [[stack_rows(cell) for cell in row] for row in rows]
     merged_header = [h for h in header if h != delta]
     cells: dict[str, list[str]] = {h: [] for h in merged_header}

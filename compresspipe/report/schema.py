@@ -34,6 +34,7 @@ class FileFigures(_Open):
     latency_ms: dict[str, Milliseconds | None] = Field(default_factory=dict)
     timed: str | None = None  # "forward", or "decode step (N tokens cached)" for files with a key/value cache
     decode_tokens_per_s: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    peak_memory_mib: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
 
 
 class StageRow(_Open):
@@ -50,6 +51,7 @@ class StageRow(_Open):
     latency_ms: dict[str, Milliseconds | None] = Field(default_factory=dict)
     timed: str | None = None
     decode_tokens_per_s: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    peak_memory_mib: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     formats: dict[str, FileFigures] = Field(default_factory=dict)
 
 

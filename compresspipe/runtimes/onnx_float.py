@@ -307,6 +307,7 @@ def _generation(path: Path, sess: Any, job: ExportJob, threads: int) -> dict[str
     """Greedy decoding through the file's key/value cache against the PyTorch model's (whole sequence each step),
     on the first validation prompts; and prefill / decode tokens per second at batch 1."""
     from compresspipe.runtimes.kv_cache import decode_speed, greedy, greedy_torch
+    from compresspipe.runtimes.memory import peak_memory
 
     x = job.batches[0][0]
     ids, mask = x["input_ids"], x.get("attention_mask")
@@ -323,12 +324,16 @@ def _generation(path: Path, sess: Any, job: ExportJob, threads: int) -> dict[str
         matched += same
         identical += int(same == GENERATED_TOKENS)
     speed = decode_speed(sess.raw, batch=1, prompt=16, tokens=16)
+    memory = peak_memory(path, 1, threads, prompt=16, tokens=16)
     out = {"prompts": len(prompts), "tokens": GENERATED_TOKENS, "matched_tokens": matched,
-           "identical_sequences": identical, **speed}
+           "identical_sequences": identical, **speed, "peak_memory_mib": memory and memory["peak_mib"]}
+    peak = "" if memory is None else (f", peak resident memory {memory['peak_mib']:.0f} MiB (ONNX Runtime alone "
+                                      f"{memory['runtime_mib']:.0f} MiB)")
     job.notes.append(f"{path.name}: greedy decoding through its key/value cache: {identical} of {len(prompts)} "
                      f"prompt(s) give PyTorch's {GENERATED_TOKENS} tokens exactly ({matched} of "
                      f"{len(prompts) * GENERATED_TOKENS} tokens match); at batch 1, {threads} thread(s): prefill "
-                     f"{speed['prefill_tokens_per_s']:.0f} tokens/s, decode {speed['decode_tokens_per_s']:.0f} tokens/s")
+                     f"{speed['prefill_tokens_per_s']:.0f} tokens/s, decode {speed['decode_tokens_per_s']:.0f} "
+                     f"tokens/s{peak}")
     return out
 
 

@@ -140,8 +140,10 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     for r in (row, float_row := next(s for s in report["stages"] if s["name"] == "train")):
         assert r["timed"] == "decode step (32 tokens cached)", r["timed"]
         assert r["decode_tokens_per_s"]["1"] == pytest.approx(1000 / r["latency_ms"]["1"])
+        # and their peak memory measured in a process of their own, the runtime's own under it
+        assert r["peak_memory_mib"]["1"] > r["runtime_memory_mib"] > 0
     md = (tmp_path / "run" / "report.md").read_text()
-    assert "decode b1" in md and "timed per generated token" in md
+    assert "decode b1" in md and "timed per generated token" in md and "peak mem b1" in md
     # the file is less than a third of the float one, and the recommendation weighed both
     assert row["bytes"] < float_row["bytes"] / 3
     assert {c["format"] for c in report["recommendation"]["candidates"]} == {"onnx", "onnx_int4"}
