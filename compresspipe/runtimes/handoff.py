@@ -58,6 +58,8 @@ class OnnxInt4Handoff(StrictModel):
     # records written before this field ran float
     compute: Literal["int8", "float"] = "float"
     layers: list[str] = Field(default_factory=list, description="torch layers whose MatMul holds 4-bit weights")
+    # layers of the stage's selection it kept float, with the reason (the language model head): the file says why
+    float_layers: dict[str, str] = Field(default_factory=dict)
 
 
 class QuantizeRecord(Record):

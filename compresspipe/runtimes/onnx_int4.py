@@ -15,6 +15,7 @@ and the task metric).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,11 @@ def gemm_to_matmul(model: Any) -> int:
     return changed
 
 
-def untie_transposed_weights(model: Any) -> int:
+def untie_transposed_weights(model: Any, wanted: Callable[[Any], bool] = lambda node: True) -> int:
     """A MatMul that reads a constant through a Transpose (a language model head tied to its embedding table) reads
     the transposed constant itself, in place, so it can hold 4-bit weights; the embedding keeps its float table.
-    Returns how many."""
+    Only MatMul nodes `wanted` accepts (a head kept float keeps reading the shared table: no second copy). Returns
+    how many."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -97,7 +99,7 @@ def untie_transposed_weights(model: Any) -> int:
     producer = {o: n for n in graph.node for o in n.output}
     changed = 0
     for node in graph.node:
-        if node.op_type != "MatMul" or len(node.input) < 2:
+        if node.op_type != "MatMul" or len(node.input) < 2 or not wanted(node):
             continue
         up = producer.get(node.input[1])
         if up is None or up.op_type != "Transpose" or up.input[0] not in inits:
@@ -154,9 +156,10 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         source = write_onnx(job.float_module or job.module, job, scratch)[0]
         model = onnx.load(str(source))
         rewritten = gemm_to_matmul(model)
-        untie_transposed_weights(model)
-        matmuls = [n for n in weight_nodes(model) if n.op_type == "MatMul"]
         wanted = set(hand.layers)
+        named = any(_layer(n.name) in wanted for n in model.graph.node if n.op_type == "MatMul")
+        untie_transposed_weights(model, lambda node: not wanted or not named or _layer(node.name) in wanted)
+        matmuls = [n for n in weight_nodes(model) if n.op_type == "MatMul"]
         chosen = [n.name for n in matmuls if not wanted or _layer(n.name) in wanted]
         if wanted and not chosen:  # the exporter named its nodes otherwise: every weight MatMul, said below
             chosen = [n.name for n in matmuls]
@@ -164,8 +167,10 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
                              "with a weight is 4-bit")
         config = (HQQWeightOnlyQuantConfig(block_size=hand.block_size, bits=4) if hand.algorithm == "hqq" else
                   DefaultWeightOnlyQuantConfig(block_size=hand.block_size, is_symmetric=hand.symmetric))
+        # nodes_to_include only adds to the MatMul op type the quantizer takes anyway: what stays float is excluded
+        others = [n.name for n in matmuls if n.name not in set(chosen)]
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=hand.block_size, is_symmetric=hand.symmetric,
-                                         nodes_to_include=chosen, algo_config=config)
+                                         nodes_to_include=chosen, nodes_to_exclude=others, algo_config=config)
         with warnings_as_notes(job, out.name):  # e.g. HQQ's torch.from_numpy of a read-only weight
             quantizer.process()
         level = ACCURACY_LEVEL[hand.compute]
@@ -192,6 +197,8 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
             reasons[layer] = "not 4-bit in the quantize stage (include/exclude, or a layer type it keeps float)"
         else:
             reasons[layer] = "ONNX Runtime's block quantizer left it float (its input width is too small)"
+    for layer, why in hand.float_layers.items():  # what the stage kept float (a tied head reads the embedding)
+        reasons[layer] = why
     in_file = {_layer(n.name) for n in packed if n.name}
     missing = [layer for layer in hand.layers if layer not in in_file]
     if wanted and in_file and missing:  # 4-bit in PyTorch, float in the file: never silently

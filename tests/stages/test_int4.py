@@ -93,11 +93,12 @@ def _lm(config, *stages):
 
 
 @pytest.mark.int8  # int8 compute: MatMulNBits' int8 kernels differ by CPU (AVX2-only, VNNI), as the int8 files' do
-@pytest.mark.parametrize("config, linears, group, export, algorithm, compute", [
-    ({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1, 16, False, "rtn", "int8"),
-    (TINY_GPT2, 3 * 4 + 1, 32, True, "hqq", "float")], ids=["llama-rtn-int8compute", "gpt2-hqq-float"])
+@pytest.mark.parametrize("config, linears, group, export, algorithm, compute, head", [
+    ({**TINY_LLAMA, "tie_word_embeddings": True}, 3 * 7 + 1, 16, False, "rtn", "int8", "int4"),
+    (TINY_GPT2, 3 * 2, 32, True, "hqq", "float", "float")],  # GPT-2: the MLPs excluded (below)
+    ids=["llama-rtn-int8compute-head4", "gpt2-hqq-float-nomlp"])
 def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(tmp_path, config, linears, group,
-                                                                                export, algorithm, compute):
+                                                                                export, algorithm, compute, head):
     import onnx
     from onnx import helper
 
@@ -111,6 +112,10 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
         quantize["algorithm"] = algorithm
     if compute != "int8":  # int8 compute is the default
         quantize["int4_compute"] = compute
+    if head != "auto":
+        quantize["head"] = head
+    if config is TINY_GPT2:  # what the recipe excludes stays float in the file too, and is named there
+        quantize["exclude"] = ["*mlp*"]
     stages = [quantize] + ([{"type": "export", "formats": ["onnx_int4"]}] if export else [])
     report = run(tmp_path, _lm(config, *stages)).report
     row = next(s for s in report["stages"] if s["name"] == "quantize")
@@ -120,8 +125,14 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     model = onnx.load(str(path))
     weights = {t.name for t in model.graph.initializer}
     packed = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(packed) == linears  # every Linear / Conv1D, lm_head included
-    assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert len(packed) == linears  # every Linear / Conv1D selected; lm_head too with head: int4
+    assert not [n for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in weights]
+    # what the stage kept float (the head, the excluded MLPs) is float in the file too: a MatMul on a float table (a tied head kept float reads the embedding table through a Transpose, or the exporter's copy of it)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    float_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and (
+        n.input[1] in weights or n.input[1] in producer and producer[n.input[1]].op_type == "Transpose"
+        and producer[n.input[1]].input[0] in weights)]
+    assert len(float_matmuls) == (head == "float") + (3 * 2 if config is TINY_GPT2 else 0), float_matmuls
     # the recipe's group size is the file's block size; HQQ's zero points are floats (rtn: packed 4-bit)
     assert {helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "block_size"} == {group}
     # int4_compute reaches the file as MatMulNBits' accuracy_level (4: int8 activations, 0: float)
@@ -134,8 +145,11 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
     # what stays float is named, with the reason
     kept = [n for n in row["notes"] if n.startswith("model.int4.onnx: weights kept float")]
     assert kept and "embedding table" in kept[0], row["notes"]
+    assert ("model.lm_head: language model head, kept float (quantize.head: float" in kept[0]) == (head == "float")
+    assert ("model.transformer.h.0.mlp.c_fc: not 4-bit in the quantize stage" in kept[0]) == (config is TINY_GPT2)
     table = row["details"]["tables"]["per layer"]
-    assert all(r["quantized"] == "yes" for r in table if r["type"] in ("Linear", "Conv1D"))
+    assert all(r["quantized"] == ("no" if r["layer"] == "model.lm_head" and head == "float" else "yes")
+               for r in table if r["type"] in ("Linear", "Conv1D") and ".mlp." not in r["layer"])
     # files with a key/value cache are timed per generated token (a decode step), and the table says so
     for r in (row, float_row := next(s for s in report["stages"] if s["name"] == "train")):
         assert r["timed"] == "decode step (32 tokens cached)", r["timed"]
@@ -144,8 +158,8 @@ def test_int4_weight_only_ships_a_matmulnbits_file_that_follows_its_float_model(
         assert r["peak_memory_mib"]["1"] > r["runtime_memory_mib"] > 0
     md = (tmp_path / "run" / "report.md").read_text()
     assert "decode b1" in md and "timed per generated token" in md and "peak mem b1" in md
-    # the file is less than a third of the float one, and the recommendation weighed both
-    assert row["bytes"] < float_row["bytes"] / 3
+    # the file is less than a third of the float one (all 4-bit), and the recommendation weighed both
+    assert row["bytes"] < float_row["bytes"] / (1.2 if config is TINY_GPT2 else 3)  # GPT-2: its MLPs float
     assert {c["format"] for c in report["recommendation"]["candidates"]} == {"onnx", "onnx_int4"}
     # the artifact reloads (4-bit buffers, no pickle) and computes what the stage measured
     state = load_model(tmp_path / "run" / "02-quantize")
@@ -181,3 +195,35 @@ def test_int4_compute_outside_4bit_weight_only_is_refused(method, dtype):
         QuantizeConfig.model_validate({"type": "quantize", "method": method, "dtype": dtype, "int4_compute": "float"})
     assert QuantizeConfig.model_validate({"type": "quantize", "method": "weight_only", "dtype": "int4",
                                           "int4_compute": "float"}).int4_compute == "float"
+
+
+@pytest.mark.parametrize("vocab, head, float_head", [(128, "auto", True), (4096, "auto", False), (4096, "float", True),
+                                                      (128, "int4", False)])
+def test_the_language_model_head_stays_float_where_that_is_cheap(vocab, head, float_head):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compresspipe.stages.quantize import QuantizeConfig
+    from compresspipe.stages.quantize.stage import QuantizeStage, output_layer
+
+    config = AutoConfig.for_model(**{**TINY_LLAMA, "vocab_size": vocab, "tie_word_embeddings": True})
+    model = nn.Module()
+    model.model = AutoModelForCausalLM.from_config(config)  # as compresspipe wraps it (HFModel.model)
+    assert output_layer(model) == "model.lm_head"
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    stage = QuantizeStage(QuantizeConfig(type="quantize", method="weight_only", dtype="int4", head=head))
+    notes: list[str] = []
+    kept = stage._float_head(model, layers, notes)
+    assert ("model.lm_head" in kept) == float_head, (kept, notes)
+    if head == "auto":  # the share decides, and the run says which way and why
+        text = kept.get("model.lm_head", "") + " ".join(notes)
+        assert ("8.2% of the 4-bit weights" if vocab == 128 else "74% of the weights to hold in 4 bits") in text
+
+
+def test_head_is_a_setting_of_int4_weight_only():
+    from pydantic import ValidationError
+
+    from compresspipe.stages.quantize import QuantizeConfig
+
+    with pytest.raises(ValidationError, match="head sets whether a language model head is 4-bit"):
+        QuantizeConfig(type="quantize", method="weight_only", dtype="int8", head="float")
+    assert QuantizeConfig(type="quantize", method="static").head == "auto"  # the default is always accepted

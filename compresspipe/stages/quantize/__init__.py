@@ -82,6 +82,9 @@ class KeepFloat(StrictModel):
                                 "deploy runtime's int8 file (onnxruntime), else on PyTorch's int8 emulation")
 
 
+HEAD_FLOAT_SHARE = 0.10  # head: auto keeps a language model head float up to this share of the 4-bit weights
+
+
 class QuantizeConfig(StageConfig):
     """Quantization: int8 weights (and activations), int4 weight-only, or fp16/bf16; smaller files.
 
@@ -119,6 +122,13 @@ class QuantizeConfig(StageConfig):
                             "rounded to int8 per block, ONNX Runtime's accuracy_level 4, as its generation models run "
                             "on CPU: faster decoding) or float (weights dequantized, float activations); the file is "
                             "judged against its float model either way (deploy.fidelity)")
+    head: Literal["auto", "int4", "float"] = Field(
+        "auto", description="weight_only int4: a language model's output layer (lm_head, tied or not), which picks "
+                            "every next token: float keeps it float (as llm-compressor's and AutoGPTQ's recipes do), "
+                            "int4 holds it in 4 bits like the rest; auto keeps it float where that is cheap, when its "
+                            f"weights are at most {int(HEAD_FLOAT_SHARE * 100)}% of the layers this stage would hold "
+                            "in 4 bits (small models, large hidden sizes), and 4-bit where a large vocabulary makes it "
+                            "a large share of every decode step")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding quantized convolution (all but dynamic)")
     include: Selector = Field(default_factory=lambda: ["*"], description=SELECTOR_HELP)
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
@@ -139,6 +149,9 @@ class QuantizeConfig(StageConfig):
             raise ValueError(f"dtype int4 needs method weight_only (got method {self.method}); use dtype: int8")
         if self.algorithm != "rtn" and (self.method, self.dtype) != ("weight_only", "int4"):
             raise ValueError(f"algorithm {self.algorithm} fits 4-bit weight groups: it needs method weight_only with "
+                             f"dtype int4 (got method {self.method}, dtype {self.dtype})")
+        if self.head != "auto" and (self.method, self.dtype) != ("weight_only", "int4"):  # not the default
+            raise ValueError(f"head sets whether a language model head is 4-bit: it needs method weight_only with "
                              f"dtype int4 (got method {self.method}, dtype {self.dtype})")
         if self.int4_compute != "int8" and (self.method, self.dtype) != ("weight_only", "int4"):  # not the default
             raise ValueError(f"int4_compute sets how the onnx_int4 file's 4-bit MatMuls compute: it needs method "

@@ -25,7 +25,13 @@ from compresspipe.runtimes.handoff import ALGORITHM_LABELS
 from compresspipe.runtimes.observers import RangeObserver
 from compresspipe.stages.base import Need, Score, Stage, StagePlan, StageResult
 from compresspipe.stages.graph import analyse, fold_bn, fold_target
-from compresspipe.stages.quantize import OnnxInt4Handoff, OnnxInt8Handoff, QuantizeConfig, QuantizeRecord
+from compresspipe.stages.quantize import (
+    HEAD_FLOAT_SHARE,
+    OnnxInt4Handoff,
+    OnnxInt8Handoff,
+    QuantizeConfig,
+    QuantizeRecord,
+)
 from compresspipe.stages.quantize.backends import QuantBackend, resolve
 from compresspipe.stages.quantize.layers import (
     QuantConv2d,
@@ -171,11 +177,17 @@ class QuantizeStage(Stage[QuantizeConfig]):
         layers = {n: m for n, m in chosen.items() if n not in skipped}
         if not layers:
             raise StageConfigError(stage, "no quantizable layer left: " + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
+        notes: list[str] = []
+        head = self._float_head(model, layers, notes) if (cfg.method, cfg.dtype) == ("weight_only", "int4") else {}
+        skipped.update(head)
+        layers = {n: m for n, m in layers.items() if n not in head}
+        if not layers:
+            raise StageConfigError(stage, "no layer left to hold in 4 bits but the language model head, which "
+                                          "quantize.head keeps float: set head: int4")
         bytes_before, params = _bytes(model), _count_params(model)
         val = ctx.data.loader("val", ctx.recipe.data.eval_batch_size)
         previous = ctx.input_metrics.get("score")  # what the executor measured on the model given to us
         acc_before = float(previous) if isinstance(previous, float) else _accuracy(model, val, ctx.task)
-        notes: list[str] = []
         original_types = {n: type(m).__name__ for n, m in model.named_modules() if n}
         weights = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules() if n}
         if backend.export_only:
@@ -194,7 +206,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         state.module = model.eval()
         state.record(quantize_edit(cfg.method, new, list(folds.items())))
         grouped = [n for n, m in new.items() if isinstance(m, QuantMatMulNBits)]
-        state.put(self._export_record(ctx, cfg.method, list(new), float_layers, grouped))
+        state.put(self._export_record(ctx, cfg.method, list(new), float_layers, grouped, head))
 
         acc_after = _accuracy(model, val, ctx.task)
         bytes_after = _bytes(model)
@@ -236,6 +248,28 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 "method": "static" if cfg.method == "qat" else cfg.method, "dtype": cfg.dtype,
                 "observer": cfg.observer, "percentile": cfg.percentile, "per_channel": cfg.per_channel,
                 "fold_bn": cfg.fold_bn, "calibration_batches": cfg.calibration.batches}
+
+    def _float_head(self, model: nn.Module, layers: dict[str, nn.Module], notes: list[str]) -> dict[str, str]:
+        """{the language model head: why it stays float} when `head` keeps it float (weight_only int4), else {}."""
+        cfg = self.config
+        name = output_layer(model)
+        if name is None or name not in layers:
+            if cfg.head == "float":
+                notes.append("head: float: the model has no language model head among the selected layers "
+                             "(transformers' get_output_embeddings)")
+            return {}
+        if cfg.head == "int4":
+            return {}
+        size = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in layers.items()}
+        share = size[name] / max(sum(size.values()), 1)
+        if cfg.head == "float":
+            return {name: "language model head, kept float (quantize.head: float)"}
+        if share > HEAD_FLOAT_SHARE:
+            notes.append(f"head: auto: the language model head ({name}) is {share:.0%} of the weights to hold in 4 "
+                         f"bits, more than {HEAD_FLOAT_SHARE:.0%}: 4-bit like the rest (head: float keeps it float)")
+            return {}
+        return {name: f"language model head, kept float (quantize.head: auto: {share:.1%} of the 4-bit weights, at "
+                      f"most {HEAD_FLOAT_SHARE:.0%}; it picks every next token; head: int4 holds it in 4 bits)"}
 
     def _kinds(self, model: nn.Module) -> tuple[type, ...]:
         """The layer types this method quantizes; weight-only and dynamic add transformers' Conv1D (GPT-2), found in
@@ -416,8 +450,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
                    "tables": {"per layer": table}}
         return StageResult(state=state, kind="quantized", notes=notes, details=details)
 
-    def _export_record(self, ctx: StageContext, method: str, layers: list[str],
-                       keep_float: list[str] | None = None, grouped: list[str] | None = None) -> QuantizeRecord:
+    def _export_record(self, ctx: StageContext, method: str, layers: list[str], keep_float: list[str] | None = None,
+                       grouped: list[str] | None = None, head: dict[str, str] | None = None) -> QuantizeRecord:
         """The hand-off to export and deploy, saved with the model: int8 runtimes re-quantize the float model
         of the stage before this one with these settings (the torch layers export as their float emulation)."""
         cfg = self.config
@@ -427,7 +461,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             return QuantizeRecord(method=method, float_stage=previous,
                                   onnx_int4=OnnxInt4Handoff(block_size=cfg.group_size, algorithm=cfg.algorithm,
                                                             compute=cfg.int4_compute,
-                                                            layers=grouped))
+                                                            layers=grouped, float_layers=dict(head or {})))
         if method in ("static", "qat", "dynamic"):
             handoff = OnnxInt8Handoff(method="dynamic" if method == "dynamic" else "static",
                                       per_channel=cfg.per_channel, observer=cfg.observer,
@@ -491,6 +525,21 @@ def _float_weight_note(table: list[dict[str, Any]], weights: dict[str, int], par
     return [f"{len(rows)} layer(s) holding weights stay float32, {share:.0%} of the parameters ("
             + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
             + "): this stage does not quantize them; see the per-layer table"]
+
+
+def output_layer(model: nn.Module) -> str | None:
+    """The name of a language model's output layer (transformers' `get_output_embeddings`), if it has one."""
+    for module in model.modules():
+        get = getattr(module, "get_output_embeddings", None)
+        if not callable(get) or not hasattr(module, "config"):
+            continue
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(head, nn.Module):
+            return next((n for n, m in model.named_modules() if m is head), None)
+    return None
 
 
 def _matmul_nbits(layer: nn.Module, cfg: QuantizeConfig) -> bool:
