@@ -106,6 +106,7 @@ def build_report(recipe_name: str, rows: list[dict[str, Any]], reference: str, s
             out["details"] = row["details"]
         stages.append(out)
     _int8_slower_notes(stages)
+    _pruned_slower_notes(stages)
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -197,6 +198,36 @@ def _int8_slower_notes(stages: list[dict[str, Any]]) -> None:
             bits = "int4" if row.get("format") == "onnx_int4" else "int8"
             row["notes"].append(f"{bits} does not pay here: at {at} the {bits} file is slower than the float file of "
                                 f"'{last_float['name']}'")
+
+
+CHANNEL_BLOCK = 8  # ONNX Runtime's blocked (NCHWc) and XNNPACK's convolutions work on channels in blocks of 8
+
+
+def _pruned_slower_notes(stages: list[dict[str, Any]]) -> None:
+    """A structurally pruned float file slower than the file of the row before it says so, and names the layers
+    whose channel counts pruning moved off a multiple of 8 (the usual cause: `round_to: 8` keeps them aligned)."""
+    for before, row in zip(stages, stages[1:], strict=False):
+        if row.get("kind") != "structural" or row.get("format") in INT8_FORMATS:
+            continue
+        mine, theirs = row.get("latency_ms") or {}, before.get("latency_ms") or {}
+        slower = [bs for bs, ms in mine.items()
+                  if isinstance(ms, float) and isinstance(theirs.get(bs), float) and ms > theirs[bs]]
+        if not slower:
+            continue
+        at = ", ".join(f"batch {bs} ({mine[bs]:.3f} ms vs {theirs[bs]:.3f} ms)" for bs in slower)
+        off = []
+        for r in ((row.get("details") or {}).get("tables") or {}).get("per layer") or []:
+            try:
+                was, now = (int(str(r[k]).split("x")[0]) for k in ("shape before", "shape after"))
+            except (KeyError, ValueError):
+                continue
+            if was % CHANNEL_BLOCK == 0 and now % CHANNEL_BLOCK and now != was:
+                off.append(f"{r.get('layer')}: {was} -> {now}")
+        cause = (f"; {len(off)} layer(s) now have channel counts off a multiple of {CHANNEL_BLOCK} ("
+                 + ", ".join(off[:3]) + (", ..." if len(off) > 3 else "") + "), which ONNX Runtime's and XNNPACK's "
+                 f"convolutions run on slower paths: round_to: {CHANNEL_BLOCK} keeps them aligned") if off else ""
+        row["notes"].append(f"pruning does not pay here: at {at} the pruned file is slower than the file of "
+                            f"'{before['name']}'{cause}")
 
 
 def deploy_summary(recipe: Any) -> dict[str, Any]:
