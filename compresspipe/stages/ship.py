@@ -114,7 +114,21 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
     if job.diagnosis:
         entry["fidelity"]["diverging"] = list(job.diagnosis)
     _fidelity_note(entry)
+    if fmt == "onnx_int4" and not entry["fidelity"]["passed"]:
+        from compresspipe.runtimes.kv_cache import language_model
+        from compresspipe.runtimes.onnx_int4 import handoff
+
+        hint = head_hint(language_model(job.module, job.io.task) is not None, bool(handoff(job).float_layers))
+        entry["notes"] += [hint] if hint else []
     return entry
+
+
+def head_hint(language_model: bool, head_float: bool) -> str | None:
+    """What to try when a language model's int4 file does not follow its source and its head is 4-bit too."""
+    if not language_model or head_float:
+        return None
+    return ("onnx_int4: the language model head is 4-bit too; quantize.head: float keeps it float (it picks every "
+            "next token; a head tied to the embedding adds no bytes)")
 
 
 def _fidelity_note(entry: dict[str, Any]) -> None:

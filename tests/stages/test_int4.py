@@ -227,3 +227,11 @@ def test_head_is_a_setting_of_int4_weight_only():
     with pytest.raises(ValidationError, match="head sets whether a language model head is 4-bit"):
         QuantizeConfig(type="quantize", method="weight_only", dtype="int8", head="float")
     assert QuantizeConfig(type="quantize", method="static").head == "auto"  # the default is always accepted
+
+
+def test_an_int4_file_that_fails_its_gate_with_a_4bit_head_says_what_to_try():
+    from compresspipe.stages.ship import head_hint
+
+    assert "quantize.head: float" in str(head_hint(language_model=True, head_float=False))
+    assert head_hint(language_model=True, head_float=True) is None  # the head is float already
+    assert head_hint(language_model=False, head_float=False) is None  # no language model head to keep
