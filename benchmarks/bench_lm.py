@@ -9,8 +9,8 @@ key/value cache, decode tokens per second timed interleaved in one process (1 th
    memory in `runtime MiB`).
    Issue 24's goals: int4 >= 4x smaller, >= 2x decode at batch 1, perplexity +5% at most; prune + distill +10% at
    most and >= 1.3x decode.
-2. The same recipe at hidden 256 and 4 blocks (2.9M parameters, one epoch): float against int4, where the weights
-   start to outweigh ONNX Runtime's cost per node.
+2. The same recipe at hidden 256 and 4 blocks (2.9M parameters, one epoch of training): float against int4, and
+   the recipe's prune + distill with and without int4, where the weights outweigh ONNX Runtime's cost per node.
 3. A ~100M-parameter Llama-style config (12 blocks, hidden 768, 12 heads, 4 key/value heads, random weights, no
    training) through prune -> int4 -> export: wall time and peak resident memory of the whole run, and of a
    process that only loads the pruned float file or the int4 file and generates with it.
@@ -114,15 +114,22 @@ def measure_files(files: dict[str, tuple[Path, str]], rounds: int = 5) -> list[d
 
 
 def _medium() -> list[dict[str, Any]]:
-    """The recipe's model at hidden 256 and 4 blocks (2.9M parameters, one epoch): where int4 starts to pay."""
+    """The recipe's model at hidden 256 and 4 blocks (2.9M parameters, one epoch): where int4 pays. Two runs from
+    the same seed: train -> int4, and the recipe's own train -> prune + distill -> int4."""
     base = yaml.safe_load(RECIPE.read_text())
     base["model"]["huggingface"]["config"].update(MEDIUM)
     base["deploy"] = {"runtime": "onnxruntime", "rounds": 3}
     base["evaluate"] = {"latency": {"batch_sizes": [1], "warmup": 1, "iters": 3, "threads": 1}}
-    recipe = {**base, "name": "lm-medium-int4", "stages": [{**base["stages"][0], "epochs": 1}, INT4]}
-    folder = Path(tempfile.mkdtemp(prefix="cp-bench-lm-medium-"))
-    _run(recipe, folder)
-    return measure_files({"medium float": (folder / "run", "train"), "medium int4": (folder / "run", "quantize")})
+    train = {**base["stages"][0], "epochs": 1}
+    plain = {**base, "name": "lm-medium-int4", "stages": [train, INT4]}
+    pruned = {**base, "name": "lm-medium-prune-int4", "stages": [train, *base["stages"][1:], INT4]}
+    folders = {k: Path(tempfile.mkdtemp(prefix=f"cp-bench-lm-medium-{k}-")) for k in ("int4", "prune")}
+    _run(plain, folders["int4"])
+    _run(pruned, folders["prune"])
+    plain_run, pruned_run = folders["int4"] / "run", folders["prune"] / "run"
+    return measure_files({"medium float": (plain_run, "train"), "medium int4": (plain_run, "quantize"),
+                          "medium prune+distill": (pruned_run, "prune"),
+                          "medium prune+distill int4": (pruned_run, "quantize")})
 
 
 def _large() -> list[dict[str, Any]]:
