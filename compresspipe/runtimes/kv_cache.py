@@ -4,12 +4,15 @@ A Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2, ...) is exported with th
 ORTModelForCausalLM and ONNX Runtime GenAI name them:
 
   inputs   input_ids [batch, seq] int64, attention_mask [batch, past + seq] int64 (1 = token, 0 = padding),
-           past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] float
+           position_ids [batch, seq] int64 (each token's position among the real tokens: the mask's running
+           count - 1), past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] float
   outputs  logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past + seq, head_dim]
 
 Every axis but kv_heads and head_dim is dynamic; the first call passes a cache of length 0 (prefill), each later
-call the last token and the cache the previous call returned (decode). Positions follow the cache length, so
-batches are padded on the right (the mask's zeros at the end); the model's own attention computes the rest.
+call the last token and the cache the previous call returned (decode). Positions come from the mask, as Optimum
+computes them, so a batch of prompts of different lengths is padded on the left (the mask's zeros first) and
+generates as each prompt would alone. Files written before position_ids was an input take positions from the
+cache length: right padding only; every helper here feeds whichever inputs the file has.
 
 `KVSession` lets the rest of compresspipe (verification, perplexity, timing) run such a file as if it had no
 cache: it feeds an empty one. `greedy` and `decode_speed` drive the cache as a generation loop does.
@@ -56,15 +59,15 @@ class KVCacheLM(nn.Module):
         # `model`, as in HFModel: the exported nodes carry the PyTorch layer names (model.model.layers.0...)
         self.model, self.layers = lm, layers
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                      return_dict=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, return_dict=True)
         flat: list[torch.Tensor] = []
         for layer in out.past_key_values.layers:
             flat += [layer.keys, layer.values]
@@ -74,7 +77,24 @@ class KVCacheLM(nn.Module):
 def names(layers: int) -> tuple[list[str], list[str]]:
     past = [PAST.format(i, kv) for i in range(layers) for kv in ("key", "value")]
     present = [PRESENT.format(i, kv) for i in range(layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", *past], ["logits", *present]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def positions(mask: np.ndarray, seq: int) -> np.ndarray:
+    """position_ids of the last `seq` tokens: each real token's index among the real tokens of its row (the mask's
+    running count - 1, as Optimum and transformers' generate compute it). Padding keeps its column index: no real
+    token attends to it, and right-padded rows get exactly the positions PyTorch gives them without the input."""
+    column = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)
+    pos = np.where(mask != 0, np.cumsum(mask, axis=-1) - 1, column)
+    return pos[:, -seq:].astype(np.int64)
+
+
+def token_feed(raw: Any, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The token inputs of a call: position_ids too when the file takes them."""
+    out = {"input_ids": ids, "attention_mask": mask}
+    if any(i.name == "position_ids" for i in raw.get_inputs()):
+        out["position_ids"] = positions(mask, ids.shape[1])
+    return out
 
 
 def export_kv(lm: nn.Module, path: Path, opset: int, batch: int, seq: int,
@@ -88,11 +108,12 @@ def export_kv(lm: nn.Module, path: Path, opset: int, batch: int, seq: int,
     dtype = next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)
     ids = torch.randint(0, 2, (batch, seq))
     mask = torch.ones(batch, EXPORT_PAST + seq, dtype=torch.long)
+    pos = torch.arange(EXPORT_PAST, EXPORT_PAST + seq).expand(batch, seq).contiguous()
     past = tuple(torch.zeros(batch, heads, EXPORT_PAST, dim, dtype=dtype) for heads, dim in layout for _ in range(2))
     b, s, p, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-    shapes = ({0: b, 1: s}, {0: b, 1: total}, tuple({0: b, 2: p} for _ in past))
+    shapes = ({0: b, 1: s}, {0: b, 1: total}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
     inputs, outputs = names(layers)
-    torch.onnx.export(wrapper, (ids, mask, past), str(path), dynamo=True, verbose=False, opset_version=opset,
+    torch.onnx.export(wrapper, (ids, mask, pos, past), str(path), dynamo=True, verbose=False, opset_version=opset,
                       input_names=inputs, output_names=outputs, dynamic_shapes=shapes, external_data=external_data)
     config = lm.config
     special = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -100,8 +121,9 @@ def export_kv(lm: nn.Module, path: Path, opset: int, batch: int, seq: int,
 
     return {"compresspipe.kv_cache": json.dumps({
         "layout": "optimum", "layers": layers, "kv_heads": [h for h, _ in layout], "head_dim": [d for _, d in layout],
-        "inputs": "input_ids, attention_mask, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]",
-        "outputs": "logits, present.{i}.key/value", "padding": "right"}),
+        "inputs": "input_ids, attention_mask, position_ids, past_key_values.{i}.key/value [batch, kv_heads, past, "
+                  "head_dim]",
+        "outputs": "logits, present.{i}.key/value", "padding": "left or right (position_ids follow the mask)"}),
         "compresspipe.vocab_size": str(getattr(config, "vocab_size", "")),
         "compresspipe.special_tokens": json.dumps({k: v for k, v in special.items() if v is not None})}
 
@@ -125,8 +147,9 @@ class KVSession:
     cache is fed; the logits come back first). `raw` is the session itself."""
 
     def __init__(self, raw: Any):
-        self.raw = raw
-        self._inputs = [i for i in raw.get_inputs() if not i.name.startswith("past_key_values.")]
+        self.raw = raw  # what the caller feeds: the token inputs (position_ids follow from the mask, added here)
+        self._inputs = [i for i in raw.get_inputs() if not i.name.startswith("past_key_values.")
+                        and i.name != "position_ids"]
 
     def get_inputs(self) -> list[Any]:
         return self._inputs
@@ -138,12 +161,14 @@ class KVSession:
         return self.raw.get_modelmeta()
 
     def run(self, output_names: Any, feed: dict[str, Any]) -> list[Any]:
-        batch = int(next(iter(feed.values())).shape[0])
-        return list(self.raw.run(["logits"], {**feed, **empty_cache(self.raw, batch)}))
+        ids = feed["input_ids"]
+        mask = feed.get("attention_mask", np.ones_like(ids))
+        tokens = {**token_feed(self.raw, ids, mask), **feed}
+        return list(self.raw.run(["logits"], {**tokens, **empty_cache(self.raw, int(ids.shape[0]))}))
 
 
 def _step(raw: Any, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-    outs = raw.run(None, {"input_ids": ids, "attention_mask": mask, **past})
+    outs = raw.run(None, {**token_feed(raw, ids, mask), **past})
     names_out = [o.name for o in raw.get_outputs()]
     present = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names_out[1:], outs[1:], strict=True)}
     return outs[0], present

@@ -33,8 +33,8 @@ def test_an_lm_onnx_file_has_a_cache_and_generates_what_pytorch_does(tmp_path, c
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = {i.name: i.shape for i in sess.get_inputs()}
     layers = config.get("num_hidden_layers", config.get("n_layer"))
-    assert list(inputs) == ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
-                                                              for kv in ("key", "value")]
+    assert list(inputs) == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     assert inputs["past_key_values.0.key"][1] == kv_heads and isinstance(inputs["past_key_values.0.key"][2], str)
     assert [o.name for o in sess.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
     meta = sess.get_modelmeta().custom_metadata_map
@@ -51,10 +51,38 @@ def test_an_lm_onnx_file_has_a_cache_and_generates_what_pytorch_does(tmp_path, c
     # prefill and the first decode step agree with the whole-sequence logits
     ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
     full = torch.from_numpy(sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                                  **_empty(sess)})[0])
+                                                  "position_ids": np.arange(4)[None], **_empty(sess)})[0])
     with torch.no_grad():
         ref = module(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(1, 4, dtype=torch.long))
     assert torch.allclose(full, ref, atol=1e-4)
+    _left_padded_batch_generates_as_each_prompt_alone(sess)
+
+
+def _left_padded_batch_generates_as_each_prompt_alone(sess):
+    """Prompts of different lengths in one batch, padded on the left: prefill and three decode steps give each row
+    the logits it gets alone (positions follow the mask, not the cache length)."""
+    from compresspipe.runtimes.kv_cache import _step, empty_cache
+
+    prompts = [[5, 17, 33, 2, 90, 41], [7, 3]]
+    alone = []
+    for p in prompts:
+        ids, mask, past, rows = np.array([p]), np.ones((1, len(p)), dtype=np.int64), empty_cache(sess, 1), []
+        for _ in range(4):
+            logits, past = _step(sess, ids, mask, past)
+            rows.append(logits[0, -1])
+            ids = np.array([[int(logits[0, -1].argmax())]])
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        alone.append(rows)
+    width = max(map(len, prompts))
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    past = empty_cache(sess, 2)
+    for step in range(4):
+        logits, past = _step(sess, ids, mask, past)
+        for row in range(2):
+            assert np.allclose(logits[row, -1], alone[row][step], atol=1e-4), (row, step)
+        ids = logits[:, -1].argmax(-1).reshape(2, 1)
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=mask.dtype)], axis=1)
 
 
 def _empty(sess):
