@@ -14,7 +14,6 @@ from tests.fixtures import run, tiny_recipe
 from tests.stages.test_prune_decoder import LM_DATA, TINY_GPT2, TINY_LLAMA
 
 pytest.importorskip("onnxruntime")
-pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.mark.parametrize("config, kv_heads", [(TINY_LLAMA, 2), (TINY_GPT2, 4)], ids=["llama-gqa", "gpt2"])
