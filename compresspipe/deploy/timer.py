@@ -88,9 +88,9 @@ class DeployTimer:
             if "peak_memory_mib" in entry:
                 continue
             path = self.folder / row["folder"] / entry["files"][0]
-            peaks, runtime = {}, None
+            digest, peaks, runtime = sha256_file(path), {}, None
             for bs in self.sizes:
-                key = (sha256_file(path), bs)
+                key = (digest, bs)
                 if key not in seen:
                     seen[key] = peak_memory(path, bs, self.threads, prompt=DECODE_PROMPT)
                 got = seen[key]

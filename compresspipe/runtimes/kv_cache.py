@@ -89,10 +89,16 @@ def positions(mask: np.ndarray, seq: int) -> np.ndarray:
     return pos[:, -seq:].astype(np.int64)
 
 
-def token_feed(raw: Any, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The token inputs of a call: position_ids too when the file takes them."""
+def takes_positions(raw: Any) -> bool:
+    """Whether the file has a position_ids input (files written before it had none)."""
+    return any(i.name == "position_ids" for i in raw.get_inputs())
+
+
+def token_feed(raw: Any, ids: np.ndarray, mask: np.ndarray, positioned: bool | None = None) -> dict[str, np.ndarray]:
+    """The token inputs of a call: position_ids too when the file takes them (`positioned`: known already, as in a
+    loop that asks once)."""
     out = {"input_ids": ids, "attention_mask": mask}
-    if any(i.name == "position_ids" for i in raw.get_inputs()):
+    if takes_positions(raw) if positioned is None else positioned:
         out["position_ids"] = positions(mask, ids.shape[1])
     return out
 
@@ -167,8 +173,9 @@ class KVSession:
         return list(self.raw.run(["logits"], {**tokens, **empty_cache(self.raw, int(ids.shape[0]))}))
 
 
-def _step(raw: Any, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-    outs = raw.run(None, {**token_feed(raw, ids, mask), **past})
+def _step(raw: Any, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray],
+          positioned: bool | None = None) -> tuple[np.ndarray, dict]:
+    outs = raw.run(None, {**token_feed(raw, ids, mask, positioned), **past})
     names_out = [o.name for o in raw.get_outputs()]
     present = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names_out[1:], outs[1:], strict=True)}
     return outs[0], present
@@ -178,9 +185,10 @@ def greedy(raw: Any, prompt: np.ndarray, tokens: int) -> list[int]:
     """Greedy decoding of `tokens` tokens after `prompt` ([1, P] int64) through the cache, as a generation loop."""
     ids, mask = prompt.astype(np.int64), np.ones_like(prompt, dtype=np.int64)
     past = empty_cache(raw, 1)
+    positioned = takes_positions(raw)
     out: list[int] = []
     for _ in range(tokens):
-        logits, past = _step(raw, ids, mask, past)
+        logits, past = _step(raw, ids, mask, past, positioned)
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
         ids = np.array([[nxt]], dtype=np.int64)
@@ -219,32 +227,33 @@ class DecodeStep:
 
     def __init__(self, raw: Any, batch: int, prompt: int = DECODE_PROMPT):
         ids = np.random.default_rng(0).integers(0, _vocab(raw), (batch, prompt)).astype(np.int64)
-        logits, self.past = _step(raw, ids, np.ones_like(ids), empty_cache(raw, batch))
+        logits, past = _step(raw, ids, np.ones_like(ids), empty_cache(raw, batch))
         self.raw = raw
         self.per_token_after = prompt  # how the deploy timer tells a decode step from a forward
-        self.ids = logits[:, -1].argmax(-1).astype(np.int64).reshape(batch, 1)
-        self.mask = np.ones((batch, prompt + 1), dtype=np.int64)
+        nxt = logits[:, -1].argmax(-1).astype(np.int64).reshape(batch, 1)
+        # the whole feed is built once: the timer times ONNX Runtime's call, not the Python that prepares it
+        self.feed = {**token_feed(raw, nxt, np.ones((batch, prompt + 1), dtype=np.int64)), **past}
 
     def __call__(self) -> Any:
-        return _step(self.raw, self.ids, self.mask, self.past)
+        return self.raw.run(None, self.feed)
 
 
 def decode_speed(raw: Any, batch: int, prompt: int, tokens: int, rounds: int = 3) -> dict[str, float]:
     """Tokens per second at this batch size: prefill of `prompt` tokens, then `tokens` decode steps, each through
     the cache (median over rounds; every sequence of the batch counts)."""
     rng = np.random.default_rng(0)
-    vocab = _vocab(raw)
+    vocab, positioned = _vocab(raw), takes_positions(raw)
     prefill, decode = [], []
     for _ in range(rounds):
         ids = rng.integers(0, vocab, (batch, prompt)).astype(np.int64)
         mask = np.ones_like(ids)
         t0 = time.perf_counter()
-        logits, past = _step(raw, ids, mask, empty_cache(raw, batch))
+        logits, past = _step(raw, ids, mask, empty_cache(raw, batch), positioned)
         t1 = time.perf_counter()
         for _ in range(tokens):
             nxt = logits[:, -1].argmax(-1).astype(np.int64).reshape(batch, 1)
             mask = np.ones((batch, mask.shape[1] + 1), dtype=np.int64)
-            logits, past = _step(raw, nxt, mask, past)
+            logits, past = _step(raw, nxt, mask, past, positioned)
         t2 = time.perf_counter()
         prefill.append(batch * prompt / (t1 - t0))
         decode.append(batch * tokens / (t2 - t1))

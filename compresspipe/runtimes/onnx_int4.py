@@ -168,7 +168,7 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         config = (HQQWeightOnlyQuantConfig(block_size=hand.block_size, bits=4) if hand.algorithm == "hqq" else
                   DefaultWeightOnlyQuantConfig(block_size=hand.block_size, is_symmetric=hand.symmetric))
         # nodes_to_include only adds to the MatMul op type the quantizer takes anyway: what stays float is excluded
-        others = [n.name for n in matmuls if n.name not in set(chosen)]
+        others = [n.name for n in matmuls if n.name not in chosen]
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=hand.block_size, is_symmetric=hand.symmetric,
                                          nodes_to_include=chosen, nodes_to_exclude=others, algo_config=config)
         with warnings_as_notes(job, out.name):  # e.g. HQQ's torch.from_numpy of a read-only weight

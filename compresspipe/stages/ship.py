@@ -116,9 +116,12 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
     _fidelity_note(entry)
     if fmt == "onnx_int4" and not entry["fidelity"]["passed"]:
         from compresspipe.runtimes.kv_cache import language_model
-        from compresspipe.runtimes.onnx_int4 import handoff
+        from compresspipe.stages.quantize.nbits import QuantMatMulNBits
+        from compresspipe.stages.quantize.stage import output_layer
 
-        hint = head_hint(language_model(job.module, job.io.task) is not None, bool(handoff(job).float_layers))
+        head = output_layer(job.module)  # 4-bit in PyTorch is 4-bit in the file (the writer follows the stage)
+        four_bit = head is not None and isinstance(job.module.get_submodule(head), QuantMatMulNBits)
+        hint = head_hint(language_model(job.module, job.io.task) is not None, not four_bit)
         entry["notes"] += [hint] if hint else []
     return entry
 
