@@ -139,6 +139,7 @@ def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any
     sources: list[torch.Tensor | None] = (list(job.float_reference) if job.float_reference is not None
                                           else [None for _ in job.reference])
     max_diff, agree, compared, count, src_agree, src_compared = 0.0, 0, 0, 0, 0, 0
+    max_ref = 0.0  # the largest finite |output| of PyTorch: the scale verify.rtol is relative to
     own_agree, own_compared = 0, 0
     margin = job.fidelity.tie_margin if job.fidelity is not None else 0.0
     for (inputs, labels), ref, src in zip(job.batches, job.reference, sources, strict=True):
@@ -147,6 +148,7 @@ def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any
         diff = float((out - ref).abs().max())
         if not diff <= max_diff and max_diff == max_diff:  # a NaN sticks (max() would drop it)
             max_diff = diff
+        max_ref = max(max_ref, float(torch.nan_to_num(ref.abs(), 0.0, 0.0, 0.0).max()) if ref.numel() else 0.0)
         scorer.update(out, labels)
         ref_scorer.update(ref, labels)
         a, c = agreement(task, out, ref, labels)
@@ -162,6 +164,7 @@ def compare(job: ExportJob, run: Callable[[Any], torch.Tensor]) -> dict[str, Any
     out_metrics = {
         "samples": count,
         "max_abs_diff": max_diff,
+        "max_abs_output": max_ref,
         "top1_agreement": agree / max(compared, 1),
         **figures,
         "pytorch_accuracy": ref_scorer.result().get("top1"),

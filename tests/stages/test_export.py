@@ -126,13 +126,14 @@ def test_missing_runtime_exits_2_naming_what_to_install(tmp_path, monkeypatch):
 
 
 def test_failed_verification_exits_3_and_keeps_files(tmp_path):
-    recipe = tiny_recipe(stages=[{"type": "export", "formats": ["onnx"], "verify": {"batches": 1, "atol": 1e-12}}])
+    recipe = tiny_recipe(stages=[{"type": "export", "formats": ["onnx"],
+                                  "verify": {"batches": 1, "atol": 1e-12, "rtol": 0}}])
     recipe["model"] = {**SMALL_CNN, "input_shape": [1, 8, 8]}
     recipe["evaluate"]["latency"]["enabled"] = False
     path = write_recipe(tmp_path, recipe)
     result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 3, result.output
-    assert "verify.atol" in result.output and "kept for inspection" in result.output
+    assert "verify.atol" in result.output and "verify.rtol" in result.output and "kept for inspection" in result.output
     kept = tmp_path / "run" / ".01-export.partial" / "export"
     assert (kept / "model.onnx").stat().st_size > 10_000
     checks = json.loads((kept / "manifest.json").read_text())["checks"]
@@ -463,3 +464,26 @@ def test_warnings_while_exporting_become_notes_once_each_and_none_is_dropped_uns
     assert len(job.notes) == MAX_WARNING_NOTES + 1
     assert job.notes[-1] == "torchscript: 3 more distinct warning(s)"
     assert "caveat 0" in job.notes[1] and "second line" not in job.notes[1]
+
+
+def test_float_files_are_judged_relative_to_the_scale_of_their_outputs():
+    """Float32 rounding grows with the values a network carries: the same |diff| passes on logits of 90 and fails on
+    logits of 1 (verify.rtol is relative to the largest |output|); rtol 0 judges by atol alone."""
+    from types import SimpleNamespace
+
+    from compresspipe.stages.export import ExportConfig
+    from compresspipe.stages.export.stage import ExportStage
+
+    def judge(max_abs_output: float, diff: float = 3e-4, **verify: float) -> str:
+        config = ExportConfig(type="export", formats=["onnx"], verify=verify)
+        job = SimpleNamespace(config=config, dtype=torch.float32, state=SimpleNamespace(edits=[]))
+        metrics = {"max_abs_diff": diff, "max_abs_output": max_abs_output, "top1_agreement": 1.0}
+        ex = SimpleNamespace(int8=False)
+        return ExportStage._judge(None, "onnx", ex, metrics, job)  # type: ignore[arg-type]
+
+    assert judge(90.0) == "pass"  # 3e-4 <= 1e-4 + 1e-4 * 90
+    failed = judge(1.0)
+    assert failed.startswith("max |diff| from PyTorch 0.0003 > verify.atol 0.0001 + verify.rtol 0.0001"), failed
+    assert judge(90.0, rtol=0) != "pass"
+    assert judge(90.0, diff=float("nan")) != "pass"  # a NaN output never passes
+    assert judge(90.0, atol=1e-3, rtol=0) == "pass"
