@@ -3,13 +3,14 @@ and warns about recipes that cannot deliver what they look like. Changes no weig
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
 from compresspipe.artifacts.model import ModelState
+from compresspipe.cache import scratch_dir
 from compresspipe.errors import CompressPipeError, StageError
 from compresspipe.metrics import count_macs, count_params
 from compresspipe.recipe.spec import Recipe
@@ -63,7 +64,8 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState,
     rows: list[dict[str, Any]] = []
     ui = UI(quiet=True)
     planned = {"baseline": state}
-    with tempfile.TemporaryDirectory(prefix="compresspipe-plan-") as tmp:
+    tmp = scratch_dir("plan")  # removed below; after a SIGKILL, by the next process
+    try:
         for i, (cfg, stage) in enumerate(zip(recipe.stages, setup.stages, strict=True), start=1):
             ctx = StageContext(recipe=recipe, index=i, name=str(cfg.name), stage_dir=Path(tmp), device=setup.device,
                                seed=recipe.seed + i, data=setup.data, ui=ui, reference=reference_name(recipe),
@@ -91,6 +93,8 @@ def replay_plans(recipe: Recipe, setup: RunSetup, state: ModelState,
                 row["macs"] = count_macs(state.module, state.spec) if prediction is not None else None
             rows.append(row)
             planned[str(cfg.name)] = state
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 

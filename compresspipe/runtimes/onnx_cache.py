@@ -5,7 +5,8 @@ int4 source, and in the export stage. torch.onnx's dynamo exporter takes seconds
 seconds for a decoder with a key/value cache, so a model whose classes, attributes, weights, buffers and export
 settings all match one exported before is copied from that file instead of exported again. Anything the content
 cannot vouch for (a forward replaced on an instance, a forward hook) is exported afresh. The copies live in a
-private temporary folder, removed when the process ends; only the last few files are kept.
+private temporary folder, removed when the process ends (and by the next process, when this one was killed);
+only the last few files are kept.
 
 The int8 file is kept the same way (onnx_int8): the quantize row's deploy file and the export stage's onnx_int8
 quantize the same float file with the same settings and calibration batches, so the second is the first's copy,
@@ -19,7 +20,6 @@ import copy
 import hashlib
 import json
 import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from compresspipe.cache import scratch_dir
 
 MAX_ENTRIES = 4
 _PLAIN = (bool, int, float, str, type(None))
@@ -104,7 +106,7 @@ def store(key: str | None, files: list[Path], notes: list[str], meta: dict[str, 
     if key is None:
         return
     if _folder is None:
-        _folder = Path(tempfile.mkdtemp(prefix="compresspipe-onnx-"))
+        _folder = scratch_dir("onnx")
         atexit.register(shutil.rmtree, _folder, True)
     if len(files) != 1:  # weights in a .data file name it from the .onnx: such (huge) files are not kept
         return
