@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compresspipe.artifacts.model import load_model
-from compresspipe.errors import StageConfigError
+from compresspipe.errors import StageConfigError, StageError
 from tests.fixtures import CNN, run, tiny_recipe
 
 RESNET = {"builtin": "tiny-resnet", "kwargs": {"in_channels": 1, "width": 8}, "input_shape": [1, 8, 8]}
@@ -32,3 +32,14 @@ def test_folding_keeps_outputs_and_removes_every_batchnorm(tmp_path, model):
 def test_a_model_without_convolutions_is_a_clear_error(tmp_path):
     with pytest.raises(StageConfigError, match="leave no Conv2d layer to work on"):
         run(tmp_path, tiny_recipe(stages=[{"type": "fold_bn"}]))  # digits-mlp: nothing to fold
+
+
+def test_the_output_change_is_judged_relative_to_the_outputs_scale(tmp_path):
+    """Folding rounds differently in float32: the change is judged against atol + rtol x the largest |output|, and
+    rtol: 0 judges by atol alone."""
+    with pytest.raises(StageError, match=r"> atol 1e-12 \+ rtol 0 x the largest \|output\|"):
+        (tmp_path / "a").mkdir()
+        run(tmp_path / "a", tiny_recipe(model=CNN, stages=[{"type": "fold_bn", "atol": 1e-12, "rtol": 0}]))
+    (tmp_path / "b").mkdir()
+    result = run(tmp_path / "b", tiny_recipe(model=CNN, stages=[{"type": "fold_bn", "atol": 1e-12}]))
+    assert 0 < result.report["stages"][-1]["details"]["max_abs_diff"] <= 1e-4 * 10

@@ -23,7 +23,10 @@ class FoldBatchNormConfig(StageConfig):
     type: Literal["fold_bn"]
     include: Selector = Field(default_factory=lambda: ["*"], description=f"convolutions to fold into; {SELECTOR_HELP}")
     exclude: Selector = Field(default_factory=list, description=SELECTOR_HELP)
-    atol: float = Field(1e-4, gt=0, description="largest allowed output change on validation batches (else exit 3)")
+    atol: float = Field(1e-4, gt=0, description="largest allowed output change on validation batches, plus rtol "
+                                                 "times the largest |output| (else exit 3)")
+    rtol: float = Field(1e-4, ge=0, description="allowed change relative to the largest |output| (float32 rounding "
+                                                "grows with the outputs' scale); 0 judges by atol alone")
 
     implementation: ClassVar[str] = "compresspipe.stages.fold_bn.stage:FoldBatchNormStage"
     example: ClassVar[dict[str, Any]] = {"type": "fold_bn"}

@@ -49,8 +49,12 @@ class FoldBatchNormStage(Stage[FoldBatchNormConfig]):
         state.module.eval()
         with torch.no_grad():
             diff = float((state.module(x) - before).abs().max())
-        if not diff <= self.config.atol:
-            raise StageConfigError(ctx.name, f"folding changed the outputs by {diff:.3g} > atol {self.config.atol}")
+        scale = float(before.abs().max()) if before.numel() else 0.0
+        limit = self.config.atol + self.config.rtol * scale
+        if not diff <= limit:
+            raise StageConfigError(ctx.name, f"folding changed the outputs by {diff:.3g} > atol {self.config.atol:g} + "
+                                             f"rtol {self.config.rtol:g} x the largest |output| {scale:.3g} "
+                                             f"(= {limit:.3g})")
         return StageResult(state=state, kind="structural", details={"max_abs_diff": diff,
                                                                     "tables": {"folded": rows}},
                            notes=[f"{len(rows)} BatchNorm(s) folded into the convolution before them; outputs change "
