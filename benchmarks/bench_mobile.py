@@ -5,8 +5,9 @@ Models (no weights are downloaded: every model starts from its own random init a
 torchvision mobilenet_v2 (width 0.5), mobilenet_v3_small, mnasnet0_5, regnet_x_400mf; timm mobilenetv3_small_050,
 efficientnet_b0 (timm's BatchNormAct2d layers), ghostnet_050 (if timm knows it). Each row prints the shipped
 int8 file's agreement with its float source (the deploy.fidelity gate, with the layers automatic mixed precision
-kept float), its accuracy drop, size ratio and batch-1 / batch-32 speed against the float file of the same model
-(timed interleaved in one run), and the file the report recommends.
+kept float), its accuracy drop, size ratio and batch-1 / batch-32 speed against the pruned float file it was made
+from and against the unpruned float file (pruning can cost speed), timed interleaved in one run, and the file the
+report recommends.
 
 Goal (issue 21): every int8 file at >= 0.99 agreement and <= 1 point drop; every recommended file at least as
 fast as the float file. `BENCH_MOBILE=name1,name2 python -m benchmarks mobile` runs a subset.
@@ -82,6 +83,9 @@ def row(case: str, report: dict[str, Any]) -> dict[str, Any]:
     fid = final.get("fidelity") or {}
     rec = report.get("recommendation") or {}
     lat, flat = final.get("latency_ms") or {}, source.get("latency_ms") or {}
+    # against the unpruned float file too: pruning can cost speed (channel counts off a multiple of 8), which the
+    # columns against the pruned float file do not show
+    tlat = stage(report, "train").get("latency_ms") or {}
     return {
         "case": case,
         "agreement": fid.get("agreement"),
@@ -91,6 +95,8 @@ def row(case: str, report: dict[str, Any]) -> dict[str, Any]:
         "size x": (source["bytes"] / final["bytes"]) if final.get("bytes") else None,
         "b1 x": flat["1"] / lat["1"] if lat.get("1") and flat.get("1") else None,
         "b32 x": flat["32"] / lat["32"] if lat.get("32") and flat.get("32") else None,
+        "b1 x unpruned": tlat["1"] / lat["1"] if lat.get("1") and tlat.get("1") else None,
+        "b32 x unpruned": tlat["32"] / lat["32"] if lat.get("32") and tlat.get("32") else None,
         "ships": f"{rec.get('format')} of {rec.get('stage')}",
         "cpu": f"{cpu_model()[:28]} ({host_target()})",
     }
