@@ -15,7 +15,6 @@ from compresspipe.run.setup import build_baseline
 from compresspipe.stages.prune.stage import PruneStage, graph_time_bound
 from tests.fixtures import cli, stage_context, tiny_recipe, write_recipe
 
-
 # 3 blocks, hidden 64, grouped-query attention (4 query heads, 2 key/value heads), vocab 128
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
