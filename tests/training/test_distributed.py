@@ -62,3 +62,30 @@ def test_a_failing_rank_stops_the_run_with_exit_3_and_keeps_finished_stages(tmp_
     assert (out / "01-train" / "manifest.json").exists()
     assert not (out / "02-break").exists()
     assert "rank 1 broke" in (out / "error.rank1.log").read_text()
+
+
+def test_every_run_option_reaches_the_processes_nproc_launches(tmp_path, monkeypatch):
+    """`run --nproc N` starts `compresspipe run` again under torch's launcher with the options rebuilt by hand: every
+    option `run` has (a new one too) must reach the ranks."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from compresspipe.cli import app, run_cmd
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(run_cmd, "launch", lambda nproc, argv: seen.append(argv) or 0)
+    path = write_recipe(tmp_path, tiny_recipe())
+    given = {"--out": str(tmp_path / "run"), "--set": "seed=3", "--junit": str(tmp_path / "gates.xml")}
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    options = [p for p in command.params if p.opts[0].startswith("-") and p.name not in ("nproc", "help")]
+    args = [str(path), "--nproc", "2"]
+    for option in options:
+        name = max(option.opts, key=len)
+        args += [name, given[name]] if not option.is_flag else [name]
+    result = CliRunner().invoke(app, ["run", *args])
+    assert result.exit_code == 0, result.output
+    forwarded = seen[0]
+    for option in options:
+        assert set(option.opts) & set(forwarded), f"{option.opts} is not passed on to the ranks: {forwarded}"
+    assert forwarded[0] == str(path) and "--nproc" not in forwarded
+    assert forwarded[forwarded.index("--set") + 1] == "seed=3"
