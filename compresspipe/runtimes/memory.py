@@ -41,11 +41,12 @@ past = {i.name: np.zeros((batch, int(i.shape[1]), 0, int(i.shape[3])),
 ids = np.random.default_rng(0).integers(0, vocab, (batch, prompt)).astype(np.int64)
 mask = np.ones_like(ids)
 names = [o.name for o in sess.get_outputs()]
+positioned = any(i.name == "position_ids" for i in inputs)
 for _ in range(tokens + 1):
-    tokens = {"input_ids": ids, "attention_mask": mask}
-    if "position_ids" in [i.name for i in inputs]:
-        tokens["position_ids"] = np.arange(mask.shape[1] - ids.shape[1], mask.shape[1], dtype=np.int64)[None].repeat(batch, 0)
-    outs = sess.run(None, {**tokens, **past})
+    feed = {"input_ids": ids, "attention_mask": mask, **past}
+    if positioned:  # no padding here: positions run from the cache length
+        feed["position_ids"] = np.arange(mask.shape[1] - ids.shape[1], mask.shape[1], dtype=np.int64)[None].repeat(batch, 0)
+    outs = sess.run(None, feed)
     past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names[1:], outs[1:])}
     ids = outs[0][:, -1].argmax(-1).astype(np.int64).reshape(batch, 1)
     mask = np.ones((batch, mask.shape[1] + 1), dtype=np.int64)
