@@ -10,7 +10,9 @@ from and against the unpruned float file (pruning can cost speed), timed interle
 report recommends.
 
 Goal (issue 21): every int8 file at >= 0.99 agreement and <= 1 point drop; every recommended file at least as
-fast as the float file. `BENCH_MOBILE=name1,name2 python -m benchmarks mobile` runs a subset.
+fast as the float file. `float holds`, for a file that fails the gate: the share of its top-1 predictions the float
+model itself keeps when its weights move randomly by int8 rounding's size (below the gate, no int8 file can follow
+that model). `BENCH_MOBILE=name1,name2 python -m benchmarks mobile` runs a subset.
 
 The files are built for this machine's CPU (deploy.cpu: auto; the `cpu` column names it): 8-bit weights on a
 VNNI CPU, 7-bit on an AVX2-only one, where 8-bit weights could saturate.
@@ -86,12 +88,17 @@ def row(case: str, report: dict[str, Any]) -> dict[str, Any]:
     # against the unpruned float file too: pruning can cost speed (channel counts off a multiple of 8), which the
     # columns against the pruned float file do not show
     tlat = stage(report, "train").get("latency_ms") or {}
+    # when the gate fails: how much of its top-1 the float model itself keeps under weight noise of int8 rounding's
+    # size (the quantize stage's check); below the gate, no int8 file can follow that model
+    held = ((stage(report, "quantize").get("formats") or {}).get("onnx_int8", {}).get("fidelity") or {}) \
+        .get("stability") or {}
     return {
         "case": case,
         "agreement": fid.get("agreement"),
         "drop pts": None if fid.get("drop") is None else 100 * fid["drop"],
         "float layers": len(fid.get("float_layers") or []),
         "fidelity": "pass" if fid.get("passed") else "FAIL",
+        "float holds": held.get("weights"),
         "size x": (source["bytes"] / final["bytes"]) if final.get("bytes") else None,
         "b1 x": flat["1"] / lat["1"] if lat.get("1") and flat.get("1") else None,
         "b32 x": flat["32"] / lat["32"] if lat.get("32") and flat.get("32") else None,

@@ -150,6 +150,8 @@ def fidelity_gates(report: dict[str, Any]) -> list[dict[str, Any]]:
                 what += f"; kept float: {', '.join(fid['float_layers'][:6])}"
             if not fid["passed"]:
                 what += "; " + "; ".join(fid["failures"])
+                if fid.get("cause"):
+                    what += "; " + fid["cause"]
                 worst = fid.get("diverging") or []
                 if worst:
                     what += "; most diverging layers: " + ", ".join(

@@ -62,6 +62,8 @@ class ExportJob:
     fidelity: Any = None  # the recipe's deploy.fidelity (FidelitySpec): how closely a file must follow its source
     float_layers: list[str] = field(default_factory=list)  # what the int8 file kept float, and why (notes)
     diagnosis: list[dict[str, Any]] = field(default_factory=list)  # the int8 file's most diverging layers
+    # how much of its top-1 the float model itself keeps under int8-sized input and weight noise (a failed gate)
+    stability: dict[str, Any] | None = None
     tokenizer: Callable[[], Any] | None = None  # the run's text tokenizer (data/text.py), built when asked for
 
     @property

@@ -113,6 +113,11 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
         entry["fidelity"]["float_layers"] = list(job.float_layers)
     if job.diagnosis:
         entry["fidelity"]["diverging"] = list(job.diagnosis)
+    if job.stability and not entry["fidelity"]["passed"]:
+        entry["fidelity"]["stability"] = dict(job.stability)
+        cause = unstable_cause(job.stability)
+        if cause:
+            entry["fidelity"]["cause"] = cause
     _fidelity_note(entry)
     if fmt == "onnx_int4" and not entry["fidelity"]["passed"]:
         from compresspipe.runtimes.kv_cache import language_model
@@ -134,9 +139,24 @@ def head_hint(language_model: bool, head_float: bool) -> str | None:
             "next token; a head tied to the embedding adds no bytes)")
 
 
+def unstable_cause(stability: dict[str, Any]) -> str | None:
+    """The cause a failed fidelity gate names when the float model itself does not hold its top-1 under noise of
+    int8's size (ExportJob.stability): then the model, not the quantizer, is what to change."""
+    limit = stability.get("min_agreement", 0.99)
+    what = {"weights": "random weight noise of int8 rounding's size", "input": "input noise of half an int8 step"}
+    low = [f"{stability[k]:.4f} under {text}" for k, text in what.items()
+           if isinstance(stability.get(k), float) and stability[k] < limit]
+    if not low:
+        return None
+    return (f"the float model itself keeps only {' and '.join(low)} (the share of its top-1 predictions): no int8 "
+            f"file on this grid can follow it (make the model less sensitive: train longer, weight decay, label "
+            f"smoothing; or ship the float file)")
+
+
 def _fidelity_note(entry: dict[str, Any]) -> None:
     fid = entry["fidelity"]
     if not fid["passed"]:
         worst = ", ".join(f"{d['layer']} ({d['cause']})" for d in fid.get("diverging", [])[:3])
         entry["notes"].append(f"{entry['format']} does not follow its source: {'; '.join(fid['failures'])} "
-                              f"(deploy.fidelity)" + (f"; most diverging layers: {worst}" if worst else ""))
+                              f"(deploy.fidelity)" + (f"; {fid['cause']}" if fid.get("cause") else "")
+                              + (f"; most diverging layers: {worst}" if worst else ""))

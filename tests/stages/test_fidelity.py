@@ -205,12 +205,95 @@ def test_a_float_model_that_does_not_hold_its_predictions_under_input_rounding_i
     x = torch.rand(128, 16, generator=torch.Generator().manual_seed(0))
     job = SimpleNamespace(notes=[], fidelity=SimpleNamespace(min_agreement=0.99, tie_margin=0.1),
                           config=SimpleNamespace(dynamic_batch=True),
-                          calibration=lambda batch, batches: [x[i:i + batch] for i in range(0, batch * batches, batch)])
+                          batches=[(x[i:i + 32], torch.zeros(32)) for i in range(0, 128, 32)])
     _stability_note(job, path, path, onnx.load(str(path)))
     notes = [n for n in job.notes if "float model itself" in n]
     assert bool(notes) == unstable, job.notes
     if unstable:
-        assert "train longer" in notes[0] and "calibration samples that are not ties" in notes[0]
+        assert "train longer" in notes[0] and "validation samples that are not ties" in notes[0]
+
+
+def _shared_direction_onnx(path, common: float) -> None:
+    """logits = x @ W with every class column `common` + small own weights: with a large common part, each
+    column's int8 step is large against what tells the classes apart, so weight rounding flips the top-1."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (common + rng.normal(0.0, 1.0, (16, 10))).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "W"], ["logits"], name="head/MatMul")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("common, unstable", [(0.0, False), (200.0, True)])
+def test_a_float_model_whose_top1_flips_under_weight_noise_of_int8_size_is_named_as_the_cause(
+        tmp_path, common, unstable):
+    """The weights' side of the stability check: each quantized weight moved randomly within half the step the
+    int8 file gave it (what rounding does). A model that does not hold its top-1 under that cannot be followed by
+    any int8 file on that grid: the run says so in a note and in the failed gate (fidelity.cause), not only which
+    layers diverge. The check reads the steps from the int8 file itself (per channel)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from compresspipe.runtimes.onnx_int8 import _stability_note, _weight_steps
+    from compresspipe.stages.ship import unstable_cause
+
+    source, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    _shared_direction_onnx(source, common)
+    x = torch.rand(128, 16, generator=torch.Generator().manual_seed(0))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"x": x[i:i + 32].numpy()} for i in range(0, 128, 32)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(source), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    graph = onnx.load(str(source))
+    steps = _weight_steps(int8, graph)
+    assert list(steps) == ["W"] and steps["W"].shape == (1, 10)  # one step per output column (axis 1)
+    w = onnx.numpy_helper.to_array(graph.graph.initializer[0])
+    assert np.allclose(steps["W"][0], np.abs(w).max(0) / 127, rtol=1e-5)
+    job = SimpleNamespace(notes=[], stability=None, fidelity=SimpleNamespace(min_agreement=0.99, tie_margin=0.1),
+                          config=SimpleNamespace(dynamic_batch=True),
+                          batches=[(x[i:i + 32], torch.zeros(32)) for i in range(0, 128, 32)])
+    _stability_note(job, source, int8, graph)
+    assert job.stability is not None and set(job.stability) >= {"weights", "samples", "min_agreement"}
+    assert (job.stability["weights"] < 0.99) == unstable, job.stability
+    notes = [n for n in job.notes if "float model itself" in n]
+    assert bool(notes) == unstable, job.notes
+    cause = unstable_cause(job.stability)
+    assert bool(cause) == unstable
+    if unstable:
+        assert "randomly within half its int8 step" in notes[0] and "train longer" in notes[0]
+        assert "random weight noise of int8 rounding's size" in cause and "ship the float file" in cause
+
+
+def test_a_failed_gate_names_the_unstable_float_model_in_its_message():
+    """fidelity.cause reaches the gate's description (terminal, report.md, HTML, JUnit), before the layers."""
+    from compresspipe.report.gates import fidelity_gates
+
+    fid = {"source": "float model", "agreement": 0.96, "drop": 0.005, "min_agreement": 0.99, "max_drop": 0.01,
+           "passed": False, "failures": ["top-1 agreement with its float source 0.9600 < 0.99"],
+           "cause": "the float model itself keeps only 0.9500 under random weight noise of int8 rounding's size",
+           "diverging": [{"layer": "layers.2", "cause": "Relu"}]}
+    report = {"stages": [{"name": "quantize", "formats": {"onnx_int8": {"fidelity": fid}}}]}
+    (gate,) = fidelity_gates(report)
+    text = gate["description"]
+    assert not gate["passed"]
+    assert text.index("the float model itself") < text.index("most diverging layers")
 
 
 def _chain_graph(n: int):
