@@ -281,6 +281,34 @@ def test_a_float_model_whose_top1_flips_under_weight_noise_of_int8_size_is_named
         assert "random weight noise of int8 rounding's size" in cause and "ship the float file" in cause
 
 
+def test_the_stability_check_leaves_outputs_without_one_class_axis_alone(tmp_path):
+    """Per-token or per-pixel outputs have their own class axis: top-1 over a flattened row would mean nothing,
+    so the check says nothing about them rather than blame the model."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compresspipe.runtimes.onnx_int8 import _stability_note
+
+    w = (200.0 + np.random.default_rng(0).normal(0.0, 1.0, (16, 10))).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"], name="head/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4, 10])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    x = torch.rand(64, 4, 16, generator=torch.Generator().manual_seed(0))
+    job = SimpleNamespace(notes=[], stability=None, fidelity=SimpleNamespace(min_agreement=0.99, tie_margin=0.1),
+                          config=SimpleNamespace(dynamic_batch=True), batches=[(x, torch.zeros(64))])
+    _stability_note(job, path, path, onnx.load(str(path)))
+    assert job.stability is None and not job.notes
+
+
 def test_a_failed_gate_names_the_unstable_float_model_in_its_message():
     """fidelity.cause reaches the gate's description (terminal, report.md, HTML, JUnit), before the layers."""
     from compresspipe.report.gates import fidelity_gates
