@@ -121,7 +121,40 @@ def test_model_the_graph_cannot_trace_is_pruned_part_by_part():
     after = sum(p.numel() for p in state.module.parameters())
     assert after < 0.9 * before
     assert state.module(torch.randn(2, 3, 16, 16)).shape == (2, 10)
-    assert any("cannot trace the whole model" in n and "part(s)" in n for n in notes), notes
+    assert any("cannot prune the whole model at once" in n and "part(s)" in n for n in notes), notes
+
+
+class _MixedConv(nn.Module):
+    """timm's MixedConv2d in small: it splits its input by channel counts it keeps as plain numbers."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.splits = [channels // 2, channels - channels // 2]
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, (3, 5), strict=True))
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.splits, 1), strict=True)], 1)
+
+
+def test_model_whose_pruned_forward_breaks_is_pruned_part_by_part():
+    """Torch-Pruning traces a channel split and prunes through it, but the module splits by its own numbers: the
+    model pruned whole would fail in its forward (mixnet: "split_with_sizes expects split_sizes to sum exactly
+    to 12"). The stage tries the whole model on a copy first, then prunes the parts that prune cleanly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), _MixedConv(16), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.ReLU(),
+                                        nn.Conv2d(32, 16, 1)), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    config = PruneConfig(type="prune", amount=0.5)
+    state = ModelState(model, {}, (3, 8, 8), 10)
+    notes: list[str] = []
+    PruneStage(config)._structured(state, SimpleNamespace(name="prune", seed=0, stage_dir=None),
+                                   resolve_selection(config, model, "prune"), finetune=False, notes=notes)
+    pruned = state.module
+    assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    assert pruned[4][2].out_channels == 16 and pruned[4][4].in_channels == 16  # inside the block: 32 -> 16
+    assert pruned[0].out_channels == 16 and pruned[2].splits == [8, 8]  # what the split reads stays
+    assert any("its forward fails" in n and "split_with_sizes" in n for n in notes), notes
 
 
 def test_model_nothing_of_which_can_be_traced_is_a_config_error(monkeypatch):

@@ -143,10 +143,15 @@ def _border_layers(scope: nn.Module, example: Any) -> list[nn.Module]:
     pruning would also cut the channels of its inputs (a depthwise conv reading the input directly)."""
     graph = tp.DependencyGraph().build_dependency(scope, example_inputs=example)
     first = {node.module for node in graph.module2node.values() if not node.inputs}
+    # nodes nothing reads: what they write is the part's output (Torch-Pruning adds no output op when a module,
+    # a plain Sequential's last conv or ReLU, writes it)
+    last = {node.module for node in graph.module2node.values() if not node.outputs}
     border: list[nn.Module] = []
     for group in graph.get_all_groups(root_module_types=_candidates()):
-        touches = _feeds_output(group) or any(dep.target.module in first and graph.is_in_channel_pruning_fn(dep.handler)
-                                              for dep, _ in group)
+        touches = _feeds_output(group) or any(
+            dep.target.module in last and (graph.is_out_channel_pruning_fn(dep.handler)
+                                           or not isinstance(dep.target.module, _candidates())) for dep, _ in group) or any(
+            dep.target.module in first and graph.is_in_channel_pruning_fn(dep.handler) for dep, _ in group)
         if touches:
             border += [cast(nn.Module, dep.target.module) for dep, _ in group
                        if isinstance(dep.target.module, _candidates()) and graph.is_out_channel_pruning_fn(dep.handler)]
@@ -633,7 +638,7 @@ class PruneStage(Stage[PruneConfig]):
     # -- structured / random: Torch-Pruning's dependency graph --------------------------------------
 
     def _metapruner(self, scope: nn.Module, example: Any, sel: PruneSelection, prefix: str,
-                    attention: list[_Attention] | None = None) -> Any:
+                    attention: list[_Attention] | None = None, importance: Importance | None = None) -> Any:
         """Torch-Pruning's pruner for `scope` (the model, or one submodule named `prefix`, whose inputs and outputs
         must keep their channels: the rest of the model reads and writes them). Attention modules whose q, k, v
         projections are all selected lose whole heads (`heads`, default `amount`)."""
@@ -649,7 +654,7 @@ class PruneStage(Stage[PruneConfig]):
         heads = {p: int(getattr(a.module, a.count)) for a in chosen for p in a.projections}
         head_amount = (cfg.amount or 0.0) if cfg.heads is None else cfg.heads
         return tp.pruner.MetaPruner(
-            scope, example, importance=self.importance().group(), global_pruning=cfg.scope == "global",
+            scope, example, importance=(importance or self.importance()).group(), global_pruning=cfg.scope == "global",
             pruning_ratio=cfg.amount or 0.0, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
             iterative_steps=cfg.steps, round_to=cfg.round_to,
             iterative_pruning_ratio_scheduler=lambda r, s: step_amounts(r, s, cfg.schedule),
@@ -665,17 +670,7 @@ class PruneStage(Stage[PruneConfig]):
         try:
             pruner = self._metapruner(model, example, sel, "", attention)
         except Exception as exc:  # the tracer meets an op it cannot follow
-            why = f"{type(exc).__name__}: {str(exc)[:120]}"
-            pruners, skipped = self._submodule_pruners(model, example, sel, why)
-            if not pruners:
-                raise StageConfigError(stage, f"Torch-Pruning cannot build the dependency graph of this model, nor of "
-                                              f"any part of it ({why}); structured pruning is not available for it, "
-                                              "use method: magnitude") from None
-            notes.append(f"Torch-Pruning cannot trace the whole model ({why}): pruned inside "
-                         f"{len(pruners)} part(s) it can trace, channels crossing their borders kept"
-                         + (f"; skipped: {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}"
-                            if skipped else ""))
-            return [p for _, p in pruners]
+            return self._part_by_part(model, example, sel, stage, notes, f"{type(exc).__name__}: {str(exc)[:120]}")
         stuck = self._stuck(pruner, model, sel)
         outputs = [n for n in stuck if self._why_stuck(pruner, model, n, sel).endswith("the model's output")]
         if outputs and self.config.protect_head:  # like the classifier head: whatever its type, keep it
@@ -688,7 +683,48 @@ class PruneStage(Stage[PruneConfig]):
         if stuck:
             raise StageConfigError(stage, "; ".join(self._why_stuck(pruner, model, n, sel) for n in stuck[:5])
                                    + ". Exclude these layers, or select the layers they are tied to as well")
+        broken = self._breaks_whole(model, example, sel)
+        if broken:  # it traces, but a coupling the tracer does not see breaks the pruned model
+            return self._part_by_part(model, example, sel, stage, notes, f"pruned whole, its forward fails: {broken}")
         return [pruner]
+
+    def _part_by_part(self, model: nn.Module, example: Any, sel: PruneSelection, stage: str, notes: list[str],
+                      why: str) -> list[Any]:
+        """Pruners for the parts that prune cleanly on their own, when the whole model cannot be pruned at once."""
+        pruners, skipped = self._submodule_pruners(model, example, sel, why)
+        if not pruners:
+            raise StageConfigError(stage, f"Torch-Pruning cannot prune this model, nor any part of it on its own "
+                                          f"({why}); structured pruning is not available for it, use method: "
+                                          "magnitude") from None
+        notes.append(f"Torch-Pruning cannot prune the whole model at once ({why}): pruned inside "
+                     f"{len(pruners)} part(s) that prune cleanly on their own, channels crossing their borders kept"
+                     + (f"; skipped: {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}"
+                        if skipped else ""))
+        return [p for _, p in pruners]
+
+    def _breaks_whole(self, model: nn.Module, example: Any, sel: PruneSelection) -> str | None:
+        """Prune a copy of the whole model, every step, and run it: what breaks its forward (a module that splits
+        its input by channel counts it keeps as plain numbers, as timm's MixedConv2d does: Torch-Pruning changes the
+        split it traced, not the numbers the module splits by), else None. Channels are ranked by magnitude here:
+        only the shapes matter, and a gradient ranking would need calibration batches."""
+        trial = copy.deepcopy(model).eval()
+        attention = attention_modules(trial)
+        try:
+            pruner = self._metapruner(trial, example, sel, "", attention, importance=IMPORTANCE["l1"])
+            with torch.random.fork_rng(devices=[]):
+                for _ in range(self.config.steps):
+                    pruner.step()
+                    for att in attention:
+                        if att.projections[0] in pruner.num_heads:
+                            att.update(int(pruner.num_heads[att.projections[0]]))
+            trial.eval()
+            with torch.no_grad():
+                forward(trial, example)
+        except Exception as exc:  # whatever the pruned model raises is the reason it cannot be pruned whole
+            return f"{type(exc).__name__}: {str(exc)[:160]}"
+        finally:
+            del trial
+        return None
 
     def _stuck(self, pruner: Any, model: nn.Module, sel: PruneSelection) -> list[str]:
         """Selected layers whose output channels Torch-Pruning will not remove."""
