@@ -43,11 +43,25 @@ def available() -> str | None:
     return None
 
 
+def _inference_form(module: nn.Module, job: ExportJob, path: Path) -> tuple[nn.Module, int]:
+    """models.reparam.inference_form, or the model as it is (with a note) when a block cannot fold."""
+    from compresspipe.models.reparam import inference_form
+
+    try:
+        return inference_form(module)
+    except Exception as exc:  # a block's own folding code failed: the training form is still the same function
+        job.notes.append(f"{path.name}: could not fold the model's re-parameterizable blocks ({type(exc).__name__}: "
+                         f"{str(exc)[:120]}); written in its training form")
+        return module, 0
+
+
 def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
     """Export `module` to `path` (plus path.data for huge models); returns the files written.
 
     The file's inputs are the model's (`input`, or its named inputs such as input_ids and attention_mask), with
-    the batch axis and the spec's dynamic axes (e.g. sequence) symbolic; its metadata names the classes."""
+    the batch axis and the spec's dynamic axes (e.g. sequence) symbolic; its metadata names the classes.
+    Blocks that train with parallel branches (RepVGG, MobileOne, RepGhost) are written folded (models.reparam)."""
+    module, folded = _inference_form(module, job, path)
     opset = job.config.opset
     dynamic = job.config.dynamic_batch
     example = job.example(2 if dynamic else 1)
@@ -71,6 +85,10 @@ def write_onnx(module: nn.Module, job: ExportJob, path: Path) -> list[Path]:
             set_metadata(path, cached.meta)
         return [path]
     noted = len(job.notes)
+    if folded:
+        job.notes.append(f"{path.name}: written from the model's inference form: {folded} block(s) that train "
+                         "with parallel branches folded into single convolutions (their reparameterize(); the "
+                         "PyTorch model keeps its training form)")
     dynamo_error = None
     from compresspipe.runtimes.kv_cache import export_kv, language_model
 
