@@ -230,6 +230,9 @@ def _export(job: ExportJob, folder: Path) -> list[Path]:
         quantize(excluded)
         if method == "static":
             _fit_fidelity(job, prepared, out, excluded, quantize, graph_model, calib, reduce_range)
+            if job.diagnosis or job.stability:
+                set_metadata(out, {DIAGNOSIS_KEY: json.dumps({"diverging": job.diagnosis,
+                                                              "stability": job.stability})})
             opts["calibrate_method"] = ("histogram (the L2-optimal range search of the quantize stage's observer, on ONNX Runtime's "
                                         "histograms)" if l2 and calib["method"] == "entropy" else calib["method"])
         elif transformer:
@@ -309,6 +312,9 @@ def _int8_key(job: ExportJob, source: Path, opts: dict[str, Any]) -> str:
 QUANTIZABLE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 DIAGNOSIS_BATCHES = 4  # calibration batches the per-layer comparison runs on
 FLOAT_LAYERS_KEY = "compresspipe.float_layers"
+# why a file that failed deploy.fidelity diverges (its worst layers, the float model's own stability), so that a
+# later stage measuring the same file (the export stage's row) reports it too
+DIAGNOSIS_KEY = "compresspipe.fidelity_diagnosis"
 
 
 def _measure(job: ExportJob, path: Path) -> dict[str, Any]:
@@ -768,6 +774,19 @@ def float_layers_of(path: Path) -> list[str]:
     model = onnx.load(str(path), load_external_data=False)
     value = next((p.value for p in model.metadata_props if p.key == FLOAT_LAYERS_KEY), "")
     return [v for v in value.split(",") if v]
+
+
+def diagnosis_of(path: Path) -> dict[str, Any]:
+    """What an int8 file that failed deploy.fidelity recorded about why (`diverging`, `stability`); {} if nothing."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    value = next((p.value for p in model.metadata_props if p.key == DIAGNOSIS_KEY), "")
+    try:
+        found = json.loads(value) if value else {}
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def weight_abs_max(path: Path) -> int | None:

@@ -106,9 +106,13 @@ def ship(fmt: str, state: ModelState, ctx: StageContext, folder: Path, exported:
         entry["int8"] = int8_record(paths[0], job)
     entry["fidelity"] = metrics.get("fidelity") or fidelity(metrics, job, int8=ex.int8)
     if fmt == "onnx_int8":
-        from compresspipe.runtimes.onnx_int8 import float_layers_of
+        from compresspipe.runtimes.onnx_int8 import diagnosis_of, float_layers_of
 
         job.float_layers = job.float_layers or float_layers_of(paths[0])
+        if not job.diagnosis and job.stability is None and not entry["fidelity"]["passed"]:
+            recorded = diagnosis_of(paths[0])  # a file an earlier step wrote (the export stage's own)
+            job.diagnosis = list(recorded.get("diverging") or [])
+            job.stability = recorded.get("stability")
     if job.float_layers:
         entry["fidelity"]["float_layers"] = list(job.float_layers)
     if job.diagnosis:
