@@ -175,8 +175,7 @@ def test_the_recommended_file_is_the_fastest_that_follows_its_source(int8_ms, fl
 def _linear_onnx(path, gain: float) -> None:
     """logits = x @ W + sin(gain * x @ V): with a large gain, half an 8-bit step of input noise moves the logits."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(16, 10)).astype(np.float32), "W")
@@ -185,8 +184,17 @@ def _linear_onnx(path, gain: float) -> None:
              helper.make_node("Sin", ["b"], ["c"]), helper.make_node("Mul", ["c", "amp"], ["d"]),
              helper.make_node("Add", ["a", "d"], ["logits"])]
     amp = numpy_helper.from_array(np.array(3.0, dtype=np.float32), "amp")
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], [w, v, amp])
+    _save_graph(path, nodes, [w, v, amp])
+
+
+def _save_graph(path, nodes, initializers, x_shape=("n", 16), out_shape=("n", 10)) -> None:
+    """A float graph from input x to output logits, saved at `path`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(out_shape))],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -221,18 +229,12 @@ def _shared_direction_onnx(path, common: float) -> None:
     """logits = x @ W with every class column `common` + small own weights: with a large common part, each
     column's int8 step is large against what tells the classes apart, so weight rounding flips the top-1."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w = (common + rng.normal(0.0, 1.0, (16, 10))).astype(np.float32)
     node = helper.make_node("MatMul", ["x", "W"], ["logits"], name="head/MatMul")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
-                              [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    _save_graph(path, [node], [numpy_helper.from_array(w, "W")])
 
 
 @pytest.mark.parametrize("common, unstable", [(0.0, False), (200.0, True)])
@@ -293,19 +295,14 @@ def test_the_stability_check_leaves_outputs_without_one_class_axis_alone(tmp_pat
     import numpy as np
     import onnx
     import torch
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from compresspipe.runtimes.onnx_int8 import _stability_note
 
     w = (200.0 + np.random.default_rng(0).normal(0.0, 1.0, (16, 10))).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"], name="head/MatMul")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4, 10])],
-                              [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
+    _save_graph(path, [helper.make_node("MatMul", ["x", "W"], ["logits"], name="head/MatMul")],
+                [numpy_helper.from_array(w, "W")], ("n", 4, 16), ("n", 4, 10))
     x = torch.rand(64, 4, 16, generator=torch.Generator().manual_seed(0))
     job = SimpleNamespace(notes=[], stability=None, fidelity=SimpleNamespace(min_agreement=0.99, tie_margin=0.1),
                           config=SimpleNamespace(dynamic_batch=True), batches=[(x, torch.zeros(64))])
@@ -425,3 +422,21 @@ def test_float_outputs_drops_the_pair_and_the_scale_it_read(tmp_path):
     x = np.arange(4, dtype=np.float32).reshape(1, 4) * 0.37
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.allclose(out, x)  # exact float logits, no 8-bit rounding
+
+
+def test_the_diagnosis_an_int8_file_records_reads_back_and_bad_metadata_reads_as_none(tmp_path):
+    """diagnosis_of reads what a failed file recorded (the export row reports it); a file from elsewhere with a
+    malformed value reads as no diagnosis, not as an error."""
+    import json
+
+    from compresspipe.runtimes.onnx_float import set_metadata
+    from compresspipe.runtimes.onnx_int8 import DIAGNOSIS_KEY, diagnosis_of
+
+    path = tmp_path / "m.onnx"
+    _linear_onnx(path, 0.0)
+    assert diagnosis_of(path) == {}
+    recorded = {"diverging": [{"layer": "c1", "cause": "saturation"}], "stability": {"weights": 0.95}}
+    set_metadata(path, {DIAGNOSIS_KEY: json.dumps(recorded)})
+    assert diagnosis_of(path) == recorded
+    set_metadata(path, {DIAGNOSIS_KEY: "{not json"})
+    assert diagnosis_of(path) == {}
