@@ -921,10 +921,90 @@ def _preprocess(source: Path, target: Path, job: ExportJob) -> Path:
         with tempfile.TemporaryDirectory(prefix=".ort-pre-", dir=target.parent) as scratch, contextlib.chdir(scratch):
             quant_pre_process(str(source), str(target))
         name_nodes(target)
+        folded = fold_bn_through_concat(target)
+        if folded:
+            job.notes.append(f"model.int8.onnx: {folded} BatchNorm(s) after a channel concat of convolutions (a mixed "
+                             "or split convolution, as in MixNet) folded into those convolutions; ONNX Runtime folds "
+                             "only a BatchNorm that directly follows one convolution")
         return target
     except Exception as exc:  # optional step: quantization still works without it
         job.notes.append(f"model.int8.onnx: ONNX Runtime pre-processing skipped ({type(exc).__name__})")
         return source
+
+
+def fold_bn_through_concat(path: Path) -> int:
+    """Fold each inference BatchNormalization whose input is a Concat along channels of Conv outputs (each read by
+    that Concat alone) into those convolutions: each conv's weights and bias take the scale and shift of its slice
+    of channels, and the Concat then writes the BatchNorm's output. Unfolded, the int8 file runs the BatchNorm on
+    8-bit inputs and outputs. Returns how many were folded; rewrites `path` when any."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for out in graph.output:
+        readers[out.name] = readers.get(out.name, 0) + 1
+
+    def attr(node: Any, name: str, default: Any) -> Any:
+        return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    drop: list[Any] = []
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or int(attr(bn, "training_mode", 0)):
+            continue
+        cat = producer.get(bn.input[0])
+        if cat is None or cat.op_type != "Concat" or attr(cat, "axis", None) != 1 or readers.get(cat.output[0]) != 1 \
+                or not all(i in inits for i in bn.input[1:5]):
+            continue
+        convs = [producer.get(i) for i in cat.input]
+        if not all(c is not None and c.op_type == "Conv" and readers.get(c.output[0]) == 1 and c.input[1] in inits
+                   and readers.get(c.input[1]) == 1 and (len(c.input) < 3 or not c.input[2]
+                                                         or (c.input[2] in inits and readers.get(c.input[2]) == 1))
+                   for c in convs):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        scale = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
+        shift = beta - mean * scale
+        widths = [numpy_helper.to_array(inits[c.input[1]]).shape[0] for c in convs if c is not None]
+        if sum(widths) != scale.size:
+            continue
+        start = 0
+        for conv, width in zip(convs, widths, strict=True):
+            assert conv is not None  # noqa: S101 - checked above
+            w = numpy_helper.to_array(inits[conv.input[1]])
+            part = slice(start, start + width)
+            start += width
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(width)
+            new_w = (w.astype(np.float64) * scale[part].reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+            inits[conv.input[1]].CopyFrom(numpy_helper.from_array(new_w, conv.input[1]))
+            new_b = (b * scale[part] + shift[part]).astype(w.dtype)
+            if has_bias:
+                inits[conv.input[2]].CopyFrom(numpy_helper.from_array(new_b, conv.input[2]))
+            else:
+                bias_name = f"{conv.input[1]}_folded_bias"
+                graph.initializer.append(numpy_helper.from_array(new_b, bias_name))
+                while len(conv.input) < 3:
+                    conv.input.append("")
+                conv.input[2] = bias_name
+        cat.output[0] = bn.output[0]
+        drop.append(bn)
+    if not drop:
+        return 0
+    for node in drop:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    gone = {i for node in drop for i in node.input[1:5]} - used  # the folded BatchNorms' own parameters
+    for t in [t for t in graph.initializer if t.name in gone]:
+        graph.initializer.remove(t)
+    onnx.save(model, str(path))
+    return len(drop)
 
 
 def name_nodes(path: Path) -> int:

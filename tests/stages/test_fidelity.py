@@ -440,3 +440,42 @@ def test_the_diagnosis_an_int8_file_records_reads_back_and_bad_metadata_reads_as
     assert diagnosis_of(path) == recorded
     set_metadata(path, {DIAGNOSIS_KEY: "{not json"})
     assert diagnosis_of(path) == {}
+
+
+def test_a_batchnorm_after_a_channel_concat_of_convolutions_folds_into_them(tmp_path):
+    """MixNet's mixed convolution: split, one conv per part, concat, BatchNorm. ONNX Runtime folds only a BatchNorm
+    right after one conv, so the int8 file ran this one on 8-bit inputs and outputs. fold_bn_through_concat folds
+    it into the convs (with and without a bias); the graph computes the same function. A concat that something
+    else reads too keeps its BatchNorm."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from compresspipe.runtimes.onnx_int8 import fold_bn_through_concat
+
+    rng = np.random.default_rng(0)
+
+    def t(name, *shape, low=-1.0, high=1.0):
+        return numpy_helper.from_array(rng.uniform(low, high, shape).astype(np.float32), name)
+
+    inits = [t("w1", 3, 4, 3, 3), t("b1", 3), t("w2", 5, 4, 1, 1), t("gamma", 8, low=0.5, high=2.0), t("beta", 8),
+             t("mean", 8), t("var", 8, low=0.5, high=2.0)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="mix/conv1"),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="mix/conv2"),
+             helper.make_node("Concat", ["c1", "c2"], ["cat"], axis=1, name="mix/cat"),
+             helper.make_node("BatchNormalization", ["cat", "gamma", "beta", "mean", "var"], ["logits"], name="bn")]
+    path = tmp_path / "m.onnx"
+    _save_graph(path, nodes, inits, ("n", 4, 6, 6), ("n", 8, 6, 6))
+    x = rng.normal(size=(2, 4, 6, 6)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert fold_bn_through_concat(path) == 1
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 2
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 1e-5 * max(1.0, float(np.abs(want).max()))
+
+    # the concat is also read elsewhere: folding would change that reader, so the BatchNorm stays
+    nodes.append(helper.make_node("Identity", ["cat"], ["also"], name="reader"))
+    _save_graph(path, nodes, inits, ("n", 4, 6, 6), ("n", 8, 6, 6))
+    assert fold_bn_through_concat(path) == 0
