@@ -158,9 +158,10 @@ def unstable_cause(stability: dict[str, Any]) -> str | None:
 
 
 def _fidelity_note(entry: dict[str, Any]) -> None:
+    """The row's note on a file that fails the gate. `fidelity.cause` is left to the gate's description: the int8
+    file's own note already gives the stability figures it comes from."""
     fid = entry["fidelity"]
     if not fid["passed"]:
         worst = ", ".join(f"{d['layer']} ({d['cause']})" for d in fid.get("diverging", [])[:3])
         entry["notes"].append(f"{entry['format']} does not follow its source: {'; '.join(fid['failures'])} "
-                              f"(deploy.fidelity)" + (f"; {fid['cause']}" if fid.get("cause") else "")
-                              + (f"; most diverging layers: {worst}" if worst else ""))
+                              f"(deploy.fidelity)" + (f"; most diverging layers: {worst}" if worst else ""))
